@@ -1,0 +1,98 @@
+"""Load what ``lmrt export`` is given: a hub id, a local Hugging Face directory or a .gguf file.
+
+All three go through the same transformers calls; only the arguments differ, so the local tests
+exercise the hub path too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ExportError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Source:
+    source: str  # as the user gave it
+    kind: str  # "gguf", "directory" or "hub"
+    model: Any  # transformers PreTrainedModel, float32, eval mode
+    tokenizer: Any  # transformers fast tokenizer
+
+
+def locate(source: str) -> tuple[str, str, dict[str, Any]]:
+    """(kind, path or id for from_pretrained, extra from_pretrained arguments) for ``source``."""
+    if source.lower().endswith(".gguf"):
+        if not os.path.isfile(source):
+            raise ExportError(f"GGUF file not found: {source}")
+        path = os.path.abspath(source)
+        return "gguf", os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise ExportError(f"{source} is not a Hugging Face model directory (it has no config.json)")
+        return "directory", source, {}
+    if os.path.exists(source):
+        raise ExportError(f"{source} is neither a model directory nor a .gguf file")
+    if not _HUB_ID.match(source):
+        raise ExportError(f"{source!r} is not a local path, a .gguf file or a Hugging Face Hub id")
+    return "hub", source, {}
+
+
+def load_source(source: str) -> Source:
+    kind, path, extra = locate(source)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "hub" and not _cached(path) and not _hub_reachable():
+        raise ExportError(
+            f"cannot reach the Hugging Face Hub to download {source!r} (offline?); "
+            "pass a local model directory or a .gguf file instead"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
+    except (OSError, ValueError) as e:
+        if kind == "hub":
+            raise ExportError(
+                f"could not load {source!r} from the Hugging Face Hub ({_first_line(e)}); "
+                "if you are offline, pass a local model directory or a .gguf file instead"
+            ) from None
+        raise ExportError(f"could not load {source}: {_first_line(e)}") from None
+    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
+        raise ExportError(f"{source} has no fast tokenizer (tokenizer.json), which the runtime needs")
+    model.eval()
+    return Source(source=source, kind=kind, model=model, tokenizer=tokenizer)
+
+
+def _cached(repo_id: str) -> bool:
+    """Whether the hub id's config is already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, instead of transformers' minute of retries when offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

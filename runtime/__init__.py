@@ -1,0 +1,30 @@
+"""lmrt's runtime: load an exported model directory and generate text.
+
+Imports only numpy, onnxruntime and tokenizers (jinja2 for chat templates), never torch,
+transformers or onnx.
+
+    from lmrt import runtime
+    gen = runtime.Generator("models/smollm2")
+    for piece in gen.stream("The capital of France is", max_new_tokens=16):
+        print(piece, end="", flush=True)
+"""
+
+from .chat import ChatTemplateError, render_chat
+from .config import GenerationConfig
+from .generator import Generator, TextStream
+from .manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest
+from .session import ProviderError, available_providers
+
+__all__ = [
+    "ChatTemplateError",
+    "GenerationConfig",
+    "Generator",
+    "MANIFEST_FILE",
+    "Manifest",
+    "ManifestError",
+    "ProviderError",
+    "TextStream",
+    "available_providers",
+    "load_manifest",
+    "render_chat",
+]

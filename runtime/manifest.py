@@ -1,0 +1,148 @@
+"""The model directory's manifest, ``lmrt.json``: the only contract between export and runtime.
+
+Export writes it; the runtime reads nothing else about the model (never transformers' config files,
+never a pickle). Everything is plain JSON so another language's runtime can read it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MANIFEST_FILE = "lmrt.json"
+FORMAT_NAME = "lmrt-model"
+FORMAT_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """The model directory is missing, incomplete or of an unsupported format."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str  # registry key of the graph builder: "gpt2", "llama"
+    model_type: str  # the source's own model type: "llama", "qwen2", "mistral", ...
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Names and dtypes of the graph's inputs and outputs.
+
+    Inputs:  input_ids      int64 [batch, seq]
+             attention_mask int64 [batch, past + seq]   (1 = attend, 0 = padding)
+             position_ids   int64 [batch, seq]
+             past key/value float [batch, kv_heads, past, head_size]   one pair per layer
+    Outputs: logits         float [batch, seq, vocab]
+             present k/v    float [batch, kv_heads, past + seq, head_size]
+    Per-layer names are templates with ``{layer}``.
+    """
+
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    position_ids: str = "position_ids"
+    past_key: str = "past_key_values.{layer}.key"
+    past_value: str = "past_key_values.{layer}.value"
+    logits: str = "logits"
+    present_key: str = "present.{layer}.key"
+    present_value: str = "present.{layer}.value"
+    kv_dtype: str = "float32"
+    logits_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Graph:
+    file: str
+    data_file: str | None
+    opset: int
+    dtype: str
+    io: GraphIO = field(default_factory=GraphIO)
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    file: str
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    architecture: Architecture
+    graph: Graph
+    tokenizer: TokenizerInfo
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tokenizer"]["eos_token_ids"] = list(self.tokenizer.eos_token_ids)
+        # Put the format first so a reader sees what the file is at a glance.
+        return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        if d.get("format") != FORMAT_NAME:
+            raise ManifestError(f"not an lmrt manifest (format is {d.get('format')!r})")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest format version {version} is not supported by this lmrt "
+                f"(it reads version {FORMAT_VERSION}); re-export the model or upgrade lmrt"
+            )
+        try:
+            graph = dict(d["graph"])
+            io = GraphIO(**graph.pop("io", {}))
+            tok = dict(d["tokenizer"])
+            tok["eos_token_ids"] = tuple(tok.get("eos_token_ids") or ())
+            return cls(
+                architecture=Architecture(**d["architecture"]),
+                graph=Graph(io=io, **graph),
+                tokenizer=TokenizerInfo(**tok),
+                generation_defaults=dict(d.get("generation_defaults") or {}),
+                provenance=dict(d.get("provenance") or {}),
+                validation=dict(d.get("validation") or {}),
+            )
+        except (KeyError, TypeError) as e:
+            raise ManifestError(f"malformed manifest: {e}") from None
+
+    def write(self, model_dir: str) -> str:
+        path = os.path.join(model_dir, MANIFEST_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        return path
+
+
+def load_manifest(model_dir: str) -> Manifest:
+    """Read ``model_dir/lmrt.json``, raising ManifestError with a one-line reason."""
+    if not os.path.isdir(model_dir):
+        raise ManifestError(f"model directory not found: {model_dir}")
+    path = os.path.join(model_dir, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise ManifestError(f"{model_dir} has no {MANIFEST_FILE}; is it a directory written by `lmrt export`?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestError(f"cannot read {path}: {e}") from None
+    manifest = Manifest.from_dict(data)
+    for name in (manifest.graph.file, manifest.tokenizer.file):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise ManifestError(f"{model_dir} is incomplete: {name} is missing")
+    return manifest
