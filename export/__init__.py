@@ -3,10 +3,18 @@
     from lmrt.export import export_model
     export_model("path/to/SmolLM2-135M-Instruct.Q4_1.gguf", "models/smollm2")
 
-Needs the ``export`` extra (torch, transformers, onnx, gguf, accelerate).
+Needs the ``export`` extra (torch, transformers, onnx, gguf, accelerate); they are imported only when
+``export_model`` is first used, so ``ExportError`` is cheap to import.
 """
 
 from .errors import ExportError
-from .pipeline import export_model
 
 __all__ = ["ExportError", "export_model"]
+
+
+def __getattr__(name: str):
+    if name == "export_model":
+        from .pipeline import export_model
+
+        return export_model
+    raise AttributeError(name)

@@ -17,7 +17,7 @@ from ..runtime.manifest import Graph, GraphIO, Manifest, TokenizerInfo
 from .architectures import Weights, spec_for
 from .errors import ExportError
 from .graph import OPSET, DecoderGraph, GraphBuilder
-from .source import Source, load_source
+from .source import Source, load_source, locate
 from .validate import probe_ids, validate
 
 GRAPH_FILE = "model.onnx"
@@ -64,6 +64,7 @@ def export_model(
     if not tolerance > 0:
         raise ExportError(f"tolerance must be positive, got {tolerance}")
     parent = os.path.dirname(output)
+    locate(source)  # fail fast on a bad path, before the slow imports
     os.makedirs(parent, exist_ok=True)
     step = _Steps(progress)
     step(f"loading {source}")

@@ -1,0 +1,109 @@
+"""Export: atomic writes, overwrite protection, clear errors for bad sources."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lmrt import runtime
+from lmrt.export import ExportError, export_model
+from lmrt.export import architectures
+from lmrt.export.source import locate
+
+quiet = dict(progress=lambda _: None)
+
+
+def leftovers(parent):
+    return sorted(n for n in os.listdir(parent) if ".partial-" in n or ".old-" in n)
+
+
+def test_refuses_to_overwrite_without_force(tiny_models, tmp_path):
+    hf_dir = tiny_models["gpt2"][0]
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists; pass --force"):
+        export_model(hf_dir, str(out), **quiet)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_model(hf_dir, str(out), force=True, **quiet)
+    assert not (out / "keep.txt").exists()
+    assert runtime.Generator(str(out)).generate("The", max_new_tokens=3, stop_token_ids=[])
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_validation_leaves_nothing(tiny_models, tmp_path):
+    out = tmp_path / "model"
+    with pytest.raises(ExportError, match="validation failed"):
+        export_model(tiny_models["llama"][0], str(out), tolerance=1e-12, **quiet)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_failure_midway_leaves_nothing_and_keeps_the_old_directory(tiny_models, tmp_path, monkeypatch):
+    spec = architectures.REGISTRY["gpt2"]
+
+    def broken_build(g, config, weights, model):
+        g.b.weight("some.weight", weights("transformer.wte.weight"))  # get partway in
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setitem(architectures.REGISTRY, "gpt2", spec.__class__(**{**spec.__dict__, "build": broken_build}))
+    out = tmp_path / "model"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        export_model(tiny_models["gpt2"][0], str(out), **quiet)
+    assert not out.exists()
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        export_model(tiny_models["gpt2"][0], str(out), force=True, **quiet)
+    assert (out / "old.txt").read_text() == "old"
+    assert leftovers(tmp_path) == []
+
+
+def test_sources_share_one_loading_path(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    assert locate(str(gguf))[0] == "gguf" and locate(str(gguf))[2] == {"gguf_file": "m.gguf"}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert locate(str(tmp_path / "hf")) == ("directory", str(tmp_path / "hf"), {})
+    assert locate("HuggingFaceTB/SmolLM2-135M-Instruct") == ("hub", "HuggingFaceTB/SmolLM2-135M-Instruct", {})
+    with pytest.raises(ExportError, match="GGUF file not found"):
+        locate(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ExportError, match="no config.json"):
+        locate(str(tmp_path))
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"")
+    with pytest.raises(ExportError, match="neither a model directory nor a .gguf"):
+        locate(str(other))
+
+
+def test_hub_id_offline_suggests_local_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with pytest.raises(ExportError, match="local model directory or a .gguf file"):
+        export_model("gpt2", str(tmp_path / "out"), **quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from conftest import train_tokenizer
+
+    src = tmp_path / "neo"
+    train_tokenizer(str(src))
+    GPTNeoForCausalLM(
+        GPTNeoConfig(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global"], 2]])
+    ).save_pretrained(src)
+    with pytest.raises(ExportError, match="'gpt_neo' is not supported yet; supported: gpt2, llama"):
+        export_model(str(src), str(tmp_path / "out"), **quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_exported_directory_contents(tiny_models):
+    exported = tiny_models["gpt2"][2]
+    assert sorted(os.listdir(exported)) == ["lmrt.json", "model.onnx", "model.onnx.data", "tokenizer.json"]
+    m = runtime.load_manifest(exported)
+    assert m.provenance["lmrt_version"] and m.provenance["export_options"]["dtype"] == "float32"
+    assert oct(os.stat(exported).st_mode & 0o777) != "0o700"
