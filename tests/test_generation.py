@@ -215,3 +215,19 @@ def test_generating_never_imports_heavy_packages(tiny_models):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY= True" in out.stdout
+
+
+def test_missing_onnxruntime_names_the_extras(tiny_models):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["onnxruntime"] = None  # as if it were not installed
+        from lmrt import runtime
+        try:
+            runtime.Generator({tiny_models["gpt2"][2]!r})
+        except ImportError as e:
+            print(e)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'lmrt[cpu]'" in out.stdout and "'lmrt[gpu]'" in out.stdout

@@ -69,3 +69,14 @@ def test_tokenizer_and_streaming_match_transformers(gen, smollm2, text):
     pieces = list(TextStream(source(), gen.decode, (), []))
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_embedding_example_runs(smollm2):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / "embed_generator.py"
+    out = subprocess.run([sys.executable, str(example), smollm2[0]], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout and "finish: stop" in out.stdout
