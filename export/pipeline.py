@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -133,7 +134,7 @@ def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps) 
             f"validation failed: the ONNX logits differ from PyTorch's by {result['max_rel_diff']:.2e} "
             f"(relative), above the tolerance {tolerance:.0e}; nothing was written"
         )
-    manifest = Manifest(**{**manifest.__dict__, "validation": result})
+    manifest = dataclasses.replace(manifest, validation=result)
     manifest.write(out_dir)
     return manifest
 
@@ -145,17 +146,16 @@ def _move_into_place(tmp: str, output: str) -> None:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it a normal directory's mode
     for name in os.listdir(tmp):
         os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-    old = None
-    if os.path.exists(output):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.old-", dir=os.path.dirname(output))
-        os.rmdir(old)
-        os.rename(output, old)
+    if not os.path.exists(output):
+        os.rename(tmp, output)
+        return
+    old = f"{tmp}.old"  # beside it, so the rename stays on one filesystem
+    os.rename(output, old)
     os.rename(tmp, output)
-    if old:
-        if os.path.isdir(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
+    if os.path.isdir(old):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.remove(old)
 
 
 def _ids(value: Any) -> list[int]:

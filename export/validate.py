@@ -36,12 +36,12 @@ def validate(model_dir: str, manifest: Manifest, torch_model, prompt_ids: list[i
         for _ in range(decode_steps + 1):
             total += ids.shape[1]
             mask = np.ones((1, total), dtype=np.int64)
-            positions_ids = np.arange(total - ids.shape[1], total, dtype=np.int64)[None, :]
-            got = onnx_model.forward(ids, mask, positions_ids)[0]  # [seq, vocab]
+            position_ids = np.arange(total - ids.shape[1], total, dtype=np.int64)[None, :]
+            got = onnx_model.forward(ids, mask, position_ids)[0]  # [seq, vocab]
             out = torch_model(
                 input_ids=torch.from_numpy(ids),
                 attention_mask=torch.from_numpy(mask),
-                position_ids=torch.from_numpy(positions_ids),
+                position_ids=torch.from_numpy(position_ids),
                 past_key_values=past,
                 use_cache=True,
             )

@@ -117,12 +117,12 @@ def generate(model_dir, prompt, chat, system, provider, threads, stats, stop, st
     options["stop"] = stop or None
     options["stop_token_ids"] = stop_token_ids or None
     gen = Generator(model_dir, provider=provider, threads=threads)
-    config = gen.config(**options)  # validate the options before any work
+    gen.config(**options)  # reject bad options before rendering or encoding the prompt
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         prompt = gen.chat_prompt(messages)
     start = time.perf_counter()
-    stream = gen.stream(prompt, **{f: getattr(config, f) for f in config.field_names()})
+    stream = gen.stream(prompt, **options)
     for piece in stream:
         click.echo(piece, nl=False)
         sys.stdout.flush()

@@ -12,6 +12,7 @@ import os
 from typing import Any, Generator as PyGenerator, Iterator, Mapping, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from .chat import render_chat
 from .config import GenerationConfig
@@ -97,8 +98,6 @@ class Generator:
     """
 
     def __init__(self, model_dir: str | os.PathLike, provider: str = "auto", threads: int | None = None):
-        from tokenizers import Tokenizer
-
         self.model_dir = os.fspath(model_dir)
         self.manifest = load_manifest(self.model_dir)
         self.model = OnnxCausalLM(self.model_dir, self.manifest, provider, threads)

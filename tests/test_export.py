@@ -15,7 +15,7 @@ quiet = dict(progress=lambda _: None)
 
 
 def leftovers(parent):
-    return sorted(n for n in os.listdir(parent) if ".partial-" in n or ".old-" in n)
+    return sorted(n for n in os.listdir(parent) if ".partial-" in n)
 
 
 def test_refuses_to_overwrite_without_force(tiny_models, tmp_path):
