@@ -19,6 +19,7 @@ CORPUS = [
     "Emoji travel as several bytes: 🙂 🚀 🌍 ✨ 👩‍💻 and they must never be split in a stream.",
     "Numbers too: 1, 2, 3, 42, 3.14159, 2026, and code like print('hello world').",
 ]
+FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -45,7 +46,16 @@ def train_tokenizer(save_dir: str, vocab_size: int = 400):
 def make_tiny_model(family: str, root: str):
     """A tiny random model of ``family`` saved as a Hugging Face directory; returns (dir, model)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     path = os.path.join(root, f"tiny-{family}")
     tokenizer = train_tokenizer(path)
@@ -72,6 +82,20 @@ def make_tiny_model(family: str, root: str):
             eos_token_id=eos,
         )
         model = LlamaForCausalLM(config)
+    elif family == "qwen2":  # q/k/v biases, tied embeddings, one KV head
+        config = Qwen2Config(
+            vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, rope_theta=1e6,
+            bos_token_id=eos, eos_token_id=eos,
+        )
+        model = Qwen2ForCausalLM(config)
+    elif family == "mistral":  # a sliding window shorter than the position table
+        config = MistralConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, sliding_window=96,
+            bos_token_id=eos, eos_token_id=eos,
+        )
+        model = MistralForCausalLM(config)
     else:
         raise ValueError(family)
     # Random weights give nearly flat distributions; scale them up so tokens are clearly preferred and
@@ -87,12 +111,12 @@ def make_tiny_model(family: str, root: str):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """{family: (hf_dir, torch model, exported dir)} for "gpt2" and "llama"."""
+    """{family: (hf_dir, torch model, exported dir)} for each family in FAMILIES."""
     from lmrt.export import export_model
 
     root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for family in ("gpt2", "llama"):
+    for family in FAMILIES:
         hf_dir, model = make_tiny_model(family, str(root))
         exported = os.path.join(str(root), f"{family}-onnx")
         export_model(hf_dir, exported, progress=lambda _: None)
@@ -100,7 +124,7 @@ def tiny_models(tmp_path_factory):
     return out
 
 
-@pytest.fixture(params=["gpt2", "llama"])
+@pytest.fixture(params=FAMILIES)
 def tiny(request, tiny_models):
     return tiny_models[request.param]
 

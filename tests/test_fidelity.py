@@ -83,7 +83,7 @@ def test_greedy_32_tokens_identical_to_transformers(tiny, penalty):
                 torch.tensor([ids]),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=32,
-                min_new_tokens=32,
+                eos_token_id=None,  # like stop_token_ids=[] below: never stop early
                 do_sample=False,
                 repetition_penalty=penalty,
                 pad_token_id=0,
@@ -117,3 +117,10 @@ def test_manifest_describes_the_model(tiny_models):
     assert m.tokenizer.eos_token_ids == (llama.config.eos_token_id,)
     assert m.provenance["source_kind"] == "directory"
     assert m.generation_defaults == {"temperature": 0.0}
+
+
+def test_qwen2_biases_and_mistral_window(tiny_models):
+    _, qwen2, _ = tiny_models["qwen2"]
+    assert qwen2.model.layers[0].self_attn.q_proj.bias is not None  # the biases are really exercised
+    _, _, exported = tiny_models["mistral"]
+    assert load_manifest(exported).architecture.context_length == 96  # capped at the sliding window
