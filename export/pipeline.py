@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -14,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import __version__
+from ..atomic import staged_directory
 from ..runtime.manifest import Graph, GraphIO, Manifest, TokenizerInfo
 from .architectures import Weights, spec_for
 from .errors import ExportError
@@ -48,51 +48,82 @@ class _Steps:
         self.name = None
 
 
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+FP16_TOLERANCE = 2e-2  # fp16 keeps about 3 significant digits
+
+
 def export_model(
     source: str | Source,
     output: str,
     force: bool = False,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     progress: Callable[[str], None] = _stderr,
+    precision: str = "fp32",
+    **quantize_options: Any,
 ) -> Manifest:
     """Export ``source`` (hub id, Hugging Face directory or .gguf file, or a ``Source`` already
     loaded with ``load_source``) into the directory ``output``.
+
+    ``precision``: "fp32"; "fp16" (a float16 graph, for GPU providers); "int8" or "int4" (the fp32
+    export, validated, then quantized behind the quality gate; ``quantize_options`` go to
+    ``lmrt.quantize.quantize_directory``: max_increase, allow_degraded, eval_text, compute).
 
     Nothing is left at ``output`` unless the whole export, validation included, succeeds; an existing
     ``output`` is replaced only with ``force``."""
     output = os.path.abspath(output)
     if os.path.exists(output) and not force:
         raise ExportError(f"{output} already exists; pass --force to overwrite it")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if tolerance is None:
+        tolerance = FP16_TOLERANCE if precision == "fp16" else DEFAULT_TOLERANCE
     if not tolerance > 0:
         raise ExportError(f"tolerance must be positive, got {tolerance}")
-    parent = os.path.dirname(output)
     if isinstance(source, str):
         locate(source)  # fail fast on a bad path, before the slow imports
-    os.makedirs(parent, exist_ok=True)
+    scheme = None
+    if precision in ("int8", "int4"):
+        from ..quantize import scheme_for
+
+        scheme = scheme_for(precision)
+        if "compute" in quantize_options:
+            scheme = dataclasses.replace(scheme, compute=quantize_options.pop("compute"))
     step = _Steps(progress)
     if isinstance(source, Source):
         src = source
     else:
         step(f"loading {source}")
         src = load_source(source)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
-    try:
-        manifest = _write_directory(src, tmp, tolerance, step)
+    dtype = np.float16 if precision == "fp16" else np.float32
+    if scheme is None:
+        with staged_directory(output) as tmp:
+            manifest = _write_directory(src, tmp, tolerance, step, dtype)
+            step.done()
+        _report(progress, manifest, output)
+        return manifest
+
+    from ..quantize import quantize_directory
+
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{os.path.basename(output)}.fp32-", dir=parent) as fp32:
+        manifest = _write_directory(src, fp32, tolerance, step, np.float32)
         step.done()
-        _move_into_place(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _report(progress, manifest, "the fp32 reference")
+        gguf = src.source if src.kind == "gguf" else None
+        return quantize_directory(fp32, output, scheme, gguf=gguf, force=force, progress=progress, **quantize_options)
+
+
+def _report(progress, manifest: Manifest, where: str) -> None:
     v = manifest.validation
     progress(
-        f"exported {manifest.architecture.model_type} to {output}: "
+        f"exported {manifest.architecture.model_type} ({manifest.graph.dtype}) to {where}: "
         f"max |Δlogit| {v['max_abs_diff']:.2e} (relative {v['max_rel_diff']:.2e}), "
         f"greedy agreement {v['greedy_agreement']:.1%}"
     )
-    return manifest
 
 
-def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps) -> Manifest:
+def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps, dtype=np.float32) -> Manifest:
     import onnx
 
     config = src.model.config
@@ -101,10 +132,11 @@ def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps) 
         arch = spec.describe(config)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    io = GraphIO()
+    name = np.dtype(dtype).name  # "float32" / "float16"
+    io = GraphIO(kv_dtype=name, logits_dtype=name)
 
     step(f"building the {arch.family} graph ({arch.num_layers} layers)")
-    builder = GraphBuilder(np.float32)
+    builder = GraphBuilder(dtype)
     spec.build(DecoderGraph(builder, arch, io), config, Weights(src.model), src.model)
     model = builder.build(f"lmrt_{arch.model_type}", producer=f"lmrt {__version__}")
 
@@ -122,10 +154,10 @@ def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps) 
 
     manifest = Manifest(
         architecture=arch,
-        graph=Graph(file=GRAPH_FILE, data_file=DATA_FILE, opset=OPSET, dtype="float32", io=io),
+        graph=Graph(file=GRAPH_FILE, data_file=DATA_FILE, opset=OPSET, dtype=name, io=io),
         tokenizer=tokenizer_info(src),
         generation_defaults=generation_defaults(src.model.generation_config),
-        provenance=provenance(src, tolerance),
+        provenance=provenance(src, tolerance, name),
     )
     manifest.write(out_dir)
 
@@ -142,25 +174,6 @@ def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps) 
     manifest = dataclasses.replace(manifest, validation=result)
     manifest.write(out_dir)
     return manifest
-
-
-def _move_into_place(tmp: str, output: str) -> None:
-    """Rename the finished directory to ``output``, replacing an old one only at the very end."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it a normal directory's mode
-    for name in os.listdir(tmp):
-        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-    if not os.path.exists(output):
-        os.rename(tmp, output)
-        return
-    old = f"{tmp}.old"  # beside it, so the rename stays on one filesystem
-    os.rename(output, old)
-    os.rename(tmp, output)
-    if os.path.isdir(old):
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.remove(old)
 
 
 def _ids(value: Any) -> list[int]:
@@ -203,7 +216,7 @@ def generation_defaults(gen) -> dict[str, Any]:
     return out
 
 
-def provenance(src: Source, tolerance: float) -> dict[str, Any]:
+def provenance(src: Source, tolerance: float, dtype: str = "float32") -> dict[str, Any]:
     import onnx
     import torch
     import transformers
@@ -213,6 +226,6 @@ def provenance(src: Source, tolerance: float) -> dict[str, Any]:
         "source_kind": src.kind,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "lmrt_version": __version__,
-        "export_options": {"dtype": "float32", "opset": OPSET, "tolerance": tolerance},
+        "export_options": {"dtype": dtype, "opset": OPSET, "tolerance": tolerance},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__},
     }
