@@ -13,6 +13,7 @@ from .chat import ChatTemplateError, render_chat
 from .config import GenerationConfig
 from .generator import Generator, TextStream
 from .manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest
+from .scoring import Score
 from .session import ProviderError, available_providers
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ProviderError",
+    "Score",
     "TextStream",
     "available_providers",
     "load_manifest",

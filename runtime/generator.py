@@ -20,6 +20,7 @@ from .detokenizer import StreamingDetokenizer
 from .manifest import load_manifest
 from .model import OnnxCausalLM
 from .sampling import sample_next
+from .scoring import Score, score_ids
 
 
 class TextStream:
@@ -185,6 +186,15 @@ class Generator:
     def generate(self, prompt: str | Sequence[int], **options: Any) -> str:
         """The whole completion of ``prompt`` as one string."""
         return "".join(self.stream(prompt, **options))
+
+    def score(
+        self, text: str | Sequence[int], window: int | None = None, stride: int | None = None, add_special_tokens: bool = True
+    ) -> Score:
+        """Log-probability of each token of ``text`` (or token ids) given the ones before it, and the
+        text's perplexity; texts longer than ``window`` (default: the context) go in overlapping
+        windows ``stride`` tokens apart (default: half a window)."""
+        ids = self.encode(text, add_special_tokens) if isinstance(text, str) else self._prompt_ids(text)
+        return score_ids(self.model, ids, window=window, stride=stride)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template."""

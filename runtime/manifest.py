@@ -86,6 +86,8 @@ class Manifest:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)  # scheme and parameters; empty for float graphs
+    quality: dict[str, Any] = field(default_factory=dict)  # the quantization gate's measurements
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -117,6 +119,8 @@ class Manifest:
                 generation_defaults=dict(d.get("generation_defaults") or {}),
                 provenance=dict(d.get("provenance") or {}),
                 validation=dict(d.get("validation") or {}),
+                quantization=dict(d.get("quantization") or {}),
+                quality=dict(d.get("quality") or {}),
             )
         except (KeyError, TypeError) as e:
             raise ManifestError(f"malformed manifest: {e}") from None

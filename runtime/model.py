@@ -36,7 +36,7 @@ class OnnxCausalLM:
         input_ids: np.ndarray,  # int64 [batch, seq]
         attention_mask: np.ndarray,  # int64 [batch, past + seq]
         position_ids: np.ndarray,  # int64 [batch, seq]
-    ) -> np.ndarray:  # float [batch, seq, vocab]
+    ) -> np.ndarray:  # float32 [batch, seq, vocab]
         """Run ``seq`` new positions on top of the cache; the cache then holds them too."""
         io = self._io
         feeds = {
@@ -47,4 +47,4 @@ class OnnxCausalLM:
         }
         logits, *present = self.session.run(self._outputs, feeds)
         self.cache.update(present)
-        return logits
+        return logits.astype(np.float32, copy=False)  # fp16 graphs: sampling and scoring work in fp32
