@@ -24,13 +24,14 @@ def _errors_to_one_line(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .export.errors import ExportError
+        from .quantize.errors import QuantizeError
 
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
             click.echo("", err=True)
             sys.exit(130)
-        except (ExportError, ValueError, ImportError, OSError) as e:  # ManifestError etc. are ValueErrors
+        except (ExportError, QuantizeError, ValueError, ImportError, OSError) as e:  # ManifestError etc. are ValueErrors
             raise _Fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
     return wrapper
@@ -42,34 +43,161 @@ def main() -> None:
     """lmrt: export language models to ONNX and run them without PyTorch."""
 
 
+def _quality_gate_options(fn):
+    """The quantization gate's options, shared by export and quantize."""
+    options = [
+        click.option(
+            "--max-ppl-increase",
+            type=float,
+            help="Largest perplexity increase over fp32 allowed, in percent (default: int8 2, int4 15).",
+        ),
+        click.option("--allow-degraded", is_flag=True, help="Keep a quantized model even if it fails the gate."),
+        click.option(
+            "--eval-text",
+            type=click.Path(dir_okay=False),
+            help="UTF-8 text the gate measures perplexity on (default: Python's reference manual).",
+        ),
+        click.option(
+            "--compute",
+            type=click.Choice(["int8", "float"]),
+            help="int8: fast integer kernels on CPU (default); float: exact, slower.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _gate_kwargs(max_ppl_increase, allow_degraded, eval_text) -> dict:
+    out = {"allow_degraded": allow_degraded, "eval_text": eval_text}
+    if max_ppl_increase is not None:
+        out["max_increase"] = max_ppl_increase / 100.0
+    return out
+
+
 @main.command()
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@click.option("--fp16", "precision", flag_value="fp16", help="float16 weights and compute (for GPU providers).")
+@click.option("--int8", "precision", flag_value="int8", help="8-bit block-quantized weights.")
+@click.option("--int4", "precision", flag_value="int4", help="4-bit block-quantized weights (8-bit embeddings).")
+@_quality_gate_options
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option(
     "--tolerance",
     type=float,
-    default=1e-3,
-    show_default=True,
-    help="Largest logit difference from PyTorch allowed, relative to the largest logit.",
+    help="Largest logit difference from PyTorch allowed, relative to the largest logit [default: 1e-3; fp16 2e-2].",
 )
 @_errors_to_one_line
-def export(source: str, output: str, force: bool, tolerance: float) -> None:
+def export(source, output, precision, force, tolerance, max_ppl_increase, allow_degraded, eval_text, compute) -> None:
     """Export SOURCE to an ONNX model directory, validated against PyTorch.
 
     SOURCE is a Hugging Face Hub id, a local Hugging Face model directory, or a .gguf file.
+    With --int8 / --int4 the validated fp32 graph is quantized and must pass the quality gate:
+    perplexity on an evaluation text may not rise more than --max-ppl-increase over fp32. From a
+    Q4_0 / Q4_1 / Q8_0 GGUF file, the file's own blocks are kept where they fit.
 
     \b
     Examples:
-      lmrt export SmolLM2-135M-Instruct.Q4_1.gguf -o models/smollm2
-      lmrt export ./my-finetuned-llama -o models/mine --force
+      lmrt export SmolLM2-135M-Instruct.Q4_1.gguf -o models/smollm2 --int4
+      lmrt export ./my-finetuned-llama -o models/mine --int8 --force
       lmrt export gpt2 -o models/gpt2
     """
     try:
         from .export import export_model
     except ImportError as e:
         raise _Fail(f"export needs the export extra: pip install 'lmrt[export]' ({e})") from None
-    export_model(source, output, force=force, tolerance=tolerance)
+    precision = precision or "fp32"
+    options = {}
+    if precision in ("int8", "int4"):
+        options = _gate_kwargs(max_ppl_increase, allow_degraded, eval_text)
+        if compute:
+            options["compute"] = compute
+    elif max_ppl_increase is not None or allow_degraded or eval_text or compute:
+        raise _Fail("--max-ppl-increase, --allow-degraded, --eval-text and --compute apply to --int8 / --int4 only")
+    export_model(source, output, force=force, tolerance=tolerance, precision=precision, **options)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@click.option("--int8", "scheme", flag_value="int8", help="8-bit block-quantized weights.")
+@click.option("--int4", "scheme", flag_value="int4", help="4-bit block-quantized weights (8-bit embeddings).")
+@click.option("--gguf", type=click.Path(dir_okay=False), help="Take Q4_0/Q4_1/Q8_0 blocks from this GGUF file where they fit.")
+@click.option("--no-gguf-blocks", is_flag=True, help="Quantize from the float weights even if the source was a GGUF file.")
+@_quality_gate_options
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@_errors_to_one_line
+def quantize(model_dir, output, scheme, gguf, no_gguf_blocks, max_ppl_increase, allow_degraded, eval_text, compute, force):
+    """Quantize the fp32 model in MODEL_DIR (written by `lmrt export`) into OUTPUT.
+
+    The result must pass the quality gate (see `lmrt export --help`). When MODEL_DIR was exported
+    from a GGUF file that is still in place, its blocks are kept where they fit.
+
+    \b
+    Examples:
+      lmrt quantize models/smollm2 -o models/smollm2-int8 --int8
+      lmrt quantize models/smollm2 -o models/smollm2-int4 --int4 --max-ppl-increase 5
+    """
+    import dataclasses
+
+    from .quantize import quantize_directory, scheme_for
+
+    if not scheme:
+        raise _Fail("choose --int8 or --int4")
+    if gguf and no_gguf_blocks:
+        raise _Fail("--gguf and --no-gguf-blocks contradict each other")
+    chosen = scheme_for(scheme)
+    if compute:
+        chosen = dataclasses.replace(chosen, compute=compute)
+    source = None if no_gguf_blocks else (gguf or "auto")
+    quantize_directory(
+        model_dir, output, chosen, gguf=source, force=force, **_gate_kwargs(max_ppl_increase, allow_degraded, eval_text)
+    )
+
+
+@main.command("eval")
+@click.argument("model_dir", type=click.Path())
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), help="UTF-8 text file (default: Python's reference manual).")
+@click.option("--max-tokens", type=int, help="Score only the first N tokens.")
+@click.option("--window", type=int, help="Tokens per window (default: the model's context).")
+@click.option("--stride", type=int, help="Tokens between window starts (default: half a window).")
+@click.option("--provider", default="auto", show_default=True, help="auto, tensorrt, cuda or cpu.")
+@click.option("--threads", type=int, help="CPU threads.")
+@_errors_to_one_line
+def eval_(model_dir, text_file, max_tokens, window, stride, provider, threads) -> None:
+    """Print the perplexity of the model in MODEL_DIR on a text.
+
+    \b
+    Examples:
+      lmrt eval models/smollm2-int4 --text article.txt
+      lmrt eval models/smollm2 --max-tokens 2048
+    """
+    from .runtime import Generator
+
+    if max_tokens is not None and max_tokens < 2:
+        raise _Fail("--max-tokens must be at least 2")
+    if text_file:
+        try:
+            with open(text_file, encoding="utf-8") as f:
+                text, name = f.read(), text_file
+        except UnicodeDecodeError as e:
+            raise _Fail(f"{text_file} is not UTF-8 text ({e.reason})") from None
+    else:
+        from .quantize.evaltext import reference_text
+
+        text, name = reference_text(), "Python reference manual"
+    gen = Generator(model_dir, provider=provider, threads=threads)
+    ids = gen.encode(text)[:max_tokens]
+    start = time.perf_counter()
+    score = gen.score(ids, window=window, stride=stride)
+    elapsed = time.perf_counter() - start
+    click.echo(f"perplexity {score.perplexity:.4f}")
+    click.echo(
+        f"[{name}: {len(ids)} tokens, {score.num_scored} scored, {score.mean_nll:.4f} nats/token, "
+        f"{score.num_scored / elapsed:.0f} tokens/s, provider {gen.provider}]",
+        err=True,
+    )
 
 
 def _generation_options(fn):
@@ -171,6 +299,25 @@ def info(model_dir: str) -> None:
                 "validation",
                 f"max |Δlogit| {v['max_abs_diff']:.2e} (relative {v['max_rel_diff']:.2e}), "
                 f"greedy agreement {v['greedy_agreement']:.1%}, {'passed' if v.get('passed') else 'FAILED'}",
+            )
+        )
+    q, g = m.quantization, m.quality
+    if q:
+        kept = ", ".join(f"{n} {k}" for k, n in q.get("gguf_blocks_kept", {}).items())
+        rows.append(
+            (
+                "quantization",
+                f"{q['name']}: {q['bits']}-bit {q['method']} blocks of {q['block_size']}, lm_head/embeddings "
+                f"{q['head_bits']}-bit, compute {q.get('compute', 'int8')}" + (f"; kept from GGUF: {kept}" if kept else ""),
+            )
+        )
+    if g:
+        rows.append(
+            (
+                "quality",
+                f"perplexity {g['perplexity']:.3f} vs fp32 {g['perplexity_reference']:.3f} ({g['increase']:+.2%}, "
+                f"allowed +{g['max_increase']:.0%}), top-1 agreement {g['top1_agreement']:.1%}"
+                + (" (kept with --allow-degraded)" if g.get("allowed_degraded") else ""),
             )
         )
     rows.append(("providers", ", ".join(available_providers()) or "none"))

@@ -1,0 +1,147 @@
+"""``quantize_directory``: an exported fp32 model directory → a quantized one, behind a quality gate.
+
+Steps: rewrite the graph's weights (``rewrite``) with a scheme (``schemes``), taking a GGUF file's
+own blocks where they fit (``gguf_blocks``); score the evaluation text with the fp32 directory and
+with the new graph, both through lmrt's runtime; refuse the result when perplexity rose more than
+the gate allows. The output is written beside its target and renamed into place only at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from typing import Callable
+
+from ..atomic import check_target, staged_directory
+from ..runtime.manifest import Manifest, load_manifest
+from .errors import QualityGateError, QuantizeError
+from .gate import eval_ids, measure_quality
+from .schemes import Scheme
+
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def quantize_directory(
+    source_dir: str,
+    output: str,
+    scheme: Scheme,
+    gguf: str | None = "auto",
+    eval_text: str | None = None,
+    eval_tokens: int = 2048,
+    max_increase: float | None = None,
+    allow_degraded: bool = False,
+    force: bool = False,
+    progress: Callable[[str], None] = _stderr,
+) -> Manifest:
+    """Quantize the fp32 model in ``source_dir`` into ``output``.
+
+    ``gguf``: a GGUF file whose Q4_0/Q4_1/Q8_0 blocks are carried over where they fit; "auto" uses
+    the directory's own source when it was exported from a GGUF file that still exists; None never.
+    ``max_increase``: the gate, as a fraction (0.02 = +2 % perplexity); defaults to the scheme's.
+    """
+    manifest = load_manifest(source_dir)
+    if manifest.quantization:
+        raise QuantizeError(f"{source_dir} is already quantized ({manifest.quantization.get('name')}); start from an fp32 export")
+    if manifest.graph.dtype != "float32":
+        raise QuantizeError(f"{source_dir} holds a {manifest.graph.dtype} graph; quantization starts from float32")
+    output = check_target(output, force)
+    if os.path.abspath(source_dir) == output:
+        raise QuantizeError("the output must be a different directory from the source")
+    limit = scheme.max_increase if max_increase is None else max_increase
+    if not limit >= 0:
+        raise QuantizeError(f"the allowed perplexity increase must be 0 or more, got {limit}")
+    gguf_path = _gguf_path(gguf, manifest)
+    ids, text_name = eval_ids(source_dir, manifest, eval_text, eval_tokens)  # a bad text fails here, early
+
+    with staged_directory(output) as tmp:
+        record = _write_quantized(source_dir, tmp, manifest, scheme, gguf_path, progress)
+        quantized = dataclasses.replace(manifest, quantization=record)
+        quantized.write(tmp)
+        progress(f"… measuring quality (perplexity, fp32 vs {scheme.name})")
+        started = time.perf_counter()
+        quality = measure_quality(source_dir, tmp, quantized, ids, text_name)
+        quality.update(max_increase=limit, passed=quality["increase"] <= limit, allowed_degraded=False)
+        progress(f"  {time.perf_counter() - started:.1f}s")
+        summary = (
+            f"perplexity {quality['perplexity_reference']:.3f} (fp32) -> {quality['perplexity']:.3f} ({scheme.name}), "
+            f"{quality['increase']:+.2%}; top-1 agreement {quality['top1_agreement']:.1%} over {quality['positions']} positions"
+        )
+        if not quality["passed"]:
+            if not allow_degraded:
+                raise QualityGateError(
+                    f"quality gate failed: {summary}, above the allowed +{limit:.1%}; nothing was written "
+                    "(--allow-degraded keeps it anyway)"
+                )
+            quality["allowed_degraded"] = True
+            progress(f"warning: {summary} is above the allowed +{limit:.1%}; kept because of --allow-degraded")
+        quantized = dataclasses.replace(quantized, quality=quality)
+        quantized.write(tmp)
+    progress(f"quantized to {output}: {summary}")
+    return quantized
+
+
+def _gguf_path(gguf: str | None, manifest: Manifest) -> str | None:
+    if gguf == "auto":
+        p = manifest.provenance
+        source = p.get("source")
+        if p.get("source_kind") == "gguf" and source and os.path.isfile(source):
+            return source
+        return None
+    if gguf is not None and not os.path.isfile(gguf):
+        raise QuantizeError(f"GGUF file not found: {gguf}")
+    return gguf
+
+
+def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: Scheme, gguf_path, progress) -> dict:
+    import onnx
+
+    from .gguf_blocks import GGUFBlocks
+    from .rewrite import quantize_graph
+
+    blocks = None
+    if gguf_path:
+        progress(f"… reading the quantized blocks of {os.path.basename(gguf_path)}")
+        blocks = GGUFBlocks(gguf_path)
+    progress(f"… quantizing weights ({scheme.name})")
+    model = onnx.load(os.path.join(source_dir, manifest.graph.file))
+    kept: Counter[str] = Counter()
+
+    def choose(kind: str, name: str, w):
+        bits = scheme.bits if kind == "linear" else scheme.head_bits
+        if blocks is not None:
+            found = blocks.find(w, bits)
+            # a tied table is also gathered, and the gather takes integer zero points only
+            if found and (kind == "linear" or found[0].zero_point_kind != "float"):
+                kept[f"{kind} ({found[1]})"] += 1
+                return found[0]
+        return scheme.quantize(kind, w)
+
+    counts = quantize_graph(model, choose, scheme.accuracy_level, manifest.graph.io.input_ids)
+    progress("… writing the graph")
+    onnx.save_model(
+        model,
+        os.path.join(out_dir, GRAPH_FILE),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
+    del model
+    shutil.copy(os.path.join(source_dir, manifest.tokenizer.file), out_dir)
+    return {
+        **scheme.describe(),
+        "weights": "MatMulNBits (linear, lm_head), GatherBlockQuantized (token embeddings)",
+        "quantized": dict(counts["quantized"]),
+        "left_in_float": {**dict(counts["float"]), "norms, biases, rotary tables": "all"},
+        "gguf_blocks_kept": dict(kept),
+        "gguf_source": os.path.basename(gguf_path) if gguf_path else None,
+    }
