@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,3 +81,71 @@ def test_embedding_example_runs(smollm2):
     out = subprocess.run([sys.executable, str(example), smollm2[0]], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout and "finish: stop" in out.stdout
+
+
+# --- quantization on the real model -------------------------------------------------------------
+
+EVAL_TOKENS = 1024
+
+
+def _quantize(smollm2, tmp_path_factory, name: str, gguf, **changes):
+    import dataclasses
+
+    from lmrt.quantize import quantize_directory, scheme_for
+
+    scheme = dataclasses.replace(scheme_for(name), **changes)
+    out = str(tmp_path_factory.mktemp("q") / "model")
+    return quantize_directory(smollm2[0], out, scheme, gguf=gguf, eval_tokens=EVAL_TOKENS, progress=lambda _: None), out
+
+
+def test_int8_within_one_percent_of_fp32(smollm2, tmp_path_factory):
+    m, out = _quantize(smollm2, tmp_path_factory, "int8", gguf=None)
+    assert m.quality["passed"] and m.quality["increase"] <= 0.01 and m.quality["top1_agreement"] >= 0.9
+    assert m.quantization["gguf_blocks_kept"] == {}
+    assert "Paris" in runtime.Generator(out).generate("The capital of France is", max_new_tokens=12)
+
+
+def test_int4_requantized_within_fifteen_percent(smollm2, tmp_path_factory):
+    m, out = _quantize(smollm2, tmp_path_factory, "int4", gguf=None)
+    assert m.quality["passed"] and m.quality["increase"] <= 0.15 and m.quality["top1_agreement"] >= 0.8
+
+
+def test_int4_keeps_the_gguf_blocks_and_matches_fp32(smollm2, tmp_path_factory):
+    """No second rounding: with float compute the kept Q4_1 / Q8_0 blocks reproduce the dequantized
+    fp32 model; with the default int8 compute only the activation rounding remains."""
+    m, out = _quantize(smollm2, tmp_path_factory, "int4", gguf="auto", compute="float")
+    assert m.quantization["gguf_blocks_kept"] == {"linear (Q4_1)": 120, "lm_head (Q8_0)": 1}
+    assert abs(m.quality["increase"]) <= 0.005 and m.quality["top1_agreement"] >= 0.99
+    m, _ = _quantize(smollm2, tmp_path_factory, "int4", gguf="auto")
+    assert m.quantization["gguf_blocks_kept"]["linear (Q4_1)"] == 120 and m.quality["increase"] <= 0.01
+
+
+def test_gate_refuses_plain_rounding_to_four_bits(smollm2, tmp_path_factory):
+    """Symmetric round-to-nearest int4 of these already-4-bit weights costs about +29 % perplexity."""
+    import dataclasses
+
+    from lmrt.quantize import QualityGateError, quantize_directory, scheme_for
+
+    root = tmp_path_factory.mktemp("refused")
+    scheme = dataclasses.replace(scheme_for("int4"), method="symmetric")
+    with pytest.raises(QualityGateError, match="quality gate failed"):
+        quantize_directory(smollm2[0], str(root / "m"), scheme, gguf=None, eval_tokens=512, progress=lambda _: None)
+    assert list(root.iterdir()) == []
+
+
+def test_eval_agrees_with_transformers_perplexity(smollm2, tmp_path):
+    from click.testing import CliRunner
+
+    from lmrt.cli import main
+    from lmrt.quantize.evaltext import reference_text
+
+    _, model, tokenizer = smollm2
+    text = reference_text(6000)
+    path = tmp_path / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    ids = tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    r = CliRunner().invoke(main, ["eval", smollm2[0], "--text", str(path)])
+    assert r.exit_code == 0, r.output
+    assert float(r.stdout.split()[1]) == pytest.approx(float(np.exp(loss)), rel=0.005)
