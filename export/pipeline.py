@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import __version__
-from ..atomic import staged_directory
+from ..atomic import DATA_FILE, GRAPH_FILE, save_graph, staged_directory
 from ..runtime.manifest import Graph, GraphIO, Manifest, TokenizerInfo
 from .architectures import Weights, spec_for
 from .errors import ExportError
@@ -21,8 +21,6 @@ from .graph import OPSET, DecoderGraph, GraphBuilder
 from .source import Source, load_source, locate
 from .validate import probe_ids, validate
 
-GRAPH_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_TOLERANCE = 1e-3  # largest logit difference allowed, relative to the largest logit
 
@@ -124,8 +122,6 @@ def _report(progress, manifest: Manifest, where: str) -> None:
 
 
 def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps, dtype=np.float32) -> Manifest:
-    import onnx
-
     config = src.model.config
     try:
         spec = spec_for(config.model_type)
@@ -141,14 +137,7 @@ def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps, 
     model = builder.build(f"lmrt_{arch.model_type}", producer=f"lmrt {__version__}")
 
     step("writing the graph")
-    onnx.save_model(
-        model,
-        os.path.join(out_dir, GRAPH_FILE),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=DATA_FILE,
-        size_threshold=1024,
-    )
+    save_graph(model, out_dir)
     del model, builder
     src.tokenizer.backend_tokenizer.save(os.path.join(out_dir, TOKENIZER_FILE))
 

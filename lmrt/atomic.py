@@ -50,3 +50,23 @@ def move_into_place(tmp: str, output: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.remove(old)
+
+
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def save_graph(model, out_dir: str) -> tuple[str, str]:
+    """Write an onnx ModelProto as ``model.onnx`` with its weights in ``model.onnx.data`` (graphs
+    past 2 GB cannot be one protobuf file); returns the two file names."""
+    import onnx
+
+    onnx.save_model(
+        model,
+        os.path.join(out_dir, GRAPH_FILE),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
+    return GRAPH_FILE, DATA_FILE

@@ -16,15 +16,11 @@ import time
 from collections import Counter
 from typing import Callable
 
-from ..atomic import check_target, staged_directory
+from ..atomic import check_target, save_graph, staged_directory
 from ..runtime.manifest import Manifest, load_manifest
 from .errors import QualityGateError, QuantizeError
 from .gate import eval_ids, measure_quality
 from .schemes import Scheme
-
-GRAPH_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -127,14 +123,7 @@ def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: 
 
     counts = quantize_graph(model, choose, scheme.accuracy_level, manifest.graph.io.input_ids)
     progress("… writing the graph")
-    onnx.save_model(
-        model,
-        os.path.join(out_dir, GRAPH_FILE),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=DATA_FILE,
-        size_threshold=1024,
-    )
+    save_graph(model, out_dir)
     del model
     shutil.copy(os.path.join(source_dir, manifest.tokenizer.file), out_dir)
     return {

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# End to end on a fresh machine: install, fetch SmolLM2-135M-Instruct, export it, generate.
+# End to end on a fresh machine: install, fetch SmolLM2-135M-Instruct, export it to int8, generate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-MODEL=models/smollm2-135m-instruct
+MODEL=models/smollm2-135m-instruct-int8
 if [ ! -f "$MODEL/lmrt.json" ]; then
-    .venv/bin/lmrt export "$(.venv/bin/python scripts/smollm2_path.py)" -o "$MODEL"
+    .venv/bin/lmrt export "$(.venv/bin/python scripts/smollm2_path.py)" -o "$MODEL" --int8
 fi
 .venv/bin/lmrt info "$MODEL"
 echo
 .venv/bin/lmrt generate "$MODEL" "The capital of France is" --max-new-tokens 24 --stats
-.venv/bin/lmrt generate "$MODEL" "What is the capital of France?" --chat --stats
+.venv/bin/lmrt generate "$MODEL" "What is the capital of France?" --chat --system "Answer in one short sentence." -n 48 --stats
