@@ -64,31 +64,6 @@ class BlockQuantized:
             zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
         return np.ascontiguousarray(zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1)
 
-    @staticmethod
-    def concat(parts: list["BlockQuantized"]) -> "BlockQuantized":
-        """Stack along N; zero points are widened to the most general kind among the parts."""
-        first = parts[0]
-        if any((p.bits, p.block_size) != (first.bits, first.block_size) for p in parts):
-            raise ValueError("cannot stack blocks of different bits or block sizes")
-        kinds = {p.zero_point_kind for p in parts}
-        if kinds == {"none"}:
-            zero_points = None
-        else:
-            dtype = np.float32 if "float" in kinds else np.uint8
-            zero_points = np.concatenate(
-                [
-                    np.full(p.scales.shape, p.midpoint, dtype) if p.zero_points is None else p.zero_points.astype(dtype)
-                    for p in parts
-                ]
-            )
-        return BlockQuantized(
-            first.bits,
-            first.block_size,
-            np.concatenate([p.codes for p in parts]),
-            np.concatenate([p.scales for p in parts]),
-            zero_points,
-        )
-
 
 def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     """[N, K] -> [N, K / block_size, block_size] (K must be a multiple of the block size)."""
@@ -109,30 +84,17 @@ def quantize_symmetric(w: np.ndarray, bits: int, block_size: int) -> BlockQuanti
     return BlockQuantized(bits, block_size, codes.astype(np.uint8), scales, None)
 
 
-def quantize_asymmetric(w: np.ndarray, bits: int, block_size: int, search: int = 0) -> BlockQuantized:
-    """Round to nearest on the grid from each block's minimum to its maximum, with an integer zero
-    point. With ``search`` > 0, also try that many narrower ranges (clipping the extremes) and keep,
-    per block, the one with the smallest squared error."""
+def quantize_asymmetric(w: np.ndarray, bits: int, block_size: int) -> BlockQuantized:
+    """Round to nearest on the grid from each block's minimum to its maximum (widened to include 0),
+    with an integer zero point."""
     x = _blocks(w, block_size)  # [N, blocks, size]
     qmax = 2**bits - 1
     lo = np.minimum(x.min(axis=-1), 0.0)
     hi = np.maximum(x.max(axis=-1), 0.0)
-    best = None
-    for shrink in np.linspace(1.0, 0.8, search + 1) if search else [1.0]:
-        scales = np.where(hi > lo, (hi - lo) * shrink / qmax, 1.0).astype(np.float32)
-        zero = np.clip(np.rint(-lo * shrink / scales), 0, qmax)
-        codes = np.clip(np.rint(x / scales[..., None]) + zero[..., None], 0, qmax)
-        err = (((codes - zero[..., None]) * scales[..., None] - x) ** 2).sum(axis=-1)
-        if best is None:
-            best = [codes, scales, zero, err]
-            continue
-        better = err < best[3]
-        best[0] = np.where(better[..., None], codes, best[0])
-        best[1] = np.where(better, scales, best[1])
-        best[2] = np.where(better, zero, best[2])
-        best[3] = np.minimum(err, best[3])
-    codes, scales, zero, _ = best
-    return BlockQuantized(bits, block_size, codes.astype(np.uint8), scales.astype(np.float32), zero.astype(np.uint8))
+    scales = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
+    zero = np.clip(np.rint(-lo / scales), 0, qmax)
+    codes = np.clip(np.rint(x / scales[..., None]) + zero[..., None], 0, qmax)
+    return BlockQuantized(bits, block_size, codes.astype(np.uint8), scales, zero.astype(np.uint8))
 
 
 def quantize_minmax(w: np.ndarray, bits: int, block_size: int) -> BlockQuantized:
