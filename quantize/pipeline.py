@@ -22,6 +22,7 @@ from .errors import QualityGateError, QuantizeError
 from .gate import eval_ids, measure_quality
 from .schemes import Scheme
 
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
