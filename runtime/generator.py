@@ -1,26 +1,43 @@
-"""Generator: prompt in, text out. The decode loop lives in ``Generator._decode_loop``.
+"""Generator: prompt in, text out. The decode loops live in ``decoding.decode`` (greedy and
+sampling) and ``beam.beam_search``.
 
 Three layers, each built on the one below:
   iter_tokens(prompt_ids, config)  yields token ids and returns the finish reason
   stream(prompt, **options)        a TextStream: UTF-8-safe text pieces, stop strings, finish reason
   generate(prompt, **options)      the stream joined into one string
+and beside them, for several prompts or several sequences per prompt:
+  generate_batch(prompts, **options)  a list of Completions per prompt
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Generator as PyGenerator, Iterator, Mapping, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from .beam import beam_search
 from .chat import render_chat
 from .config import GenerationConfig
+from .decoding import Sequence as _Sequence, decode
 from .detokenizer import StreamingDetokenizer
 from .manifest import load_manifest
 from .model import OnnxCausalLM
-from .sampling import sample_next
 from .scoring import Score, score_ids
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated sequence: its text, token ids (stop tokens excluded), finish reason ("stop",
+    "length" or "stop_string") and, for beam search, its score (sum of log-probs / length **
+    length_penalty)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    score: float | None = None
 
 
 class TextStream:
@@ -125,7 +142,30 @@ class Generator:
 
     def iter_tokens(self, prompt_ids: Sequence[int], config: GenerationConfig) -> PyGenerator[int, None, str]:
         """Yield each new token id (stop tokens are not yielded); the generator returns the finish
-        reason, "stop" or "length". The prompt is checked here, before the first step."""
+        reason, "stop" or "length". The prompt is checked here, before the first step. With beam
+        search the tokens of the best beam come once the search is over."""
+        if config.num_return_sequences > 1:
+            raise ValueError("a stream holds one sequence; use generate_batch for num_return_sequences > 1")
+        budget = self._budget(prompt_ids, config)
+        return self._tokens(np.asarray(prompt_ids, dtype=np.int64), budget, config)
+
+    def _tokens(self, prompt: np.ndarray, budget: int, config: GenerationConfig) -> PyGenerator[int, None, str]:
+        stop_ids = self._stop_ids(config)
+        if config.num_beams > 1:
+            best = beam_search(self.model, [prompt], [budget], config, stop_ids)[0][0]
+            yield from best.tokens
+            return best.finish_reason
+        seq = _Sequence(prompt, budget, _rngs(config.seed, 1)[0])
+        for _, token in decode(self.model, [seq], 1, config, stop_ids):
+            yield token
+        return seq.finish_reason
+
+    def _stop_ids(self, config: GenerationConfig) -> frozenset[int]:
+        ids = self.manifest.tokenizer.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
+        return frozenset(ids)
+
+    def _budget(self, prompt_ids: Sequence[int], config: GenerationConfig) -> int:
+        """New tokens allowed for this prompt: max_new_tokens, capped by the context."""
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -133,39 +173,7 @@ class Generator:
             raise ValueError(
                 f"the prompt has {n} tokens but the model's context is {self.context_length}; shorten it"
             )
-        stop_ids = self.manifest.tokenizer.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
-        budget = min(config.max_new_tokens, self.context_length - n)
-        return self._decode_loop(np.asarray(prompt_ids, dtype=np.int64), config, frozenset(stop_ids), budget)
-
-    def _decode_loop(
-        self, history: np.ndarray, config: GenerationConfig, stop_ids: frozenset[int], budget: int
-    ) -> PyGenerator[int, None, str]:
-        """Prefill the prompt ``history`` (int64 [n]) in one step, then decode one token per step."""
-        rng = np.random.default_rng(config.seed)
-        self.model.reset(batch=1)
-        input_ids = history[None, :]  # [1, n]: the whole prompt in one prefill step
-        for _ in range(budget):
-            length = history.shape[0]
-            logits = self.model.forward(
-                input_ids,
-                np.ones((1, length), dtype=np.int64),  # attention_mask [1, past + seq]
-                np.arange(length - input_ids.shape[1], length, dtype=np.int64)[None, :],  # position_ids [1, seq]
-            )[0, -1]  # [vocab]: only the last position predicts the next token
-            token = sample_next(
-                logits,
-                history,
-                rng,
-                temperature=config.temperature,
-                top_k=config.top_k,
-                top_p=config.top_p,
-                repetition_penalty=config.repetition_penalty,
-            )
-            if token in stop_ids:
-                return "stop"
-            yield token
-            history = np.append(history, token)
-            input_ids = np.array([[token]], dtype=np.int64)  # [1, 1]
-        return "length"
+        return min(config.max_new_tokens, self.context_length - n)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -187,6 +195,44 @@ class Generator:
         """The whole completion of ``prompt`` as one string."""
         return "".join(self.stream(prompt, **options))
 
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], **options: Any) -> list[list[Completion]]:
+        """Complete several prompts (texts or token-id lists) in one batch: for each prompt, a list of
+        ``num_return_sequences`` Completions (the best beam first with beam search).
+
+        Each prompt's result is what ``generate`` would give for it alone: prompts are padded on
+        the left and masked, and with a seed, copy j of every prompt draws from the same random
+        stream whatever else is in the batch."""
+        config = self.config(**options)
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("generate_batch takes a non-empty list of prompts")
+        ids = [self._prompt_ids(p) for p in prompts]
+        budgets = [self._budget(p, config) for p in ids]
+        arrays = [np.asarray(p, dtype=np.int64) for p in ids]
+        stop_ids = self._stop_ids(config)
+        if config.num_beams > 1:
+            found = beam_search(self.model, arrays, budgets, config, stop_ids)
+            return [
+                [self._completion(p, h.tokens, h.finish_reason, config, h.score) for h in hyps]
+                for p, hyps in zip(ids, found)
+            ]
+        n = config.num_return_sequences
+        seqs = [_Sequence(a, b, rng) for a, b in zip(arrays, budgets) for rng in _rngs(config.seed, n)]
+        watch = [_StopWatch(self.decode, config.stop) for _ in seqs] if config.stop else None
+        for i, token in decode(self.model, seqs, n, config, stop_ids):
+            if watch and watch[i].add(token):
+                seqs[i].finish_reason = "stop_string"  # leaves the batch; the text is cut below
+        return [
+            [self._completion(ids[p], s.tokens, s.finish_reason, config) for s in seqs[p * n : (p + 1) * n]]
+            for p in range(len(ids))
+        ]
+
+    def _completion(self, prompt_ids, tokens, reason, config, score=None) -> Completion:
+        """Run finished tokens through the same TextStream a stream uses, so stop strings cut the
+        text (and the token ids) exactly as streaming would."""
+        stream = TextStream(_replay(tokens, reason), self.decode, config.stop, list(prompt_ids))
+        text = "".join(stream)
+        return Completion(text, stream.token_ids, stream.finish_reason, score)
+
     def score(
         self, text: str | Sequence[int], window: int | None = None, stride: int | None = None, add_special_tokens: bool = True
     ) -> Score:
@@ -203,5 +249,35 @@ class Generator:
         return self.encode(text, add_special_tokens=False)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> str:
-        """The assistant's reply to ``messages`` (dicts with "role" and "content")."""
-        return self.generate(self.chat_prompt(messages), **options)
+        """The assistant's reply to ``messages`` (dicts with "role" and "content"), rendered with the
+        model's chat template; options as for ``generate``."""
+        return "".join(self.chat_stream(messages, **options))
+
+    def chat_stream(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> TextStream:
+        """The assistant's reply to ``messages``, piece by piece."""
+        self.config(**options)  # reject bad options before rendering the template
+        return self.stream(self.chat_prompt(messages), **options)
+
+
+def _rngs(seed: int | None, n: int) -> list[np.random.Generator]:
+    """Random generators for the ``n`` sequences of one prompt; with a seed, the same ones for every
+    prompt and every call."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
+
+
+def _replay(tokens: list[int], reason: str) -> PyGenerator[int, None, str]:
+    yield from tokens
+    return reason
+
+
+class _StopWatch:
+    """Detokenizes one sequence of a batch to notice a stop string as soon as it appears."""
+
+    def __init__(self, decode, stop: tuple[str, ...]):
+        self._detok = StreamingDetokenizer(decode)
+        self._stop = stop
+        self._text = ""
+
+    def add(self, token: int) -> bool:
+        self._text += self._detok.add(token)
+        return _find_stop(self._text, self._stop) is not None

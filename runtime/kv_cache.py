@@ -1,7 +1,7 @@
 """The key/value cache carried between decode steps.
 
 This is the seam for faster caches: the model runner only calls ``feeds()``, ``output_names`` and
-``update()``. Today the cache keeps the ``present`` arrays onnxruntime returns and feeds them back as
+``update()``; the decode loops call ``select()`` to drop finished rows and to follow beams. Today the cache keeps the ``present`` arrays onnxruntime returns and feeds them back as
 ``past`` on the next step; a preallocated in-place buffer bound with IO binding can replace it without
 the Generator noticing.
 """
@@ -41,6 +41,13 @@ class KVCache:
 
     def feeds(self) -> dict[str, np.ndarray]:
         return dict(zip(self._input_names, self._arrays))
+
+    def select(self, rows) -> None:
+        """Keep the cache rows ``rows`` (int [new_batch]), in that order; a row may repeat, as when
+        several beams or samples continue one prompt."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self._arrays = [a[rows] for a in self._arrays]
+        self.batch = rows.shape[0]
 
     def update(self, present: list[np.ndarray]) -> None:
         """Take the step's present outputs (in ``output_names`` order) as the next step's past."""

@@ -125,6 +125,26 @@ INVALID = [
     ("stop", [1]),
     ("stop_token_ids", [-1]),
     ("stop_token_ids", ["2"]),
+    ("min_new_tokens", -1),
+    ("min_new_tokens", 257),  # more than max_new_tokens (256)
+    ("min_p", -0.1),
+    ("min_p", 1.5),
+    ("no_repeat_ngram_size", -1),
+    ("no_repeat_ngram_size", 2.0),
+    ("num_beams", 0),
+    ("length_penalty", float("inf")),
+    ("length_penalty", "long"),
+    ("early_stopping", "sometimes"),
+    ("early_stopping", 1),
+    ("num_return_sequences", 0),
+    ("logits_processors", [1]),
+    ("logits_processors", "upper"),
+]
+
+CONFLICTING = [
+    ({"num_beams": 4, "temperature": 0.7}, "temperature must be 0 with beam search"),
+    ({"num_beams": 2, "num_return_sequences": 3}, "cannot exceed num_beams"),
+    ({"num_return_sequences": 2}, "needs sampling"),
 ]
 
 
@@ -132,6 +152,19 @@ INVALID = [
 def test_invalid_config_rejected_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         GenerationConfig(**{field: value})
+
+
+@pytest.mark.parametrize("options,message", CONFLICTING)
+def test_conflicting_options_rejected(options, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**options)
+
+
+def test_beam_search_overrides_a_sampling_default_but_not_an_explicit_temperature():
+    defaults = {"temperature": 0.7, "top_p": 0.9}
+    assert GenerationConfig.from_options(defaults, num_beams=3).temperature == 0.0
+    with pytest.raises(ValueError, match="beam search"):
+        GenerationConfig.from_options(defaults, num_beams=3, temperature=0.5)
 
 
 def test_every_config_field_has_an_invalid_case():

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from lmrt.runtime import sampling
+from lmrt.runtime import GenerationConfig, sampling
 
 
 @pytest.fixture
@@ -47,15 +47,20 @@ def test_temperature_matches_transformers(logits, t):
     np.testing.assert_allclose(sampling.apply_temperature(logits, t), reference(TemperatureLogitsWarper(t), logits), rtol=1e-6)
 
 
+def choose(logits, rng, **options):
+    config = GenerationConfig(**options)
+    return sampling.choose(logits, np.array([], np.int64), 0, config, frozenset(), rng)
+
+
 def test_greedy_ignores_the_random_generator(logits):
     rng = np.random.default_rng(0)
-    assert sampling.sample_next(logits, np.array([], np.int64), rng, temperature=0.0) == int(np.argmax(logits))
+    assert choose(logits, rng, temperature=0.0) == int(np.argmax(logits))
 
 
 def test_draws_stay_inside_top_k_and_follow_the_distribution():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
     rng = np.random.default_rng(1)
-    draws = [sampling.sample_next(logits, np.array([], np.int64), rng, temperature=1.0, top_k=2) for _ in range(4000)]
+    draws = [choose(logits, rng, temperature=1.0, top_k=2) for _ in range(4000)]
     counts = np.bincount(draws, minlength=4)
     assert counts[2] == counts[3] == 0
     assert abs(counts[0] / 4000 - 0.5 / 0.8) < 0.03  # renormalised over the two kept tokens
@@ -64,7 +69,7 @@ def test_draws_stay_inside_top_k_and_follow_the_distribution():
 def test_same_seed_same_draws(logits):
     def draws(seed):
         rng = np.random.default_rng(seed)
-        return [sampling.sample_next(logits, np.array([], np.int64), rng, temperature=1.0) for _ in range(20)]
+        return [choose(logits, rng, temperature=1.0) for _ in range(20)]
 
     assert draws(5) == draws(5)
     assert draws(5) != draws(6)
