@@ -73,3 +73,39 @@ def test_same_seed_same_draws(logits):
 
     assert draws(5) == draws(5)
     assert draws(5) != draws(6)
+
+
+@pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 1.0])
+def test_min_p_matches_transformers(logits, p):
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    np.testing.assert_array_equal(sampling.apply_min_p(logits, p), reference(MinPLogitsWarper(p), logits))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_matches_transformers(n):
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        previous = rng.integers(0, 6, size=int(rng.integers(1, 40)))  # few distinct ids: many repeats
+        scores = rng.normal(size=50).astype(np.float32)
+        expected = reference(NoRepeatNGramLogitsProcessor(n), scores, previous.tolist())
+        np.testing.assert_array_equal(sampling.apply_no_repeat_ngram(scores, previous, n), expected)
+
+
+@pytest.mark.parametrize("generated", [0, 3, 4, 9])
+def test_min_new_tokens_matches_transformers(logits, generated):
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    prompt = [5, 6, 7]
+    ids = prompt + [8] * generated
+    expected = reference(MinNewTokensLengthLogitsProcessor(len(prompt), 4, [2, 17]), logits, ids)
+    np.testing.assert_array_equal(sampling.apply_min_new_tokens(logits, generated, 4, frozenset({2, 17})), expected)
+
+
+def test_min_p_draws_only_from_tokens_it_keeps():
+    logits = np.log(np.array([0.5, 0.3, 0.12, 0.08], dtype=np.float32))
+    rng = np.random.default_rng(2)
+    draws = [choose(logits, rng, temperature=1.0, min_p=0.3) for _ in range(2000)]
+    assert set(draws) == {0, 1}  # 0.12 < 0.3 * 0.5
