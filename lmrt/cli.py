@@ -204,10 +204,22 @@ def _generation_options(fn):
     """One CLI option per GenerationConfig field; unset options keep the model's defaults."""
     options = [
         click.option("-n", "--max-new-tokens", type=int, help="Tokens to generate at most."),
+        click.option("--min-new-tokens", type=int, help="Ban the stop tokens until this many are generated."),
         click.option("-t", "--temperature", type=float, help="0 is greedy decoding (the default)."),
         click.option("--top-k", type=int, help="Sample among the k most likely tokens (0: off)."),
         click.option("--top-p", type=float, help="Nucleus sampling threshold in (0, 1]."),
+        click.option("--min-p", type=float, help="Sample among tokens at least this fraction as likely as the top one."),
         click.option("--repetition-penalty", type=float, help="Above 1 discourages repeats."),
+        click.option("--no-repeat-ngram-size", type=int, help="Never repeat an n-gram of this size."),
+        click.option("-b", "--num-beams", type=int, help="Beam search with this many beams."),
+        click.option("--length-penalty", type=float, help="Beam search: score = log-prob / length ** this."),
+        click.option(
+            "--early-stopping",
+            type=click.Choice(["true", "false", "never"]),
+            callback=lambda ctx, param, v: None if v is None else {"true": True, "false": False}.get(v, v),
+            help="Beam search: stop once enough beams finish (true), when none is likely to improve (false), or never.",
+        ),
+        click.option("-N", "--num-return-sequences", type=int, help="Sequences per prompt (samples or best beams)."),
         click.option("--seed", type=int, help="Seed for reproducible sampling."),
         click.option("--stop", multiple=True, help="Stop before this string (repeatable)."),
         click.option("--stop-token-id", "stop_token_ids", type=int, multiple=True, help="Stop at this token id (repeatable; default: the model's end-of-sequence ids)."),
@@ -217,51 +229,110 @@ def _generation_options(fn):
     return fn
 
 
+def _runtime_options(fn):
+    for option in reversed(
+        [
+            click.option("--provider", default="auto", show_default=True, help="auto, tensorrt, cuda or cpu."),
+            click.option("--threads", type=int, help="CPU threads (default: onnxruntime's choice, the physical cores)."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path())
-@click.argument("prompt")
+@click.argument("prompts", metavar="PROMPT...", nargs=-1, required=True)
 @_generation_options
-@click.option("--chat", is_flag=True, help="Send PROMPT as a user message through the model's chat template.")
+@click.option("--chat", is_flag=True, help="Send each PROMPT as a user message through the model's chat template.")
 @click.option("--system", help="System message for --chat.")
-@click.option("--provider", default="auto", show_default=True, help="auto, tensorrt, cuda or cpu.")
-@click.option("--threads", type=int, help="CPU threads (default: onnxruntime's choice, the physical cores).")
+@_runtime_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sequence instead of text.")
 @click.option("--stats", is_flag=True, help="Print tokens, finish reason and speed to stderr.")
 @_errors_to_one_line
-def generate(model_dir, prompt, chat, system, provider, threads, stats, stop, stop_token_ids, **options) -> None:
-    """Generate a completion of PROMPT with the model in MODEL_DIR, streamed to stdout.
+def generate(model_dir, prompts, chat, system, provider, threads, as_json, stats, stop, stop_token_ids, **options) -> None:
+    """Generate completions of PROMPT with the model in MODEL_DIR.
 
-    PROMPT "-" reads the prompt from stdin.
+    One prompt and one sequence stream to stdout. Several prompts run as one batch, and several
+    sequences (-N) come from sampling or beam search; each is printed under a "[prompt P,
+    sequence S]" line. PROMPT "-" reads the prompt from stdin.
 
     \b
     Examples:
       lmrt generate models/smollm2 "The capital of France is" -n 32
       lmrt generate models/smollm2 "What is the capital of France?" --chat
+      lmrt generate models/smollm2 "Once upon a time" -t 0.8 --min-p 0.05 -N 3 --seed 1
+      lmrt generate models/smollm2 "The best way to learn is" -b 4 --no-repeat-ngram-size 3
+      lmrt generate models/smollm2 "Paris is" "Rome is" "Tokyo is" -n 16 --json
       echo "Once upon a time" | lmrt generate models/smollm2 - -t 0.8 --top-p 0.9 --seed 1
     """
+    import json
+
     from .runtime import Generator
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
     options["stop"] = stop or None
     options["stop_token_ids"] = stop_token_ids or None
     gen = Generator(model_dir, provider=provider, threads=threads)
-    gen.config(**options)  # reject bad options before rendering or encoding the prompt
+    config = gen.config(**options)  # reject bad options before rendering or encoding the prompt
     if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        prompt = gen.chat_prompt(messages)
+        system_message = [{"role": "system", "content": system}] if system else []
+        prompts = [gen.chat_prompt(system_message + [{"role": "user", "content": p}]) for p in prompts]
     start = time.perf_counter()
-    stream = gen.stream(prompt, **options)
-    for piece in stream:
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
-    click.echo()
+    if len(prompts) == 1 and config.num_return_sequences == 1 and not as_json:
+        stream = gen.stream(prompts[0], **options)
+        for piece in stream:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        results = [[stream]]
+    else:
+        results = gen.generate_batch(prompts, **options)
+        for p, completions in enumerate(results, 1):
+            for s, c in enumerate(completions, 1):
+                if as_json:
+                    record = {"prompt": p, "sequence": s, "text": c.text, "finish_reason": c.finish_reason,
+                              "tokens": len(c.token_ids), "score": c.score}
+                    click.echo(json.dumps(record, ensure_ascii=False))
+                else:
+                    click.echo(f"[prompt {p}, sequence {s}]\n{c.text}")
     if stats:
         elapsed = time.perf_counter() - start
-        n = len(stream.token_ids)
+        n = sum(len(c.token_ids) for completions in results for c in completions)
+        reasons = ", ".join(sorted({c.finish_reason for completions in results for c in completions}))
         click.echo(
-            f"[{n} tokens, finish: {stream.finish_reason}, {n / elapsed:.1f} tokens/s overall, provider {gen.provider}]",
+            f"[{n} tokens, finish: {reasons}, {n / elapsed:.1f} tokens/s overall, provider {gen.provider}]",
             err=True,
         )
+
+
+@main.command("chat")
+@click.argument("model_dir", type=click.Path())
+@_generation_options
+@click.option("--system", help="System message, kept for the whole conversation.")
+@_runtime_options
+@_errors_to_one_line
+def chat_(model_dir, system, provider, threads, stop, stop_token_ids, **options) -> None:
+    """Chat with the model in MODEL_DIR in the terminal.
+
+    Type a message and press Enter; the answer streams back and the conversation carries on.
+    /reset clears the conversation, Ctrl-C stops an answer, Ctrl-D leaves. When the
+    conversation outgrows the context, its oldest exchanges are dropped.
+
+    \b
+    Examples:
+      lmrt chat models/smollm2
+      lmrt chat models/smollm2 --system "Answer in one short sentence." -t 0.7 --seed 1
+    """
+    from . import terminal_chat
+    from .runtime import Generator
+
+    options["stop"] = stop or None
+    options["stop_token_ids"] = stop_token_ids or None
+    gen = Generator(model_dir, provider=provider, threads=threads)
+    if gen.config(**options).num_return_sequences > 1:
+        raise _Fail("chat answers with one sequence; drop --num-return-sequences")
+    terminal_chat.run(gen, system, options)
 
 
 @main.command()

@@ -79,3 +79,92 @@ def test_help_shows_an_example(run, command):
     result = run(command, "--help")
     assert result.exit_code == 0
     assert f"lmrt {command} " in result.stdout and "Example" in result.stdout
+
+
+def test_beams_and_several_sequences_print_like_the_api(run, tiny_models):
+    path = tiny_models["llama"][2]
+    gen = runtime.Generator(path)
+    expected = gen.generate_batch(["The capital of", "Small"], max_new_tokens=8, num_beams=3, num_return_sequences=2)
+    result = run("generate", path, "The capital of", "Small", "-n", "8", "-b", "3", "-N", "2", "--early-stopping", "false")
+    assert result.exit_code == 0, result.output
+    blocks = [f"[prompt {p}, sequence {s}]\n{c.text}\n" for p, cs in enumerate(expected, 1) for s, c in enumerate(cs, 1)]
+    assert result.stdout == "".join(blocks)
+
+
+def test_json_output_has_one_object_per_sequence(run, tiny_models):
+    import json
+
+    path = tiny_models["gpt2"][2]
+    expected = runtime.Generator(path).generate_batch(
+        ["Once", "北京"], max_new_tokens=6, temperature=0.9, min_p=0.05, num_return_sequences=2, seed=1
+    )
+    result = run("generate", path, "Once", "北京", "-n", "6", "-t", "0.9", "--min-p", "0.05", "-N", "2", "--seed", "1", "--json")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["prompt"], r["sequence"], r["text"]) for r in records] == [
+        (p, s, c.text) for p, cs in enumerate(expected, 1) for s, c in enumerate(cs, 1)
+    ]
+
+
+@pytest.fixture
+def chat_model(tiny_models, tmp_path):
+    """The tiny Llama with a chat template written into its manifest."""
+    import json
+    import shutil
+
+    path = str(tmp_path / "chat-llama")
+    shutil.copytree(tiny_models["llama"][2], path)
+    with open(f"{path}/lmrt.json") as f:
+        manifest = json.load(f)
+    manifest["tokenizer"]["chat_template"] = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    with open(f"{path}/lmrt.json", "w") as f:
+        json.dump(manifest, f)
+    return path
+
+
+def test_terminal_chat_keeps_the_history_and_resets(run, chat_model):
+    gen = runtime.Generator(chat_model)
+    options = dict(max_new_tokens=6, stop_token_ids=[])
+    system = [{"role": "system", "content": "Be brief."}]
+    first = gen.chat(system + [{"role": "user", "content": "hello"}], **options)
+    history = system + [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first}]
+    second = gen.chat(history + [{"role": "user", "content": "and then"}], **options)
+    fresh = gen.chat(system + [{"role": "user", "content": "and then"}], **options)
+    assert second != fresh  # the answer depends on the first turn
+
+    result = run("chat", chat_model, "--system", "Be brief.", "-n", "6", "--stop-token-id", "9999",
+                 input="hello\nand then\n/reset\n\nand then\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"> {first}\n> {second}\n> > > {fresh}\n> \n"
+    assert "[conversation cleared]" in result.stderr
+
+
+def test_terminal_chat_drops_old_turns_to_fit_the_context(run, chat_model):
+    long = "The capital of France is Paris. " * 6  # about 40 tokens of a 128-token context
+    result = run("chat", chat_model, "-n", "20", input=f"{long}\n{long}\n{long}\n")
+    assert result.exit_code == 0, result.output
+    assert "oldest exchange was dropped" in result.stderr
+    too_long = "Paris " * 200
+    result = run("chat", chat_model, input=f"{too_long}\n")
+    assert result.exit_code == 0 and "too long for the model's context" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["chat", "{m}"], "error: this model has no chat template"),
+        (["chat", "{m}", "--num-beams", "0"], "error: num_beams must be"),
+        (["chat", "{m}", "-N", "2", "-t", "1"], "error: chat answers with one sequence"),
+        (["generate", "{m}", "hi", "-b", "2", "-t", "0.5"], "error: temperature must be 0 with beam search"),
+        (["generate", "{m}", "hi", "--early-stopping", "maybe"], "Invalid value for '--early-stopping'"),
+        (["generate", "{m}"], "Missing argument 'PROMPT...'"),
+    ],
+)
+def test_chat_and_decoding_errors(run, tiny_models, args, message):
+    path = tiny_models["gpt2"][2]
+    result = run(*[a.replace("{m}", path) for a in args])
+    assert result.exit_code != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.output
