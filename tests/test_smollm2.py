@@ -149,3 +149,105 @@ def test_eval_agrees_with_transformers_perplexity(smollm2, tmp_path):
     r = CliRunner().invoke(main, ["eval", smollm2[0], "--text", str(path)])
     assert r.exit_code == 0, r.output
     assert float(r.stdout.split()[1]) == pytest.approx(float(np.exp(loss)), rel=0.005)
+
+
+# --- decoding breadth on the real model --------------------------------------------------------
+
+SYSTEM = [{"role": "system", "content": "Answer in one short sentence."}]
+
+
+def test_two_turn_conversation_depends_on_the_first_turn(gen, smollm2):
+    """The second question only makes sense after the first answer."""
+    first = SYSTEM + [{"role": "user", "content": "What is the capital of France?"}]
+    answer = gen.chat(first, max_new_tokens=40)
+    assert "Paris" in answer
+    follow_up = {"role": "user", "content": "What is its most famous tower?"}
+    messages = first + [{"role": "assistant", "content": answer}, follow_up]
+    tokenizer = smollm2[2]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert gen.chat_prompt(messages) == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert "Eiffel" in gen.chat(messages, max_new_tokens=40)
+    assert "Eiffel" not in gen.chat(SYSTEM + [follow_up], max_new_tokens=40)  # without the first turn
+
+
+def test_terminal_chat_two_turns(smollm2):
+    from click.testing import CliRunner
+
+    from lmrt.cli import main
+
+    result = CliRunner().invoke(
+        main,
+        ["chat", smollm2[0], "--system", SYSTEM[0]["content"], "-n", "40"],
+        input="What is the capital of France?\nWhat is its most famous tower?\n",
+    )
+    assert result.exit_code == 0, result.output
+    turns = result.stdout.split("> ")[1:]
+    assert len(turns) == 3 and "Paris" in turns[0] and "Eiffel" in turns[1]
+
+
+def test_beam_search_equals_transformers(gen, smollm2):
+    _, model, tokenizer = smollm2
+    for prompt in ["The capital of France is", "Once upon a time"]:
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=16,
+                do_sample=False, num_beams=4, num_return_sequences=2, eos_token_id=2, pad_token_id=2,
+            )[:, len(ids):].tolist()
+        expected = [row[: row.index(2)] if 2 in row else row for row in out]
+        got = gen.generate_batch([prompt], max_new_tokens=16, num_beams=4, num_return_sequences=2)[0]
+        assert [c.token_ids for c in got] == expected
+
+
+def test_batched_prompts_equal_each_alone(gen):
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,"]
+    batch = gen.generate_batch(prompts, max_new_tokens=24)
+    for prompt, results in zip(prompts, batch):
+        assert results[0].text == gen.generate(prompt, max_new_tokens=24)
+
+
+def test_ctrl_c_stops_the_answer_and_ctrl_d_leaves(smollm2):
+    """Drive ``lmrt chat`` through a pseudo-terminal, as a person would."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat, with a stop id that never comes so answers run long
+        os.execv(sys.executable, [sys.executable, "-m", "lmrt", "chat", smollm2[0], "-n", "400", "--stop-token-id", "0"])
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 120.0) -> bytes:
+        nonlocal seen
+        end = time.time() + timeout
+        while marker not in seen:
+            assert time.time() < end, f"no {marker!r} in {seen[-300:]!r}"
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+        assert marker in seen, seen[-300:]
+        found, seen = seen[: seen.index(marker) + len(marker)], seen[seen.index(marker) + len(marker) :]
+        return found
+
+    try:
+        read_until(b"> ")
+        os.write(fd, b"Tell me a long story about a dragon.\r")
+        read_until(b"dragon.\r\n")  # the terminal's echo of the line
+        read_until(b" ")  # the answer has started
+        os.write(fd, b"\x03")  # Ctrl-C
+        read_until(b"[stopped]")
+        read_until(b"> ")  # still in the chat
+        os.write(fd, b"\x04")  # Ctrl-D
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
