@@ -337,6 +337,33 @@ def chat_(model_dir, system, provider, threads, stop, stop_token_ids, **options)
 
 @main.command()
 @click.argument("model_dir", type=click.Path())
+@click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Prompt length.")
+@click.option("--new-tokens", type=int, default=128, show_default=True, help="Tokens to generate (greedy, stop tokens ignored).")
+@click.option("--runs", type=int, default=3, show_default=True, help="Measured runs, after one warm-up run.")
+@_runtime_options
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@_errors_to_one_line
+def bench(model_dir, prompt_tokens, new_tokens, runs, provider, threads, as_json) -> None:
+    """Measure prefill speed, time to first token, decode speed and peak memory of MODEL_DIR.
+
+    Medians over --runs runs of greedy decoding through lmrt's own decode loop. Peak memory is the
+    process's peak resident size, model loading included.
+
+    \b
+    Examples:
+      lmrt bench models/smollm2-int8
+      lmrt bench models/smollm2-int4 --prompt-tokens 512 --new-tokens 64 --runs 5 --json
+    """
+    import json
+
+    from . import bench as benchmark
+
+    result = benchmark.run(model_dir, prompt_tokens, new_tokens, runs, provider, threads)
+    click.echo(json.dumps(benchmark.as_dict(result)) if as_json else benchmark.as_table(result))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
 @_errors_to_one_line
 def info(model_dir: str) -> None:
     """Summarize the model in MODEL_DIR and list the execution providers available here.

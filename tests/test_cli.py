@@ -168,3 +168,33 @@ def test_chat_and_decoding_errors(run, tiny_models, args, message):
     assert result.exit_code != 0
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_bench_reports_medians_as_json(run, tiny_models):
+    import json
+
+    path = tiny_models["llama"][2]
+    result = run("bench", path, "--prompt-tokens", "40", "--new-tokens", "16", "--runs", "2", "--threads", "1", "--json")
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert (r["prompt_tokens"], r["new_tokens"], r["runs"], r["threads"], r["provider"]) == (40, 16, 2, 1, "cpu")
+    for key in ("prefill_tokens_per_s", "time_to_first_token_ms", "decode_tokens_per_s", "peak_rss_mb", "model_files_mb"):
+        assert r[key] > 0, key
+    a = runtime.load_manifest(path).architecture  # 2 layers x (K, V) x kv heads x head size x 56 positions x fp32
+    assert r["kv_cache_mb"] == pytest.approx(2 * a.num_layers * a.num_kv_heads * a.head_size * 56 * 4 / 1e6)
+    assert r["prefill_tokens_per_s"] == pytest.approx(40 / (r["time_to_first_token_ms"] / 1e3))
+    table = run("bench", path, "--prompt-tokens", "8", "--new-tokens", "4", "--runs", "1")
+    assert table.exit_code == 0 and "time to first token" in table.stdout and "decode" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--prompt-tokens", "120", "--new-tokens", "9"], "more than the model's context (128)"),
+        (["--new-tokens", "1"], "--new-tokens at least 2"),
+        (["--runs", "0"], "--runs at least 1"),
+    ],
+)
+def test_bench_rejects_bad_sizes(run, tiny_models, args, message):
+    result = run("bench", tiny_models["llama"][2], *args)
+    assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output

@@ -1,0 +1,99 @@
+"""``lmrt bench``: prefill speed, time to first token, decode speed and peak memory of one model
+directory, measured through the runtime's own decode loop."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+FILLER = (
+    "The history of the printing press begins in the fifteenth century, when movable metal type made "
+    "books cheaper to copy than by hand. Within fifty years presses were working in more than two "
+    "hundred towns, and the number of books in Europe grew from thousands to millions. "
+)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    prompt_tokens: int
+    new_tokens: int
+    runs: int
+    provider: str
+    threads: int | None
+    prefill_tokens_per_s: float  # prompt tokens / time to first token
+    time_to_first_token_ms: float
+    decode_tokens_per_s: float  # tokens after the first / time after the first
+    peak_rss_mb: float  # the whole process, model loading included
+    model_files_mb: float
+    kv_cache_mb: float  # the cache at its largest: prompt + new tokens
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3  # bytes on macOS, KiB elsewhere
+
+
+def prompt_ids(gen, n: int) -> list[int]:
+    """``n`` token ids of ordinary prose."""
+    ids = gen.encode(FILLER, add_special_tokens=False)
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def run(model_dir: str, prompt_tokens: int, new_tokens: int, runs: int, provider: str, threads: int | None) -> BenchResult:
+    from .runtime import Generator
+
+    if prompt_tokens < 1 or new_tokens < 2 or runs < 1:
+        raise ValueError("--prompt-tokens must be at least 1, --new-tokens at least 2 and --runs at least 1")
+    gen = Generator(model_dir, provider=provider, threads=threads)
+    if prompt_tokens + new_tokens > gen.context_length:
+        raise ValueError(
+            f"--prompt-tokens + --new-tokens is {prompt_tokens + new_tokens}, more than the model's context ({gen.context_length})"
+        )
+    ids = prompt_ids(gen, prompt_tokens)
+    config = gen.config(max_new_tokens=new_tokens, stop_token_ids=[], temperature=0.0)
+    first, rest = [], []
+    for i in range(runs + 1):  # the first run warms up and is not counted
+        start = time.perf_counter()
+        tokens = gen.iter_tokens(ids, config)
+        next(tokens)
+        got_first = time.perf_counter()
+        count = 1 + sum(1 for _ in tokens)
+        end = time.perf_counter()
+        if i:
+            first.append(got_first - start)
+            rest.append((end - got_first) / (count - 1))
+    ttft, step = statistics.median(first), statistics.median(rest)
+    a = gen.manifest.architecture
+    kv_bytes = 2 * a.num_layers * a.num_kv_heads * a.head_size * (prompt_tokens + new_tokens) * _itemsize(gen)
+    files = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
+    return BenchResult(
+        prompt_tokens, new_tokens, runs, gen.provider, threads, prompt_tokens / ttft, ttft * 1e3, 1 / step,
+        peak_rss_mb(), files / 1e6, kv_bytes / 1e6,
+    )
+
+
+def _itemsize(gen) -> int:
+    import numpy as np
+
+    return np.dtype(gen.manifest.graph.io.kv_dtype).itemsize
+
+
+def as_table(r: BenchResult) -> str:
+    rows = [
+        ("prompt / new tokens", f"{r.prompt_tokens} / {r.new_tokens}, median of {r.runs} runs, provider {r.provider}"),
+        ("prefill", f"{r.prefill_tokens_per_s:.1f} tokens/s"),
+        ("time to first token", f"{r.time_to_first_token_ms:.1f} ms"),
+        ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s"),
+        ("peak resident memory", f"{r.peak_rss_mb:.0f} MB (model files {r.model_files_mb:.0f} MB, KV cache {r.kv_cache_mb:.1f} MB)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def as_dict(r: BenchResult) -> dict:
+    return asdict(r)
