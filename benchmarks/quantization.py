@@ -16,13 +16,10 @@ import statistics
 import time
 
 from lmrt import runtime
+from lmrt.atomic import directory_size
 from lmrt.quantize.evaltext import reference_text
 
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
-
-
-def directory_size(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
 def decode_speed(gen: runtime.Generator, new_tokens: int) -> float:

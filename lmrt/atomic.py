@@ -10,6 +10,11 @@ import tempfile
 from typing import Iterator
 
 
+def directory_size(path: str) -> int:
+    """Bytes in the files of a model directory."""
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
 def check_target(output: str, force: bool) -> str:
     """The absolute target path; refuses an existing one unless ``force``."""
     output = os.path.abspath(output)

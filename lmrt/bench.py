@@ -3,11 +3,10 @@ directory, measured through the runtime's own decode loop."""
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 FILLER = (
     "The history of the printing press begins in the fifteenth century, when movable metal type made "
@@ -45,6 +44,7 @@ def prompt_ids(gen, n: int) -> list[int]:
 
 
 def run(model_dir: str, prompt_tokens: int, new_tokens: int, runs: int, provider: str, threads: int | None) -> BenchResult:
+    from .atomic import directory_size
     from .runtime import Generator
 
     if prompt_tokens < 1 or new_tokens < 2 or runs < 1:
@@ -70,7 +70,7 @@ def run(model_dir: str, prompt_tokens: int, new_tokens: int, runs: int, provider
     ttft, step = statistics.median(first), statistics.median(rest)
     a = gen.manifest.architecture
     kv_bytes = 2 * a.num_layers * a.num_kv_heads * a.head_size * (prompt_tokens + new_tokens) * _itemsize(gen)
-    files = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
+    files = directory_size(model_dir)
     return BenchResult(
         prompt_tokens, new_tokens, runs, gen.provider, threads, prompt_tokens / ttft, ttft * 1e3, 1 / step,
         peak_rss_mb(), files / 1e6, kv_bytes / 1e6,
@@ -93,7 +93,3 @@ def as_table(r: BenchResult) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def as_dict(r: BenchResult) -> dict:
-    return asdict(r)

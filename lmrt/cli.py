@@ -329,10 +329,7 @@ def chat_(model_dir, system, provider, threads, stop, stop_token_ids, **options)
 
     options["stop"] = stop or None
     options["stop_token_ids"] = stop_token_ids or None
-    gen = Generator(model_dir, provider=provider, threads=threads)
-    if gen.config(**options).num_return_sequences > 1:
-        raise _Fail("chat answers with one sequence; drop --num-return-sequences")
-    terminal_chat.run(gen, system, options)
+    terminal_chat.run(Generator(model_dir, provider=provider, threads=threads), system, options)
 
 
 @main.command()
@@ -354,12 +351,13 @@ def bench(model_dir, prompt_tokens, new_tokens, runs, provider, threads, as_json
       lmrt bench models/smollm2-int8
       lmrt bench models/smollm2-int4 --prompt-tokens 512 --new-tokens 64 --runs 5 --json
     """
+    import dataclasses
     import json
 
     from . import bench as benchmark
 
     result = benchmark.run(model_dir, prompt_tokens, new_tokens, runs, provider, threads)
-    click.echo(json.dumps(benchmark.as_dict(result)) if as_json else benchmark.as_table(result))
+    click.echo(json.dumps(dataclasses.asdict(result)) if as_json else benchmark.as_table(result))
 
 
 @main.command()
@@ -372,14 +370,13 @@ def info(model_dir: str) -> None:
     Example:
       lmrt info models/smollm2
     """
-    import os
-
+    from .atomic import directory_size
     from .runtime import load_manifest
     from .runtime.session import available_providers
 
     m = load_manifest(model_dir)
     a, t, p, v = m.architecture, m.tokenizer, m.provenance, m.validation
-    size = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
+    size = directory_size(model_dir)
     rows = [
         ("model", f"{a.model_type} ({a.family} family), {a.num_layers} layers, hidden {a.hidden_size}"),
         ("attention", f"{a.num_heads} heads, {a.num_kv_heads} KV heads, head size {a.head_size}"),

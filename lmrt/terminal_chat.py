@@ -57,6 +57,8 @@ def fitting_prompt(gen, conversation: Conversation, reserve: int) -> list[int] |
 def run(gen, system: str | None, options: dict[str, Any], read: Callable[[str], str] = input) -> None:
     """The read-answer loop; returns on end of input."""
     config = gen.config(**options)
+    if config.num_return_sequences > 1:
+        raise ValueError("chat answers with one sequence; drop --num-return-sequences")
     gen.chat_prompt([{"role": "user", "content": "hi"}])  # no template: fail before the first turn
     conversation = Conversation(system)
     reserve = min(config.max_new_tokens, max(1, gen.context_length // 4))
