@@ -1,5 +1,5 @@
 """A small helper for writing ONNX graphs node by node, plus the pieces every decoder shares:
-the graph's inputs and outputs, the attention mask, attention itself and the logits head."""
+the graph's inputs and outputs, fused attention over an in-place cache, and the logits head."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..runtime.manifest import Architecture, GraphIO
 
 OPSET = 17
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
 _ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
 
@@ -50,12 +51,21 @@ class GraphBuilder:
             self._consts[key] = self.weight("const", array)
         return self._consts[key]
 
-    def op(self, op_type: str, *inputs: str, out: str | None = None, n_out: int = 1, **attrs):
-        """Append a node; returns its output name (or a list when ``n_out`` > 1)."""
-        hint = out or op_type.lower()
-        outputs = [out] if out else [self.unique(hint) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=self.unique("n_" + op_type), **attrs))
-        return outputs[0] if n_out == 1 else outputs
+    def op(self, op_type: str, *inputs: str, out: str | list[str] | None = None, n_out: int = 1, domain: str = "", **attrs):
+        """Append a node; returns its output name (or a list when ``n_out`` > 1). ``out`` names the
+        outputs (a list may hold "" for optional outputs left out)."""
+        hint = op_type.lower()
+        if isinstance(out, list):
+            outputs = out
+        else:
+            outputs = [out] if out else [self.unique(hint) for _ in range(n_out)]
+        node = helper.make_node(op_type, list(inputs), outputs, name=self.unique("n_" + op_type), domain=domain, **attrs)
+        self.nodes.append(node)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def ms(self, op_type: str, *inputs: str, **kwargs):
+        """A node from onnxruntime's contrib operators (domain com.microsoft)."""
+        return self.op(op_type, *inputs, domain=MS_DOMAIN, **kwargs)
 
     def input(self, name: str, elem_type: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
@@ -71,85 +81,88 @@ class GraphBuilder:
 
     def build(self, graph_name: str, producer: str) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=producer)
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name=producer)
         model.ir_version = 8  # readable by onnxruntime 1.14 and newer (older Jetson builds)
         return model
 
 
 class DecoderGraph:
-    """The inputs, outputs and shared subgraphs of a decoder with an explicit KV cache
-    (names and shapes: ``GraphIO`` in the runtime's manifest module)."""
+    """The inputs, outputs and shared subgraphs of a decoder whose KV cache is updated in place
+    (names and shapes: ``GraphIO`` in the runtime's manifest module).
+
+    Attention is onnxruntime's GroupQueryAttention: it reads each row's length from the attention
+    mask, writes the new keys and values into the cache buffer at that row's own offset, applies
+    rotary positions itself, and needs no mask tensor, so rows of different lengths share a batch.
+    """
 
     def __init__(self, b: GraphBuilder, arch: Architecture, io: GraphIO):
         self.b, self.arch, self.io = b, arch, io
-        kv_shape = ["batch", arch.num_kv_heads, "past_sequence", arch.head_size]
-        present_shape = ["batch", arch.num_kv_heads, "total_sequence", arch.head_size]
+        cache_shape = ["batch", arch.num_kv_heads, "capacity", arch.head_size]
         self.input_ids = b.input(io.input_ids, TensorProto.INT64, ["batch", "sequence"])
         self.attention_mask = b.input(io.attention_mask, TensorProto.INT64, ["batch", "total_sequence"])
-        self.position_ids = b.input(io.position_ids, TensorProto.INT64, ["batch", "sequence"])
+        self._position_ids: str | None = None
+        self.logits_to_keep = b.input(io.logits_to_keep, TensorProto.INT64, [])
         self.past = []
         for i in range(arch.num_layers):
-            k = b.input(io.past_key.format(layer=i), b.elem, kv_shape)
-            v = b.input(io.past_value.format(layer=i), b.elem, kv_shape)
+            k = b.input(io.past_key.format(layer=i), b.elem, cache_shape)
+            v = b.input(io.past_value.format(layer=i), b.elem, cache_shape)
             self.past.append((k, v))
-        b.output(io.logits, b.elem, ["batch", "sequence", arch.vocab_size])
+        b.output(io.logits, b.elem, ["batch", "kept", arch.vocab_size])
         for i in range(arch.num_layers):
-            b.output(io.present_key.format(layer=i), b.elem, present_shape)
-            b.output(io.present_value.format(layer=i), b.elem, present_shape)
-        self.allowed = self._attention_allowed()
+            b.output(io.present_key.format(layer=i), b.elem, cache_shape)
+            b.output(io.present_value.format(layer=i), b.elem, cache_shape)
+        # Shared by every layer's attention:
+        lengths = b.op("ReduceSum", self.attention_mask, b.const([1]), keepdims=0)  # [batch]: cached + new
+        self.seqlens_k = b.op("Cast", b.op("Sub", lengths, b.const(1)), to=TensorProto.INT32)  # [batch]
+        total = b.op("Gather", b.op("Shape", self.attention_mask), b.const(1), axis=0)  # []
+        self.total_length = b.op("Cast", total, to=TensorProto.INT32)  # [] int32
+        self.rotary: tuple[str, str] | None = None
 
-    def _attention_allowed(self) -> str:
-        """bool [batch, 1, 1, seq, total]: query i (at cache index past + i) may see key j when
-        j <= past + i and attention_mask[j] is 1. Built once, shared by all layers."""
-        b = self.b
-        total = b.op("Shape", self.attention_mask, start=1, end=2)  # [1]
-        seq = b.op("Shape", self.input_ids, start=1, end=2)  # [1]
-        past = b.op("Sub", total, seq)
-        scalar = b.const([0])
-        q_pos = b.op("Range", b.op("Squeeze", past, scalar), b.op("Squeeze", total, scalar), b.const(1))  # [seq]
-        k_pos = b.op("Range", b.const(0), b.op("Squeeze", total, scalar), b.const(1))  # [total]
-        causal = b.op(
-            "LessOrEqual", b.op("Unsqueeze", k_pos, b.const([0])), b.op("Unsqueeze", q_pos, b.const([1]))
-        )  # [seq, total]
-        padding = b.op("Unsqueeze", b.op("Cast", self.attention_mask, to=TensorProto.BOOL), b.const([1, 2, 3]))
-        return b.op("And", causal, padding, out="attention_allowed")  # [batch, 1, 1, seq, total]
+    @property
+    def position_ids(self) -> str:
+        """int64 [batch, seq], declared only for families that read it (learned position tables);
+        rotary families get their positions from the cache lengths inside the attention node."""
+        if self._position_ids is None:
+            self._position_ids = self.b.input(self.io.position_ids, TensorProto.INT64, ["batch", "sequence"])
+        return self._position_ids
 
-    def split_heads(self, x: str, heads: int) -> str:
-        """[batch, seq, heads * head_size] -> [batch, heads, seq, head_size]"""
-        b = self.b
-        x = b.op("Reshape", x, b.const([0, 0, heads, self.arch.head_size]))
-        return b.op("Transpose", x, perm=[0, 2, 1, 3])
+    @property
+    def uses_position_ids(self) -> bool:
+        return self._position_ids is not None
 
-    def attention(self, layer: int, q: str, k: str, v: str) -> str:
-        """Scaled dot-product attention over the cache plus the new positions.
+    def set_rotary(self, cos: np.ndarray, sin: np.ndarray) -> None:
+        """Rotary tables cos, sin [context, rotary_dim / 2] (half-rotation layout); attention then
+        rotates queries and keys by each token's position."""
+        self.rotary = (self.b.weight("rotary.cos", cos), self.b.weight("rotary.sin", sin))
 
-        q [batch, heads, seq, head_size]; k, v [batch, kv_heads, seq, head_size] (new positions only).
-        Writes present k/v [batch, kv_heads, total, head_size]; returns [batch, seq, heads * head_size].
-        Grouped KV heads are broadcast, not copied: q is viewed as [batch, kv_heads, group, seq, d].
-        """
+    def attention(self, layer: int, qkv: str) -> str:
+        """qkv [batch, seq, (heads + 2 kv_heads) * head_size], packed -> [batch, seq, heads * head_size].
+        Writes the new keys and values into the layer's cache buffer (present shares past's memory)."""
         b, a, io = self.b, self.arch, self.io
-        heads, kv_heads, d = a.num_heads, a.num_kv_heads, a.head_size
         past_k, past_v = self.past[layer]
-        k = b.op("Concat", past_k, k, axis=2, out=io.present_key.format(layer=layer))
-        v = b.op("Concat", past_v, v, axis=2, out=io.present_value.format(layer=layer))
-        q = b.op("Mul", q, b.const(1.0 / np.sqrt(d), b.dtype))
-        q = b.op("Reshape", q, b.const([0, kv_heads, heads // kv_heads, -1, d]))  # [B, kv, g, seq, d]
-        k = b.op("Unsqueeze", k, b.const([2]))  # [B, kv, 1, total, d]
-        v = b.op("Unsqueeze", v, b.const([2]))
-        scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 2, 4, 3]))  # [B, kv, g, seq, total]
-        scores = b.op("Where", self.allowed, scores, b.const(np.finfo(b.dtype).min, b.dtype))
-        probs = b.op("Softmax", scores, axis=-1)
-        out = b.op("MatMul", probs, v)  # [B, kv, g, seq, d]
-        out = b.op("Reshape", out, b.const([0, heads, -1, d]))  # [B, heads, seq, d]
-        out = b.op("Transpose", out, perm=[0, 2, 1, 3])  # [B, seq, heads, d]
-        return b.op("Reshape", out, b.const([0, 0, heads * d]))
+        inputs = [qkv, "", "", past_k, past_v, self.seqlens_k, self.total_length]
+        if self.rotary:
+            inputs += list(self.rotary)
+        out = b.unique("attention")
+        b.ms(
+            "GroupQueryAttention", *inputs,
+            out=[out, io.present_key.format(layer=layer), io.present_value.format(layer=layer)],
+            num_heads=a.num_heads, kv_num_heads=a.num_kv_heads, scale=float(1.0 / np.sqrt(a.head_size)),
+            do_rotary=int(self.rotary is not None), rotary_interleaved=0, local_window_size=-1,
+        )  # fmt: skip
+        return out
 
     def logits(self, hidden: str, lm_head: np.ndarray | str) -> None:
-        """hidden [batch, seq, hidden] -> logits [batch, seq, vocab] with lm_head [vocab, hidden]
-        (an array, or the name of an initializer already stored, such as tied embeddings)."""
+        """hidden [batch, seq, hidden] -> logits [batch, kept, vocab] for the last ``logits_to_keep``
+        positions only, with lm_head [vocab, hidden] (an array, or the name of an initializer already
+        stored, such as tied embeddings). Decoding keeps 1: the vocabulary projection of a long prompt
+        is never computed."""
         b = self.b
         w = lm_head if isinstance(lm_head, str) else b.weight("lm_head.weight", lm_head)
-        flat = b.op("Reshape", hidden, b.const([-1, self.arch.hidden_size]))
-        logits = b.op("Gemm", flat, w, transB=1)  # [batch * seq, vocab]
-        shape = b.op("Concat", b.op("Shape", self.input_ids), b.const([self.arch.vocab_size]), axis=0)
+        start = b.op("Neg", b.op("Unsqueeze", self.logits_to_keep, b.const([0])))  # [1]
+        last = b.op("Slice", hidden, start, b.const([np.iinfo(np.int64).max]), b.const([1]))  # [batch, kept, hidden]
+        flat = b.op("Reshape", last, b.const([-1, self.arch.hidden_size]))
+        logits = b.op("Gemm", flat, w, transB=1)  # [batch * kept, vocab]
+        shape = b.op("Concat", b.op("Shape", last, start=0, end=2), b.const([self.arch.vocab_size]), axis=0)
         b.op("Reshape", logits, shape, out=self.io.logits)

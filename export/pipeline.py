@@ -133,7 +133,10 @@ def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps, 
 
     step(f"building the {arch.family} graph ({arch.num_layers} layers)")
     builder = GraphBuilder(dtype)
-    spec.build(DecoderGraph(builder, arch, io), config, Weights(src.model), src.model)
+    graph = DecoderGraph(builder, arch, io)
+    spec.build(graph, config, Weights(src.model), src.model)
+    if not graph.uses_position_ids:
+        io = dataclasses.replace(io, position_ids="")
     model = builder.build(f"lmrt_{arch.model_type}", producer=f"lmrt {__version__}")
 
     step("writing the graph")

@@ -32,12 +32,13 @@ def validate(model_dir: str, manifest: Manifest, torch_model, prompt_ids: list[i
     ids = np.asarray([prompt_ids], dtype=np.int64)  # [1, n]
     past = None
     total = 0
+    onnx_model.reset(1, len(prompt_ids) + decode_steps)
     with torch.no_grad():
         for _ in range(decode_steps + 1):
             total += ids.shape[1]
             mask = np.ones((1, total), dtype=np.int64)
             position_ids = np.arange(total - ids.shape[1], total, dtype=np.int64)[None, :]
-            got = onnx_model.forward(ids, mask, position_ids)[0]  # [seq, vocab]
+            got = onnx_model.forward(ids)[0]  # [seq, vocab]
             out = torch_model(
                 input_ids=torch.from_numpy(ids),
                 attention_mask=torch.from_numpy(mask),

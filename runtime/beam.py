@@ -20,7 +20,6 @@ from typing import Sequence as Seq
 import numpy as np
 
 from .config import GenerationConfig
-from .decoding import left_pad
 from .model import OnnxCausalLM
 from .sampling import process
 from .scoring import log_softmax
@@ -61,11 +60,10 @@ def beam_search(
     """The ``num_return_sequences`` best hypotheses of each prompt, best first."""
     k = config.num_beams
     states = [_Prompt(p, b) for p, b in zip(prompts, budgets)]
-    ids, mask, positions = left_pad(prompts)
-    model.reset(batch=len(prompts))
+    capacity = max(len(p) + b for p, b in zip(prompts, budgets))
     # The first step runs one row per prompt: transformers starts every beam but the first at -1e9,
     # so only the first beam's continuations can be chosen.
-    logits = model.forward(ids, mask, positions)[:, -1]  # [prompts, vocab]
+    logits = model.prefill(list(prompts), capacity)  # [prompts, vocab]
     live = list(range(len(states)))  # prompts with rows in the cache, in row order
     generated = 0
     while True:
@@ -81,10 +79,8 @@ def beam_search(
             break
         rows = [r for p in live for r in parents[p]]  # [live * k]
         model.cache.select(rows)
-        mask = np.concatenate([mask[rows], np.ones((len(rows), 1), dtype=np.int64)], axis=1)
-        position = np.array([[len(states[p].prompt) - 1 + generated] for p in live for _ in range(k)], dtype=np.int64)
-        new = np.array([[beam[-1]] for p in live for beam in states[p].beams], dtype=np.int64)  # [live * k, 1]
-        logits = model.forward(new, mask, position)[:, -1]  # [live * k, vocab]
+        new = np.array([beam[-1] for p in live for beam in states[p].beams], dtype=np.int64)  # [live * k]
+        logits = model.step(new)  # [live * k, vocab]
     return [s.finished[: config.num_return_sequences] for s in states]
 
 

@@ -1,9 +1,9 @@
 """The decode loop for greedy decoding and sampling: one forward step per new token, for a batch of
 sequences at once. Beam search has its own loop in ``beam.py``.
 
-Prompts of different lengths are padded on the left; the attention mask hides the padding and the
-position ids count only real tokens, so each row computes what it would compute alone. A row that
-finishes leaves the batch (its cache row is dropped), so the others do not pay for it.
+Each prompt is prefilled into its own cache row; rows of different lengths then step together (the
+cache tracks each row's length, so no padding is ever computed). A row that finishes leaves the batch
+(its cache row is dropped), so the others do not pay for it.
 """
 
 from __future__ import annotations
@@ -40,19 +40,6 @@ class Sequence:
             self.finish_reason = "length"
 
 
-def left_pad(prompts: Seq[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """input_ids, attention_mask and position_ids, each int64 [batch, longest], for prompts padded
-    on the left; padding gets position 0 and mask 0."""
-    longest = max(p.shape[0] for p in prompts)
-    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), longest), dtype=np.int64)
-    for row, p in enumerate(prompts):
-        ids[row, longest - p.shape[0] :] = p
-        mask[row, longest - p.shape[0] :] = 1
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    return ids, mask, positions
-
-
 def decode(
     model: OnnxCausalLM,
     seqs: Seq[Sequence],
@@ -66,14 +53,12 @@ def decode(
     samples). Each prompt is prefilled once and its cache rows copied. Stop tokens are not yielded.
     """
     prompts = [seqs[i].prompt for i in range(0, len(seqs), copies)]
-    ids, mask, positions = left_pad(prompts)
-    model.reset(batch=len(prompts))
-    logits = model.forward(ids, mask, positions)[:, -1]  # [prompts, vocab]: prefill, last position only
-    rows = np.repeat(np.arange(len(prompts)), copies)  # prompt row behind each sequence
+    capacity = max(s.prompt.shape[0] + s.budget for s in seqs)
+    logits = model.prefill(prompts, capacity)  # [prompts, vocab]: each prompt's last position
     if copies > 1:
+        rows = np.repeat(np.arange(len(prompts)), copies)  # prompt row behind each sequence
         model.cache.select(rows)
         logits = logits[rows]
-    mask, position = mask[rows], positions[rows, -1]  # [batch, total], [batch]
     live = np.arange(len(seqs))  # the sequence in each cache row
     while True:
         for row, i in enumerate(live):
@@ -89,8 +74,6 @@ def decode(
             return
         if len(keep) < len(live):
             model.cache.select(keep)
-            live, mask, position = live[keep], mask[keep], position[keep]
-        position = position + 1
-        mask = np.concatenate([mask, np.ones((len(live), 1), dtype=np.int64)], axis=1)
-        new = np.array([[seqs[i].tokens[-1]] for i in live], dtype=np.int64)  # [batch, 1]
-        logits = model.forward(new, mask, position[:, None])[:, -1]
+            live = live[keep]
+        new = np.array([seqs[i].tokens[-1] for i in live], dtype=np.int64)  # [batch]
+        logits = model.step(new)  # [batch, vocab]

@@ -1,9 +1,13 @@
-"""The key/value cache carried between decode steps.
+"""The key/value cache, preallocated and updated in place.
 
-This is the seam for faster caches: the model runner only calls ``feeds()``, ``output_names`` and
-``update()``; the decode loops call ``select()`` to drop finished rows and to follow beams. Today the cache keeps the ``present`` arrays onnxruntime returns and feeds them back as
-``past`` on the next step; a preallocated in-place buffer bound with IO binding can replace it without
-the Generator noticing.
+Per layer there is one key and one value buffer [batch, kv_heads, capacity, head_size]. The graph
+reads a buffer as ``past`` and writes the same memory as ``present`` (IO binding hands onnxruntime the
+same pointer for both), so a decode step copies no cache: it writes the new position of each row and
+nothing else. ``lengths[b]`` counts the positions row b holds; rows may differ.
+
+On CUDA the buffers live on the device and never come back during decoding. Reordering rows
+(``select``: beams, finished rows leaving a batch) goes through the host there; on the CPU it is one
+numpy gather.
 """
 
 from __future__ import annotations
@@ -13,44 +17,73 @@ import numpy as np
 from .manifest import Architecture, GraphIO
 
 
+class CacheFullError(ValueError):
+    """A request would write past the end of the preallocated cache."""
+
+
 class KVCache:
-    """Past keys and values of every layer, each [batch, kv_heads, length, head_size]."""
-
-    def __init__(self, arch: Architecture, io: GraphIO, batch: int = 1):
+    def __init__(self, arch: Architecture, io: GraphIO, device: str = "cpu"):
         self._arch = arch
-        self._io = io
         self._dtype = np.dtype(io.kv_dtype)
-        self._input_names = [
-            name.format(layer=i) for i in range(arch.num_layers) for name in (io.past_key, io.past_value)
+        self._device = device  # "cpu" or "cuda"
+        self.names = [  # (past input, present output) per buffer
+            (past.format(layer=i), present.format(layer=i))
+            for i in range(arch.num_layers)
+            for past, present in ((io.past_key, io.present_key), (io.past_value, io.present_value))
         ]
-        self.output_names = [
-            name.format(layer=i) for i in range(arch.num_layers) for name in (io.present_key, io.present_value)
-        ]
-        self.reset(batch)
+        self.version = 0  # bumped whenever the buffers are replaced, so bindings know to follow
+        self.reset(1, 1)
 
-    def reset(self, batch: int = 1) -> None:
-        """Empty the cache (past length 0) for a new request of ``batch`` sequences."""
-        empty = np.zeros((batch, self._arch.num_kv_heads, 0, self._arch.head_size), dtype=self._dtype)
-        self.batch = batch
-        self._arrays = [empty] * len(self._input_names)
+    def reset(self, batch: int, capacity: int) -> None:
+        """Empty cache for ``batch`` rows of up to ``capacity`` positions each."""
+        a = self._arch
+        shape = (batch, a.num_kv_heads, capacity, a.head_size)
+        self._set([np.zeros(shape, self._dtype) for _ in self.names], np.zeros(batch, dtype=np.int64))
 
     @property
-    def length(self) -> int:
-        """Number of positions cached so far."""
-        return self._arrays[0].shape[2]
+    def batch(self) -> int:
+        return int(self.lengths.shape[0])
 
-    def feeds(self) -> dict[str, np.ndarray]:
-        return dict(zip(self._input_names, self._arrays))
+    @property
+    def capacity(self) -> int:
+        return int(self._shape[2])
 
     def select(self, rows) -> None:
-        """Keep the cache rows ``rows`` (int [new_batch]), in that order; a row may repeat, as when
-        several beams or samples continue one prompt."""
+        """Keep the rows ``rows`` (int [new_batch]), in that order; a row may repeat, as when several
+        beams or samples continue one prompt."""
         rows = np.asarray(rows, dtype=np.int64)
-        self._arrays = [a[rows] for a in self._arrays]
-        self.batch = rows.shape[0]
+        used = int(self.lengths.max(initial=0))
+        host = []
+        for value in self._values:
+            full = value.numpy() if self._device != "cpu" else self._arrays[len(host)]
+            new = np.zeros((rows.shape[0], *self._shape[1:]), self._dtype)
+            new[:, :, :used] = full[rows, :, :used]
+            host.append(new)
+        self._set(host, self.lengths[rows])
 
-    def update(self, present: list[np.ndarray]) -> None:
-        """Take the step's present outputs (in ``output_names`` order) as the next step's past."""
-        if len(present) != len(self._arrays):
-            raise ValueError(f"expected {len(self._arrays)} present tensors, got {len(present)}")
-        self._arrays = list(present)
+    def bind(self, binding, row: int | None = None) -> None:
+        """Bind every buffer as both past input and present output of ``binding``: the whole batch,
+        or the single row ``row`` (a [1, ...] view, for prefilling one prompt of a batch)."""
+        shape = list(self._shape)
+        offset = 0
+        if row is not None:
+            offset = row * int(np.prod(shape[1:])) * self._dtype.itemsize
+            shape[0] = 1
+        for (past, present), value in zip(self.names, self._values):
+            ptr = value.data_ptr() + offset
+            binding.bind_input(past, self._device, 0, self._dtype, shape, ptr)
+            binding.bind_output(present, self._device, 0, self._dtype, shape, ptr)
+
+    def _set(self, arrays: list[np.ndarray], lengths: np.ndarray) -> None:
+        from .session import import_onnxruntime
+
+        ort = import_onnxruntime()
+        self._shape = arrays[0].shape
+        self.lengths = lengths
+        if self._device == "cpu":
+            self._arrays = arrays  # the OrtValues below share this memory: keep it alive
+            self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        else:
+            self._arrays = []
+            self._values = [ort.OrtValue.ortvalue_from_numpy(a, self._device, 0) for a in arrays]
+        self.version += 1

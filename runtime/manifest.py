@@ -13,7 +13,7 @@ from typing import Any
 
 MANIFEST_FILE = "lmrt.json"
 FORMAT_NAME = "lmrt-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: in-place cache, logits_to_keep
 
 
 class ManifestError(ValueError):
@@ -38,17 +38,22 @@ class GraphIO:
     """Names and dtypes of the graph's inputs and outputs.
 
     Inputs:  input_ids      int64 [batch, seq]
-             attention_mask int64 [batch, past + seq]   (1 = attend, 0 = padding)
-             position_ids   int64 [batch, seq]
-             past key/value float [batch, kv_heads, past, head_size]   one pair per layer
-    Outputs: logits         float [batch, seq, vocab]
-             present k/v    float [batch, kv_heads, past + seq, head_size]
+             attention_mask int64 [batch, total]   row b: 1 for each of its cached + new positions,
+                                                  then 0s (rows are padded on the right)
+             position_ids   int64 [batch, seq]     only when named (families with learned positions)
+             logits_to_keep int64 []               logits are computed for the last this-many positions
+             past key/value float [batch, kv_heads, capacity, head_size]   one pair per layer
+    Outputs: logits         float [batch, logits_to_keep, vocab]
+             present k/v    float [batch, kv_heads, capacity, head_size]
+    The cache is updated in place: bind each present output to its past input's buffer, and the step
+    writes the new keys and values of row b at positions [length_b, length_b + seq).
     Per-layer names are templates with ``{layer}``.
     """
 
     input_ids: str = "input_ids"
     attention_mask: str = "attention_mask"
-    position_ids: str = "position_ids"
+    position_ids: str = "position_ids"  # "" when the graph takes none
+    logits_to_keep: str = "logits_to_keep"
     past_key: str = "past_key_values.{layer}.key"
     past_value: str = "past_key_values.{layer}.value"
     logits: str = "logits"

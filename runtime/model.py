@@ -1,50 +1,84 @@
-"""One forward step of an exported graph: the session, its inputs and the KV cache together."""
+"""One forward step of an exported graph: the session, its inputs and the in-place KV cache together."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
-from .kv_cache import KVCache
+from .kv_cache import CacheFullError, KVCache
 from .manifest import Manifest
 from .session import available_providers, create_session, resolve_provider
 
 
 class OnnxCausalLM:
-    """Runs the exported graph step by step, keeping the KV cache between calls."""
+    """Runs the exported graph step by step. The cache knows how many positions each row holds, so
+    callers pass only the new token ids; masks and positions are derived here."""
 
     def __init__(self, model_dir: str, manifest: Manifest, provider: str = "auto", threads: int | None = None):
         self.manifest = manifest
         chosen = resolve_provider(provider, available_providers())
         path = os.path.join(model_dir, manifest.graph.file)
         self.session, self.provider = create_session(path, chosen, model_dir, threads)
-        io = manifest.graph.io
-        self._io = io
-        self.cache = KVCache(manifest.architecture, io)
-        self._outputs = [io.logits, *self.cache.output_names]
+        self._io = manifest.graph.io
+        self._logits_dtype = np.dtype(self._io.logits_dtype)
+        device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
+        self.cache = KVCache(manifest.architecture, self._io, device)
+        self._binding = self.session.io_binding()
+        self._bound = -1  # cache version bound to self._binding
+        self.session_seconds = 0.0  # time spent inside onnxruntime, for measuring Python's share
 
     @property
     def context_length(self) -> int:
         return self.manifest.architecture.context_length
 
-    def reset(self, batch: int = 1) -> None:
-        self.cache.reset(batch)
+    def reset(self, batch: int = 1, capacity: int | None = None) -> None:
+        """Start ``batch`` empty rows, each able to hold ``capacity`` positions (default: the context)."""
+        capacity = min(capacity or self.context_length, self.context_length)
+        self.cache.reset(batch, capacity)
 
-    def forward(
-        self,
-        input_ids: np.ndarray,  # int64 [batch, seq]
-        attention_mask: np.ndarray,  # int64 [batch, past + seq]
-        position_ids: np.ndarray,  # int64 [batch, seq]
-    ) -> np.ndarray:  # float32 [batch, seq, vocab]
-        """Run ``seq`` new positions on top of the cache; the cache then holds them too."""
-        io = self._io
-        feeds = {
-            io.input_ids: np.ascontiguousarray(input_ids, dtype=np.int64),
-            io.attention_mask: np.ascontiguousarray(attention_mask, dtype=np.int64),
-            io.position_ids: np.ascontiguousarray(position_ids, dtype=np.int64),
-            **self.cache.feeds(),
-        }
-        logits, *present = self.session.run(self._outputs, feeds)
-        self.cache.update(present)
+    def forward(self, input_ids: np.ndarray, keep: int | None = None, row: int | None = None) -> np.ndarray:
+        """Append ``input_ids`` int64 [batch, seq] to every row (or only to row ``row``, then batch 1)
+        and return float32 logits [batch, keep, vocab] for the last ``keep`` positions (all by default)."""
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        seq = ids.shape[1]
+        keep = seq if keep is None else keep
+        lengths = self.cache.lengths if row is None else self.cache.lengths[row : row + 1]
+        total = lengths + seq  # [batch]
+        if int(total.max()) > self.cache.capacity:
+            raise CacheFullError(
+                f"the sequence needs {int(total.max())} positions but the cache holds {self.cache.capacity}"
+            )
+        io, binding = self._io, self._binding
+        if row is not None:  # one row of the batch: a binding of its own, on a view of the buffers
+            binding = self.session.io_binding()
+            self.cache.bind(binding, row)
+            self._bound = -1
+        elif self._bound != self.cache.version:
+            self.cache.bind(binding)
+            self._bound = self.cache.version
+        mask = (np.arange(int(total.max())) < total[:, None]).astype(np.int64)  # [batch, total]: right-padded
+        binding.bind_cpu_input(io.input_ids, ids)
+        binding.bind_cpu_input(io.attention_mask, mask)
+        if io.position_ids:
+            positions = lengths[:, None] + np.arange(seq, dtype=np.int64)  # [batch, seq]
+            binding.bind_cpu_input(io.position_ids, positions)
+        binding.bind_cpu_input(io.logits_to_keep, np.array(keep, dtype=np.int64))
+        logits = np.empty((ids.shape[0], keep, self.manifest.architecture.vocab_size), self._logits_dtype)
+        binding.bind_output(io.logits, "cpu", 0, self._logits_dtype, list(logits.shape), logits.ctypes.data)
+        start = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        self.session_seconds += time.perf_counter() - start
+        lengths += seq  # a view of the cache's lengths: the rows now hold the new positions
         return logits.astype(np.float32, copy=False)  # fp16 graphs: sampling and scoring work in fp32
+
+    def prefill(self, prompts: list[np.ndarray], capacity: int | None = None) -> np.ndarray:
+        """Reset to one row per prompt (int64 [n_i] each) and run each prompt into its row; returns
+        float32 logits [len(prompts), vocab] at each prompt's last position."""
+        self.reset(len(prompts), capacity)
+        return np.stack([self.forward(p[None, :], keep=1, row=i)[0, -1] for i, p in enumerate(prompts)])
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Append one token per row (int64 [batch]); returns float32 logits [batch, vocab]."""
+        return self.forward(np.asarray(tokens, dtype=np.int64)[:, None], keep=1)[:, 0]

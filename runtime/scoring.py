@@ -81,14 +81,10 @@ def score_ids(
     logprobs = np.empty(n - 1, dtype=np.float64)
     argmax = np.empty(n - 1, dtype=np.int64)
     for begin, end, first in windows(n, window, stride):
-        model.reset(batch=1)
+        model.reset(batch=1, capacity=end - begin)
         for start in range(begin, end, chunk):
             stop = min(start + chunk, end)
-            logits = model.forward(
-                ids[None, start:stop],  # input_ids [1, seq]
-                np.ones((1, stop - begin), dtype=np.int64),  # attention_mask [1, past + seq]
-                np.arange(start - begin, stop - begin, dtype=np.int64)[None, :],  # position_ids [1, seq]
-            )[0]  # [seq, vocab]: position p predicts token p + 1
+            logits = model.forward(ids[None, start:stop])[0]  # [seq, vocab]: position p predicts token p + 1
             # predictions for targets t in [max(start + 1, first), min(stop + 1, end))
             lo, hi = max(start + 1, first), min(stop + 1, end)
             if lo >= hi:

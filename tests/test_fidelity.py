@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import collections
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from lmrt import runtime
 from lmrt.runtime.manifest import load_manifest
+from lmrt.runtime.kv_cache import CacheFullError
 from lmrt.runtime.model import OnnxCausalLM
 
 ATOL = 1e-4
@@ -19,17 +23,8 @@ def onnx_model(exported):
 
 def run_steps(model, chunks):
     """Feed token chunks through the cached graph; returns the logits of each chunk."""
-    model.reset()
-    total, out = 0, []
-    for chunk in chunks:
-        ids = np.asarray([chunk], dtype=np.int64)
-        total += len(chunk)
-        out.append(
-            model.forward(
-                ids, np.ones((1, total), np.int64), np.arange(total - len(chunk), total, dtype=np.int64)[None]
-            )[0]
-        )
-    return out
+    model.reset(1, sum(len(c) for c in chunks))
+    return [model.forward(np.asarray([chunk], dtype=np.int64))[0] for chunk in chunks]
 
 
 def test_prefill_and_cached_decode_match_pytorch(tiny):
@@ -55,21 +50,36 @@ def test_cached_decode_equals_full_recompute(tiny):
     np.testing.assert_allclose(np.concatenate(stepped), full, atol=ATOL, rtol=0)
 
 
-def test_left_padding_mask_matches_pytorch(tiny):
-    """attention_mask zeros (padding) are honoured the way transformers honours them."""
+def test_rows_of_different_lengths_step_together(tiny):
+    """Prompts of different lengths share a batch: each row is prefilled alone, then all rows take
+    decode steps together, each at its own length, and each row's logits are PyTorch's for its text."""
     _, torch_model, exported = tiny
-    ids = np.random.default_rng(3).integers(0, torch_model.config.vocab_size, (1, 9))
-    mask = np.ones((1, 9), np.int64)
-    mask[0, :3] = 0
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    rng = np.random.default_rng(3)
+    vocab = torch_model.config.vocab_size
+    prompts = [rng.integers(0, vocab, n) for n in (9, 3, 14)]
+    steps = rng.integers(0, vocab, (4, 3))  # [step, row]
     model = onnx_model(exported)
-    model.reset()
-    got = model.forward(ids, mask, positions)[0]
-    with torch.no_grad():
-        ref = torch_model(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(positions)
-        ).logits[0].numpy()
-    np.testing.assert_allclose(got[3:], ref[3:], atol=ATOL, rtol=0)  # padded rows are undefined
+    first = model.prefill(prompts, capacity=20)  # [rows, vocab]
+    got = [first] + [model.step(tokens) for tokens in steps]
+    assert model.cache.lengths.tolist() == [13, 7, 18]
+    for row, prompt in enumerate(prompts):
+        text = np.concatenate([prompt, steps[:, row]])
+        with torch.no_grad():
+            ref = torch_model(input_ids=torch.from_numpy(text[None])).logits[0].numpy()  # [n, vocab]
+        for i, logits in enumerate(got):
+            np.testing.assert_allclose(logits[row], ref[len(prompt) - 1 + i], atol=ATOL, rtol=0)
+
+
+def test_logits_only_where_asked(tiny):
+    _, _, exported = tiny
+    ids = np.random.default_rng(4).integers(0, 50, (1, 12))
+    model = onnx_model(exported)
+    model.reset(1, 12)
+    full = model.forward(ids)[0]  # [12, vocab]
+    model.reset(1, 12)
+    last = model.forward(ids, keep=3)[0]
+    assert last.shape == (3, full.shape[1])
+    np.testing.assert_allclose(last, full[-3:], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("penalty", [1.0, 3.0])
@@ -124,3 +134,43 @@ def test_qwen2_biases_and_mistral_window(tiny_models):
     assert qwen2.model.layers[0].self_attn.q_proj.bias is not None  # the biases are really exercised
     _, _, exported = tiny_models["mistral"]
     assert load_manifest(exported).architecture.context_length == 96  # capped at the sliding window
+
+
+def test_graph_is_fused(tiny_models):
+    """Attention, norms and projections are onnxruntime's fused operators; nothing concatenates the
+    cache; q/k/v (and the Llama gate/up) are one projection each."""
+    import onnx
+
+    for family, (_, _, exported) in tiny_models.items():
+        graph = onnx.load(os.path.join(exported, "model.onnx"), load_external_data=False).graph
+        ops = collections.Counter(n.op_type for n in graph.node)
+        layers = load_manifest(exported).architecture.num_layers
+        assert ops["GroupQueryAttention"] == layers, family
+        skip = "SkipLayerNormalization" if family == "gpt2" else "SkipSimplifiedLayerNormalization"
+        assert ops[skip] == 2 * layers, family  # every norm but the first folds in its residual add
+        assert ops["MatMul"] == 4 * layers, family  # qkv, out, (gate_up | fc), down
+        assert ops["Concat"] == 1 and ops["Gemm"] == 1, family  # the logits shape; the vocabulary projection
+        cache_inputs = {i.name for i in graph.input if i.name.startswith("past_key_values")}
+        assert not any(set(n.input) & cache_inputs for n in graph.node if n.op_type != "GroupQueryAttention")
+
+
+def test_decode_step_writes_the_cache_in_place(tiny):
+    """A step writes one new position per row into the preallocated buffers and copies nothing:
+    the buffers keep their addresses, earlier positions keep their bytes, later ones stay zero."""
+    _, _, exported = tiny
+    model = onnx_model(exported)
+    prompt = np.arange(5, 12)
+    model.prefill([prompt], capacity=16)
+    before = [a.copy() for a in model.cache._arrays]
+    addresses = [v.data_ptr() for v in model.cache._values]
+    model.step(np.array([7]))
+    assert [v.data_ptr() for v in model.cache._values] == addresses
+    n = len(prompt)
+    for old, new in zip(before, model.cache._arrays):  # [1, kv_heads, 16, head_size]
+        np.testing.assert_array_equal(new[:, :, :n], old[:, :, :n])
+        assert np.abs(new[:, :, n]).sum() > 0 and not new[:, :, n + 1 :].any()
+    assert model.cache.lengths.tolist() == [n + 1]
+    model.reset(1, 4)
+    model.forward(np.arange(4)[None])
+    with pytest.raises(CacheFullError, match="needs 5 positions but the cache holds 4"):
+        model.step(np.array([1]))

@@ -229,7 +229,11 @@ def test_bad_model_directories(tmp_path, tiny_models):
     (tmp_path / "lmrt.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match="version 99 is not supported"):
         runtime.Generator(tmp_path)
-    manifest["format_version"] = 1
+    manifest["format_version"] = 1  # written before the in-place cache: the graph must be re-exported
+    (tmp_path / "lmrt.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="version 1 is not supported.*re-export"):
+        runtime.Generator(tmp_path)
+    manifest["format_version"] = 2
     (tmp_path / "lmrt.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match="model.onnx is missing"):
         runtime.Generator(tmp_path)

@@ -44,27 +44,31 @@ def _gelu(b, x: str, kind: str) -> str:
 def build(g, config, w, model) -> None:
     b, a = g.b, g.arch
     eps = float(config.layer_norm_epsilon)
-    h = a.hidden_size
 
-    def layer_norm(x: str, prefix: str) -> str:
+    def norm(x: str, residual: str | None, prefix: str) -> tuple[str, str]:
+        """LayerNorm of x (+ residual): returns (normalized, the sum that carries on as the residual)."""
         scale, bias = b.weight(prefix + ".weight", w(prefix + ".weight")), b.weight(prefix + ".bias", w(prefix + ".bias"))
-        return b.op("LayerNormalization", x, scale, bias, axis=-1, epsilon=eps)
+        if residual is None:
+            return b.op("LayerNormalization", x, scale, bias, axis=-1, epsilon=eps), x
+        total, y = b.unique("residual"), b.unique("normed")
+        b.ms("SkipLayerNormalization", x, residual, scale, bias, out=[y, "", "", total], epsilon=eps)
+        return y, total
 
     wte = b.weight("transformer.wte.weight", w("transformer.wte.weight"))  # [vocab, hidden]
     wpe = b.weight("transformer.wpe.weight", w("transformer.wpe.weight"))  # [positions, hidden]
     x = b.op("Add", b.op("Gather", wte, g.input_ids), b.op("Gather", wpe, g.position_ids))  # [B, S, hidden]
+    residual = None
     for i in range(a.num_layers):
         p = f"transformer.h.{i}"
-        y = layer_norm(x, p + ".ln_1")
-        qkv = b.linear(y, w(p + ".attn.c_attn.weight"), w(p + ".attn.c_attn.bias"), p + ".attn.c_attn")
-        q, k, v = b.op("Split", qkv, b.const([h, h, h]), axis=-1, n_out=3)
-        attn = g.attention(i, g.split_heads(q, a.num_heads), g.split_heads(k, a.num_kv_heads), g.split_heads(v, a.num_kv_heads))
-        x = b.op("Add", x, b.linear(attn, w(p + ".attn.c_proj.weight"), w(p + ".attn.c_proj.bias"), p + ".attn.c_proj"))
-        y = layer_norm(x, p + ".ln_2")
+        y, residual = norm(x, residual, p + ".ln_1")
+        qkv = b.linear(y, w(p + ".attn.c_attn.weight"), w(p + ".attn.c_attn.bias"), p + ".attn.c_attn")  # [B, S, 3 hidden]
+        attn = g.attention(i, qkv)
+        x = b.linear(attn, w(p + ".attn.c_proj.weight"), w(p + ".attn.c_proj.bias"), p + ".attn.c_proj")
+        y, residual = norm(x, residual, p + ".ln_2")
         y = b.linear(y, w(p + ".mlp.c_fc.weight"), w(p + ".mlp.c_fc.bias"), p + ".mlp.c_fc")
         y = _gelu(b, y, config.activation_function)
-        x = b.op("Add", x, b.linear(y, w(p + ".mlp.c_proj.weight"), w(p + ".mlp.c_proj.bias"), p + ".mlp.c_proj"))
-    x = layer_norm(x, "transformer.ln_f")
+        x = b.linear(y, w(p + ".mlp.c_proj.weight"), w(p + ".mlp.c_proj.bias"), p + ".mlp.c_proj")
+    x, _ = norm(x, residual, "transformer.ln_f")
     tied = getattr(config, "tie_word_embeddings", True)
     g.logits(x, wte if tied else w("lm_head.weight"))
 
