@@ -183,6 +183,7 @@ def test_bench_reports_medians_as_json(run, tiny_models):
     a = runtime.load_manifest(path).architecture  # 2 layers x (K, V) x kv heads x head size x 56 positions x fp32
     assert r["kv_cache_mb"] == pytest.approx(2 * a.num_layers * a.num_kv_heads * a.head_size * 56 * 4 / 1e6)
     assert r["prefill_tokens_per_s"] == pytest.approx(40 / (r["time_to_first_token_ms"] / 1e3))
+    assert 0 < r["python_share"] < 1  # the share of a decode step spent outside onnxruntime
     table = run("bench", path, "--prompt-tokens", "8", "--new-tokens", "4", "--runs", "1")
     assert table.exit_code == 0 and "time to first token" in table.stdout and "decode" in table.stdout
 
