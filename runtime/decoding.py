@@ -28,14 +28,20 @@ class Sequence:
     rng: np.random.Generator
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", "stop_string"
-    history: np.ndarray = field(init=False)  # int64 [n + generated]: prompt and tokens so far
+    _history: np.ndarray = field(init=False)  # int64 [n + budget], filled as tokens come
 
     def __post_init__(self) -> None:
-        self.history = self.prompt
+        self._history = np.empty(self.prompt.shape[0] + self.budget, dtype=np.int64)
+        self._history[: self.prompt.shape[0]] = self.prompt
+
+    @property
+    def history(self) -> np.ndarray:
+        """int64 [n + generated]: prompt and tokens so far (a view)."""
+        return self._history[: self.prompt.shape[0] + len(self.tokens)]
 
     def append(self, token: int) -> None:
+        self._history[self.prompt.shape[0] + len(self.tokens)] = token
         self.tokens.append(token)
-        self.history = np.append(self.history, token)
         if len(self.tokens) >= self.budget:
             self.finish_reason = "length"
 

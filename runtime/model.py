@@ -27,6 +27,8 @@ class OnnxCausalLM:
         self.cache = KVCache(manifest.architecture, self._io, device)
         self._binding = self.session.io_binding()
         self._bound = -1  # cache version bound to self._binding
+        self._logits = np.empty((0, 0, 0), self._logits_dtype)  # reused while the shape holds
+        self._logits_bound = -1
         self.session_seconds = 0.0  # time spent inside onnxruntime, for measuring Python's share
 
     @property
@@ -40,7 +42,10 @@ class OnnxCausalLM:
 
     def forward(self, input_ids: np.ndarray, keep: int | None = None, row: int | None = None) -> np.ndarray:
         """Append ``input_ids`` int64 [batch, seq] to every row (or only to row ``row``, then batch 1)
-        and return float32 logits [batch, keep, vocab] for the last ``keep`` positions (all by default)."""
+        and return float32 logits [batch, keep, vocab] for the last ``keep`` positions (all by default).
+
+        For fp32 graphs the logits are onnxruntime's output buffer itself, reused by the next call of
+        the same shape: copy them to keep them longer."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         seq = ids.shape[1]
         keep = seq if keep is None else keep
@@ -65,8 +70,14 @@ class OnnxCausalLM:
             positions = lengths[:, None] + np.arange(seq, dtype=np.int64)  # [batch, seq]
             binding.bind_cpu_input(io.position_ids, positions)
         binding.bind_cpu_input(io.logits_to_keep, np.array(keep, dtype=np.int64))
-        logits = np.empty((ids.shape[0], keep, self.manifest.architecture.vocab_size), self._logits_dtype)
-        binding.bind_output(io.logits, "cpu", 0, self._logits_dtype, list(logits.shape), logits.ctypes.data)
+        shape = (ids.shape[0], keep, self.manifest.architecture.vocab_size)
+        if row is not None or self._logits.shape != shape or self._logits_bound != self.cache.version:
+            # a buffer per shape, kept across steps: a fresh one per step costs page faults
+            if self._logits.shape != shape:
+                self._logits = np.empty(shape, self._logits_dtype)
+            binding.bind_output(io.logits, "cpu", 0, self._logits_dtype, list(shape), self._logits.ctypes.data)
+            self._logits_bound = -1 if row is not None else self.cache.version
+        logits = self._logits
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self.session_seconds += time.perf_counter() - start
@@ -77,7 +88,7 @@ class OnnxCausalLM:
         """Reset to one row per prompt (int64 [n_i] each) and run each prompt into its row; returns
         float32 logits [len(prompts), vocab] at each prompt's last position."""
         self.reset(len(prompts), capacity)
-        return np.stack([self.forward(p[None, :], keep=1, row=i)[0, -1] for i, p in enumerate(prompts)])
+        return np.stack([self.forward(p[None, :], keep=1, row=i)[0, -1].copy() for i, p in enumerate(prompts)])
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Append one token per row (int64 [batch]); returns float32 logits [batch, vocab]."""

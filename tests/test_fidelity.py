@@ -24,7 +24,7 @@ def onnx_model(exported):
 def run_steps(model, chunks):
     """Feed token chunks through the cached graph; returns the logits of each chunk."""
     model.reset(1, sum(len(c) for c in chunks))
-    return [model.forward(np.asarray([chunk], dtype=np.int64))[0] for chunk in chunks]
+    return [model.forward(np.asarray([chunk], dtype=np.int64))[0].copy() for chunk in chunks]
 
 
 def test_prefill_and_cached_decode_match_pytorch(tiny):
@@ -60,7 +60,7 @@ def test_rows_of_different_lengths_step_together(tiny):
     steps = rng.integers(0, vocab, (4, 3))  # [step, row]
     model = onnx_model(exported)
     first = model.prefill(prompts, capacity=20)  # [rows, vocab]
-    got = [first] + [model.step(tokens) for tokens in steps]
+    got = [first] + [model.step(tokens).copy() for tokens in steps]
     assert model.cache.lengths.tolist() == [13, 7, 18]
     for row, prompt in enumerate(prompts):
         text = np.concatenate([prompt, steps[:, row]])
@@ -75,7 +75,7 @@ def test_logits_only_where_asked(tiny):
     ids = np.random.default_rng(4).integers(0, 50, (1, 12))
     model = onnx_model(exported)
     model.reset(1, 12)
-    full = model.forward(ids)[0]  # [12, vocab]
+    full = model.forward(ids)[0].copy()  # [12, vocab]
     model.reset(1, 12)
     last = model.forward(ids, keep=3)[0]
     assert last.shape == (3, full.shape[1])
