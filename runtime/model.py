@@ -23,7 +23,10 @@ class OnnxCausalLM:
         self.session, self.provider = create_session(path, chosen, model_dir, threads)
         self._io = manifest.graph.io
         self._logits_dtype = np.dtype(self._io.logits_dtype)
-        device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
+        # The cache lives where attention runs. onnxruntime's CUDA GroupQueryAttention takes float16
+        # only, so a float32 graph runs attention, and keeps its cache, on the CPU.
+        on_gpu = self.provider in ("cuda", "tensorrt") and self._io.kv_dtype == "float16"
+        device = "cuda" if on_gpu else "cpu"
         self.cache = KVCache(manifest.architecture, self._io, device)
         self._binding = self.session.io_binding()
         self._bound = -1  # cache version bound to self._binding
