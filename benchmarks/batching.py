@@ -3,7 +3,7 @@
     python benchmarks/batching.py models/smollm2 [--prompts 8] [--new-tokens 64] [--runs 3]
 
 Generates ``--new-tokens`` greedy tokens (stop tokens ignored) for ``--prompts`` prompts of
-different lengths, first one prompt at a time, then as one left-padded batch, and reports generated
+different lengths, first one prompt at a time, then as one batch, and reports generated
 tokens per second for each; then the time of beam search (2 and 4 beams) relative to greedy on one
 prompt. Medians of ``--runs`` interleaved runs. Prints a Markdown table.
 """
