@@ -53,13 +53,13 @@ class KVCache:
         beams or samples continue one prompt."""
         rows = np.asarray(rows, dtype=np.int64)
         used = int(self.lengths.max(initial=0))
-        host = []
-        for value in self._values:
-            full = value.numpy() if self._device != "cpu" else self._arrays[len(host)]
+        current = self._arrays if self._device == "cpu" else [value.numpy() for value in self._values]
+        kept = []
+        for full in current:
             new = np.zeros((rows.shape[0], *self._shape[1:]), self._dtype)
-            new[:, :, :used] = full[rows, :, :used]
-            host.append(new)
-        self._set(host, self.lengths[rows])
+            new[:, :, :used] = full[rows, :, :used]  # only the positions in use
+            kept.append(new)
+        self._set(kept, self.lengths[rows])
 
     def bind(self, binding, row: int | None = None) -> None:
         """Bind every buffer as both past input and present output of ``binding``: the whole batch,

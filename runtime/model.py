@@ -30,8 +30,7 @@ class OnnxCausalLM:
         self.cache = KVCache(manifest.architecture, self._io, device)
         self._binding = self.session.io_binding()
         self._bound = -1  # cache version bound to self._binding
-        self._logits = np.empty((0, 0, 0), self._logits_dtype)  # reused while the shape holds
-        self._logits_bound = -1
+        self._logits = np.empty((0, 0, 0), self._logits_dtype)  # bound to self._binding, reused while the shape holds
         self.session_seconds = 0.0  # time spent inside onnxruntime, for measuring Python's share
 
     @property
@@ -47,8 +46,8 @@ class OnnxCausalLM:
         """Append ``input_ids`` int64 [batch, seq] to every row (or only to row ``row``, then batch 1)
         and return float32 logits [batch, keep, vocab] for the last ``keep`` positions (all by default).
 
-        For fp32 graphs the logits are onnxruntime's output buffer itself, reused by the next call of
-        the same shape: copy them to keep them longer."""
+        For fp32 graphs the logits of a whole-batch call are onnxruntime's output buffer itself, reused
+        by the next call of the same shape: copy them to keep them longer."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         seq = ids.shape[1]
         keep = seq if keep is None else keep
@@ -59,13 +58,20 @@ class OnnxCausalLM:
                 f"the sequence needs {int(total.max())} positions but the cache holds {self.cache.capacity}"
             )
         io, binding = self._io, self._binding
+        shape = (ids.shape[0], keep, self.manifest.architecture.vocab_size)
         if row is not None:  # one row of the batch: a binding of its own, on a view of the buffers
             binding = self.session.io_binding()
             self.cache.bind(binding, row)
-            self._bound = -1
-        elif self._bound != self.cache.version:
-            self.cache.bind(binding)
-            self._bound = self.cache.version
+            logits = np.empty(shape, self._logits_dtype)
+            binding.bind_output(io.logits, "cpu", 0, self._logits_dtype, list(shape), logits.ctypes.data)
+        else:
+            if self._bound != self.cache.version:
+                self.cache.bind(binding)
+                self._bound = self.cache.version
+            if self._logits.shape != shape:  # one buffer while the shape holds: a fresh one per step costs page faults
+                self._logits = np.empty(shape, self._logits_dtype)
+                binding.bind_output(io.logits, "cpu", 0, self._logits_dtype, list(shape), self._logits.ctypes.data)
+            logits = self._logits
         mask = (np.arange(int(total.max())) < total[:, None]).astype(np.int64)  # [batch, total]: right-padded
         binding.bind_cpu_input(io.input_ids, ids)
         binding.bind_cpu_input(io.attention_mask, mask)
@@ -73,14 +79,6 @@ class OnnxCausalLM:
             positions = lengths[:, None] + np.arange(seq, dtype=np.int64)  # [batch, seq]
             binding.bind_cpu_input(io.position_ids, positions)
         binding.bind_cpu_input(io.logits_to_keep, np.array(keep, dtype=np.int64))
-        shape = (ids.shape[0], keep, self.manifest.architecture.vocab_size)
-        if row is not None or self._logits.shape != shape or self._logits_bound != self.cache.version:
-            # a buffer per shape, kept across steps: a fresh one per step costs page faults
-            if self._logits.shape != shape:
-                self._logits = np.empty(shape, self._logits_dtype)
-            binding.bind_output(io.logits, "cpu", 0, self._logits_dtype, list(shape), self._logits.ctypes.data)
-            self._logits_bound = -1 if row is not None else self.cache.version
-        logits = self._logits
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self.session_seconds += time.perf_counter() - start
@@ -91,7 +89,7 @@ class OnnxCausalLM:
         """Reset to one row per prompt (int64 [n_i] each) and run each prompt into its row; returns
         float32 logits [len(prompts), vocab] at each prompt's last position."""
         self.reset(len(prompts), capacity)
-        return np.stack([self.forward(p[None, :], keep=1, row=i)[0, -1].copy() for i, p in enumerate(prompts)])
+        return np.stack([self.forward(p[None, :], keep=1, row=i)[0, -1] for i, p in enumerate(prompts)])
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Append one token per row (int64 [batch]); returns float32 logits [batch, vocab]."""
