@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 MODEL=models/smollm2-135m-instruct-int8
-if [ ! -f "$MODEL/lmrt.json" ]; then
-    .venv/bin/lmrt export "$(.venv/bin/python scripts/smollm2_path.py)" -o "$MODEL" --int8
+if ! .venv/bin/lmrt info "$MODEL" >/dev/null 2>&1; then  # missing, or written by an older lmrt
+    .venv/bin/lmrt export "$(.venv/bin/python scripts/smollm2_path.py)" -o "$MODEL" --int8 --force
 fi
 .venv/bin/lmrt info "$MODEL"
 echo
