@@ -25,9 +25,12 @@ def _errors_to_one_line(fn):
     def wrapper(*args, **kwargs):
         from .export.errors import ExportError
         from .quantize.errors import QuantizeError
+        from .runtime.config import ConfigError, GenerationConfig
 
         try:
             return fn(*args, **kwargs)
+        except ConfigError as e:  # name the flag the user typed, not the Python field
+            raise _Fail(e.named(GenerationConfig.flag_of(e.field))) from None
         except KeyboardInterrupt:
             click.echo("", err=True)
             sys.exit(130)
@@ -201,32 +204,39 @@ def eval_(model_dir, text_file, max_tokens, window, stride, provider, threads) -
 
 
 def _generation_options(fn):
-    """One CLI option per GenerationConfig field; unset options keep the model's defaults."""
-    options = [
-        click.option("-n", "--max-new-tokens", type=int, help="Tokens to generate at most."),
-        click.option("--min-new-tokens", type=int, help="Ban the stop tokens until this many are generated."),
-        click.option("-t", "--temperature", type=float, help="0 is greedy decoding (the default)."),
-        click.option("--top-k", type=int, help="Sample among the k most likely tokens (0: off)."),
-        click.option("--top-p", type=float, help="Nucleus sampling threshold in (0, 1]."),
-        click.option("--min-p", type=float, help="Sample among tokens at least this fraction as likely as the top one."),
-        click.option("--repetition-penalty", type=float, help="Above 1 discourages repeats."),
-        click.option("--no-repeat-ngram-size", type=int, help="Never repeat an n-gram of this size."),
-        click.option("-b", "--num-beams", type=int, help="Beam search with this many beams."),
-        click.option("--length-penalty", type=float, help="Beam search: score = log-prob / length ** this."),
-        click.option(
-            "--early-stopping",
-            type=click.Choice(["true", "false", "never"]),
-            callback=lambda ctx, param, v: None if v is None else {"true": True, "false": False}.get(v, v),
-            help="Beam search: stop once enough beams finish (true), when none is likely to improve (false), or never.",
-        ),
-        click.option("-N", "--num-return-sequences", type=int, help="Sequences per prompt (samples or best beams)."),
-        click.option("--seed", type=int, help="Seed for reproducible sampling."),
-        click.option("--stop", multiple=True, help="Stop before this string (repeatable)."),
-        click.option("--stop-token-id", "stop_token_ids", type=int, multiple=True, help="Stop at this token id (repeatable; default: the model's end-of-sequence ids)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
+    """One CLI option per GenerationConfig field, built from the field's metadata (help, flag, short
+    name, choices); unset options keep the model's defaults."""
+    import typing
+
+    from .runtime import GenerationConfig
+
+    hints = typing.get_type_hints(GenerationConfig)
+    for f in reversed([f for f in GenerationConfig.options() if f.metadata.get("cli", True)]):
+        meta = f.metadata
+        names = [meta["short"]] if meta.get("short") else []
+        names.append(GenerationConfig.flag(f))
+        kwargs = {"help": meta["help"], "multiple": bool(meta.get("multiple"))}
+        if meta.get("choices"):
+            kwargs["type"] = click.Choice(meta["choices"])
+        else:
+            kwargs["type"] = _scalar_type(hints[f.name])
+        fn = click.option(*names, f.name, **kwargs)(fn)
     return fn
+
+
+def _scalar_type(hint) -> type:
+    """The click type of a config field's type hint: ``int | None`` is int, ``tuple[str, ...]`` str."""
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return args[0]
+    return _scalar_type(args[0]) if args else hint
+
+
+def _given(options: dict) -> dict:
+    """The generation options typed on the command line: a repeatable option never given is unset."""
+    return {k: (None if v == () else v) for k, v in options.items()}
 
 
 def _runtime_options(fn):
@@ -250,7 +260,7 @@ def _runtime_options(fn):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per sequence instead of text.")
 @click.option("--stats", is_flag=True, help="Print tokens, finish reason and speed to stderr.")
 @_errors_to_one_line
-def generate(model_dir, prompts, chat, system, provider, threads, as_json, stats, stop, stop_token_ids, **options) -> None:
+def generate(model_dir, prompts, chat, system, provider, threads, as_json, stats, **options) -> None:
     """Generate completions of PROMPT with the model in MODEL_DIR.
 
     One prompt and one sequence stream to stdout. Several prompts run as one batch, and several
@@ -271,8 +281,7 @@ def generate(model_dir, prompts, chat, system, provider, threads, as_json, stats
     from .runtime import Generator
 
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
-    options["stop"] = stop or None
-    options["stop_token_ids"] = stop_token_ids or None
+    options = _given(options)
     gen = Generator(model_dir, provider=provider, threads=threads)
     config = gen.config(**options)  # reject bad options before rendering or encoding the prompt
     if chat:
@@ -312,7 +321,7 @@ def generate(model_dir, prompts, chat, system, provider, threads, as_json, stats
 @click.option("--system", help="System message, kept for the whole conversation.")
 @_runtime_options
 @_errors_to_one_line
-def chat_(model_dir, system, provider, threads, stop, stop_token_ids, **options) -> None:
+def chat_(model_dir, system, provider, threads, **options) -> None:
     """Chat with the model in MODEL_DIR in the terminal.
 
     Type a message and press Enter; the answer streams back and the conversation carries on.
@@ -327,8 +336,7 @@ def chat_(model_dir, system, provider, threads, stop, stop_token_ids, **options)
     from . import terminal_chat
     from .runtime import Generator
 
-    options["stop"] = stop or None
-    options["stop_token_ids"] = stop_token_ids or None
+    options = _given(options)
     terminal_chat.run(Generator(model_dir, provider=provider, threads=threads), system, options)
 
 
@@ -358,6 +366,50 @@ def bench(model_dir, prompt_tokens, new_tokens, runs, provider, threads, as_json
 
     result = benchmark.run(model_dir, prompt_tokens, new_tokens, runs, provider, threads)
     click.echo(json.dumps(dataclasses.asdict(result)) if as_json else benchmark.as_table(result))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, type=int, show_default=True, help="Port to listen on (0: any free one).")
+@click.option("--slots", default=4, type=int, show_default=True, help="Requests generated at once: rows of the KV cache.")
+@click.option("--ctx-size", type=int, help="Tokens per slot, prompt and output together [default: 2048, or the model's context if smaller].")
+@click.option("--api-key", help="Require 'Authorization: Bearer KEY' on every route but /health.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), help="Read the API key from the first line of this file.")
+@click.option("--max-queue", default=64, type=int, show_default=True, help="Requests that may wait for a slot; more are refused with 503.")
+@click.option("--prefill-chunk", default=256, type=int, show_default=True, help="Prompt tokens read per step while other slots decode.")
+@click.option("--model-name", help="The model id clients send [default: the directory's name].")
+@_runtime_options
+@_errors_to_one_line
+def serve(model_dir, host, port, slots, ctx_size, api_key, api_key_file, max_queue, prefill_chunk, model_name, provider, threads) -> None:
+    """Serve the model in MODEL_DIR over HTTP with OpenAI's API.
+
+    Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+    GET /metrics (Prometheus). The KV cache for all slots is reserved at start:
+    slots x ctx-size x (2 x layers x KV heads x head size x bytes per value).
+
+    \b
+    Examples:
+      lmrt serve models/smollm2 --slots 8
+      lmrt serve models/smollm2 --port 8080 --ctx-size 4096 --api-key-file key.txt
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    from .serve import ServeError, read_api_key
+    from .serve import serve as run_server
+
+    if api_key and api_key_file:
+        raise _Fail("--api-key and --api-key-file contradict each other; give one")
+    try:
+        if api_key_file:
+            api_key = read_api_key(api_key_file)
+        run_server(
+            model_dir, lambda line: click.echo(line, err=True), host=host, port=port, slots=slots, ctx_size=ctx_size,
+            api_key=api_key, provider=provider, threads=threads, max_queue=max_queue, prefill_chunk=prefill_chunk,
+            model_name=model_name,
+        )  # fmt: skip
+    except ServeError as e:
+        raise _Fail(str(e)) from None
 
 
 @main.command()

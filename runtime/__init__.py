@@ -10,22 +10,32 @@ transformers or onnx.
 """
 
 from .chat import ChatTemplateError, render_chat
-from .config import GenerationConfig
-from .generator import Generator, TextStream
+from .config import ConfigError, GenerationConfig
+from .decoding import Event, TokenLogprob
+from .engine import Engine, EngineStatus
+from .generator import Completion, Generator, TextStream
 from .manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest
 from .scoring import Score
+from .scheduler import QueueFullError
 from .session import ProviderError, available_providers
 
 __all__ = [
     "ChatTemplateError",
+    "Completion",
+    "ConfigError",
+    "Engine",
+    "EngineStatus",
+    "Event",
     "GenerationConfig",
     "Generator",
     "MANIFEST_FILE",
     "Manifest",
     "ManifestError",
     "ProviderError",
+    "QueueFullError",
     "Score",
     "TextStream",
+    "TokenLogprob",
     "available_providers",
     "load_manifest",
     "render_chat",

@@ -21,8 +21,7 @@ import numpy as np
 
 from .config import GenerationConfig
 from .model import OnnxCausalLM
-from .sampling import process
-from .scoring import log_softmax
+from .sampling import Processor, log_softmax, make_processors, run_processors
 
 _NEG = np.float32(-1e9)  # transformers' "impossible" score, added rather than set
 
@@ -43,6 +42,7 @@ class _Prompt:
 
     prompt: np.ndarray  # int64 [n]
     budget: int  # new tokens allowed
+    processors: list[Processor]
     beams: list[list[int]] = field(default_factory=lambda: [[]])  # running beams' tokens
     scores: np.ndarray = field(default_factory=lambda: np.zeros(1, np.float32))  # [beams] summed log-probs
     finished: list[Hypothesis] = field(default_factory=list)  # best first, at most num_beams
@@ -59,7 +59,7 @@ def beam_search(
 ) -> list[list[Hypothesis]]:
     """The ``num_return_sequences`` best hypotheses of each prompt, best first."""
     k = config.num_beams
-    states = [_Prompt(p, b) for p, b in zip(prompts, budgets)]
+    states = [_Prompt(p, b, make_processors(config, len(p), stop_ids)) for p, b in zip(prompts, budgets)]
     capacity = max(len(p) + b for p, b in zip(prompts, budgets))
     # The first step runs one row per prompt: transformers starts every beam but the first at -1e9,
     # so only the first beam's continuations can be chosen.
@@ -91,7 +91,7 @@ def _step(s: _Prompt, logits: np.ndarray, generated: int, k: int, config: Genera
     logp = log_softmax(logits).astype(np.float32)  # [beams, vocab]
     for b, beam in enumerate(s.beams):
         history = np.concatenate([s.prompt, np.asarray(beam, dtype=np.int64)])
-        logp[b] = process(logp[b], history, generated, config, stop_ids)
+        logp[b] = run_processors(s.processors, history, logp[b])
     total = (logp + s.scores[:, None]).reshape(-1)  # [beams * vocab]
     keep = max(2, 1 + len(stop_ids)) * k
     top = _top(total, keep)

@@ -1,9 +1,15 @@
-"""GenerationConfig: every option of a generation request, validated on construction."""
+"""GenerationConfig: every option of a generation request, validated on construction.
+
+Each field carries its own documentation in its metadata: the help text, the command-line flag and
+whether the command line offers it at all. The CLI builds its options from these, and a bad value is
+reported as a ``ConfigError`` that knows its field, so each interface can name it the way its user
+typed it (``--top-p`` on the command line, ``top_p`` in Python and HTTP).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -12,71 +18,91 @@ import numpy as np
 LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+class ConfigError(ValueError):
+    """A generation option with a bad value; ``field`` is the GenerationConfig field it concerns."""
+
+    def __init__(self, field_name: str, why: str, message: str | None = None):
+        self.field = field_name
+        self.why = why
+        super().__init__(message or f"{field_name} {why}")
+
+    def named(self, name: str) -> str:
+        """The message with the option called ``name`` (a CLI flag, say) instead of the field."""
+        return f"{name} {self.why}"
+
+
+def option(default: Any, help: str, flag: str | None = None, short: str | None = None, cli: bool = True, **kw):
+    """A GenerationConfig field with its documentation: ``flag`` defaults to the field name in
+    kebab case; ``cli=False`` keeps it off the command line (Python-only values)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "short": short, "cli": cli, **kw})
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to generate. Each field is also a keyword of the Generator's methods and, except
-    ``logits_processors``, an option of ``lmrt generate`` and ``lmrt chat``.
+    """How to generate. Each field is a keyword of the Generator's and Engine's methods, a field of
+    the server's requests and, unless marked Python-only, an option of ``lmrt generate`` and
+    ``lmrt chat``; ``GenerationConfig.describe()`` lists them with their help.
 
-    max_new_tokens        tokens to generate at most (the context length caps it too)
-    min_new_tokens        the stop tokens are banned until this many tokens are generated
-    temperature           0 is greedy; above 0 samples from softmax(logits / temperature)
-    top_k                 sample among the k most likely tokens; 0 disables
-    top_p                 sample among the most likely tokens whose probability reaches p; 1 disables
-    min_p                 sample among tokens at least min_p times as likely as the top one; 0 disables
-    repetition_penalty    > 1 discourages tokens already in the prompt or the output; 1 disables
-    no_repeat_ngram_size  no n-gram of this size appears twice in prompt + output; 0 disables
-    num_beams             > 1 is beam search (deterministic: temperature must be 0)
-    length_penalty        beam search ranks finished beams by sum of log-probs / length ** this
-    early_stopping        beam search: True stops once num_beams beams are finished; False stops when
-                          no running beam is likely to beat them; "never" when none can
-    num_return_sequences  sequences returned per prompt: independent samples, or the best beams
-    seed                  seed of the samplers' random generators; None draws fresh ones
-    stop                  strings that end generation; the text stops just before the first one
-    stop_token_ids        token ids that end generation; None means the model's end-of-sequence ids
-    logits_processors     callables (token_ids, logits) -> logits, applied in order after the
-                          built-in penalties and before temperature, top-k, top-p and min-p
-
-    The order follows transformers: repetition penalty, no-repeat n-grams, min_new_tokens, your
-    processors, then (when sampling) temperature, top-k, top-p, min-p.
+    The processors run in transformers' order: repetition penalty, presence and frequency penalties,
+    no-repeat n-grams, min_new_tokens, your logits processors; then, when sampling, temperature,
+    top-k, top-p and min-p, and a draw.
     """
 
-    max_new_tokens: int = 256
-    min_new_tokens: int = 0
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False
-    num_return_sequences: int = 1
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] | None = None
-    logits_processors: tuple[LogitsProcessor, ...] = ()
+    max_new_tokens: int = option(256, "Tokens to generate at most (the context length caps it too).", short="-n")
+    min_new_tokens: int = option(0, "The stop tokens are banned until this many tokens are generated.")
+    temperature: float = option(0.0, "0 is greedy decoding; above 0 samples from softmax(logits / temperature).", short="-t")
+    top_k: int = option(0, "Sample among the k most likely tokens (0: off).")
+    top_p: float = option(1.0, "Sample among the most likely tokens whose probability reaches p, in (0, 1] (1: off).")
+    min_p: float = option(0.0, "Sample among tokens at least min_p times as likely as the top one (0: off).")
+    repetition_penalty: float = option(1.0, "Above 1 discourages tokens already in the prompt or the output (1: off).")
+    presence_penalty: float = option(0.0, "Subtracted from the logit of every token already generated, -2 to 2 (OpenAI's).")
+    frequency_penalty: float = option(0.0, "Subtracted once per earlier occurrence in the output, -2 to 2 (OpenAI's).")
+    no_repeat_ngram_size: int = option(0, "No n-gram of this size appears twice in prompt + output (0: off).")
+    num_beams: int = option(1, "Beam search with this many beams (1: no beam search; needs temperature 0).", short="-b")
+    length_penalty: float = option(1.0, "Beam search ranks finished beams by sum of log-probs / length ** this.")
+    early_stopping: bool | str = option(
+        False,
+        "Beam search stops once num_beams beams finish (true), when no running beam is likely to beat them "
+        "(false), or when none can (never).",
+        choices=("true", "false", "never"),
+    )
+    num_return_sequences: int = option(1, "Sequences per prompt: independent samples, or the best beams.", short="-N")
+    seed: int | None = option(None, "Seed of the samplers' random generators (none: fresh randomness).")
+    stop: tuple[str, ...] = option((), "A string that ends generation; the text stops just before it (repeatable).", multiple=True)
+    stop_token_ids: tuple[int, ...] | None = option(
+        None, "A token id that ends generation (repeatable; default: the model's end-of-sequence ids).",
+        flag="--stop-token-id", multiple=True,
+    )
+    logits_processors: tuple[LogitsProcessor, ...] = option(
+        (), "Callables (token_ids, logits) -> logits, run after the built-in penalties and before sampling.", cli=False
+    )
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(name, f"{why}, got {getattr(self, name)!r}")
 
         def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+            return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
         def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+            return (isinstance(v, (int, float, np.integer, np.floating))) and not isinstance(v, (bool, np.bool_))
+
+        def finite(v: Any) -> bool:
+            return is_num(v) and abs(float(v)) < float("inf")
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise bad("max_new_tokens", "must be a positive integer")
-        if not is_num(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
+        if not finite(self.temperature) or not self.temperature >= 0:
             raise bad("temperature", "must be a finite number >= 0 (0 is greedy)")
         if not is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "must be an integer >= 0 (0 disables it)")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "must be a number in (0, 1]")
-        if not is_num(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
+        if not finite(self.repetition_penalty) or not self.repetition_penalty > 0:
             raise bad("repetition_penalty", "must be a finite number > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "must be a number from -2 to 2")
         if not is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise bad("min_new_tokens", f"must be an integer from 0 to max_new_tokens ({self.max_new_tokens})")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
@@ -85,8 +111,10 @@ class GenerationConfig:
             raise bad("no_repeat_ngram_size", "must be an integer >= 0 (0 disables it)")
         if not is_int(self.num_beams) or self.num_beams < 1:
             raise bad("num_beams", "must be a positive integer (1 is no beam search)")
-        if not is_num(self.length_penalty) or not abs(self.length_penalty) < float("inf"):
+        if not finite(self.length_penalty):
             raise bad("length_penalty", "must be a finite number")
+        if isinstance(self.early_stopping, str) and self.early_stopping in ("true", "false"):
+            object.__setattr__(self, "early_stopping", self.early_stopping == "true")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise bad("early_stopping", 'must be True, False or "never"')
         if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
@@ -103,8 +131,8 @@ class GenerationConfig:
         if not _is_iterable(processors) or not all(callable(f) for f in processors):
             raise bad("logits_processors", "must be a list of callables (token_ids, logits) -> logits")
         object.__setattr__(self, "logits_processors", tuple(processors))
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            raise bad("seed", "must be a non-negative integer or None")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise bad("seed", "must be a non-negative integer below 2**63, or None")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not _is_iterable(stop) or not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", "must be a list of non-empty strings")
@@ -113,24 +141,52 @@ class GenerationConfig:
             ids = self.stop_token_ids
             if not _is_iterable(ids) or not all(is_int(t) and t >= 0 for t in ids):
                 raise bad("stop_token_ids", "must be a list of non-negative integers or None")
-            object.__setattr__(self, "stop_token_ids", tuple(ids))
-        object.__setattr__(self, "temperature", float(self.temperature))
-        object.__setattr__(self, "top_p", float(self.top_p))
-        for name in ("repetition_penalty", "min_p", "length_penalty"):
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size", "num_beams", "num_return_sequences"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty"):
             object.__setattr__(self, name, float(getattr(self, name)))
+
+    @property
+    def samples(self) -> bool:
+        return self.temperature > 0
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        """The fields with their metadata (help, flag, short, cli, choices, multiple)."""
+        return list(fields(cls))
+
+    @staticmethod
+    def flag(f: dataclasses.Field) -> str:
+        """The command-line flag of field ``f``."""
+        return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+    @classmethod
+    def flag_of(cls, name: str) -> str:
+        """The command-line flag of the field called ``name`` (the name itself if there is none)."""
+        for f in fields(cls):
+            if f.name == name and f.metadata.get("cli", True):
+                return cls.flag(f)
+        return name
+
+    @classmethod
     def from_options(cls, defaults: Mapping[str, Any] | None = None, **options: Any) -> "GenerationConfig":
         """Build a config from the model's defaults overridden by ``options``; an unknown option name
-        raises ValueError naming it. Options set to None keep the default."""
+        raises ConfigError naming it. Options set to None keep the default."""
         known = set(cls.field_names())
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"unknown generation option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+            known_list = ", ".join(sorted(known))
+            raise ConfigError(
+                unknown[0], f"is not a generation option; known: {known_list}",
+                f"unknown generation option {unknown[0]!r}; known: {known_list}",
+            )
         merged = {k: v for k, v in (defaults or {}).items() if k in known}
         if (options.get("num_beams") or 1) > 1 and options.get("temperature") is None:
             merged.pop("temperature", None)  # a model that samples by default can still be beam-searched

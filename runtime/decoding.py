@@ -1,85 +1,289 @@
-"""The decode loop for greedy decoding and sampling: one forward step per new token, for a batch of
-sequences at once. Beam search has its own loop in ``beam.py``.
+"""The decode loop: every running sequence advances together, one model step at a time.
 
-Each prompt is prefilled into its own cache row; rows of different lengths then step together (the
-cache tracks each row's length, so no padding is ever computed). A row that finishes leaves the batch
-(its cache row is dropped), so the others do not pay for it.
+It serves the Generator (which drives it from the caller's thread, a step whenever a stream needs a
+token) and the Engine (a thread of its own fed by a queue). Requests join and leave between steps:
+
+  each ``step()``:
+    1. cancelled requests leave, and their cache rows are freed;
+    2. the scheduler admits waiting requests into free rows and names a prompt chunk to read;
+    3. that chunk is run into its request's row; when its prompt is complete, each of its choices
+       samples a first token and joins the decode batch;
+    4. one forward pass over the decode batch gives every running choice its next token.
+
+A choice is one sequence being generated (a request asks for ``n`` of them from one prompt). Its
+next token comes from its logits through its processors and sampler (``sampling``), and its stop
+callback (``stopping.StopCriteria``) says when it ends; the loop itself ends it only when its token
+budget is spent. Everything a request produces goes to its ``on_event`` callback as ``Event``s. Beam
+search has its own loop (``beam.py``).
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence as Seq
+from typing import Callable
 
 import numpy as np
 
 from .config import GenerationConfig
+from .kv_cache import KVCache
 from .model import OnnxCausalLM
-from .sampling import choose
+from .sampling import Processor, Sampler, log_softmax, make_processors
+from .scheduler import Scheduler
+
+StopCallback = Callable[[int], "tuple[str, str | None]"]  # token -> (text released, finish reason or None)
 
 
-@dataclass
-class Sequence:
-    """One sequence being generated. A consumer of ``decode`` may end it early by setting
-    ``finish_reason`` (as the stop-string check does); it then leaves the batch."""
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The model's log-probability of a chosen token, and the most likely alternatives."""
 
-    prompt: np.ndarray  # int64 [n]
-    budget: int  # new tokens allowed
-    rng: np.random.Generator
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something one choice of a request produced: a token (None when it ended without one) with the
+    text that became final, and its finish reason once it ended ("stop", "length", "stop_string",
+    "cancelled")."""
+
+    choice: int
+    token: int | None
+    text: str
+    finish_reason: str | None = None
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(eq=False)
+class Choice:
+    """One sequence being generated: its row in the cache is looked up by the choice itself."""
+
+    request: "Request"
+    index: int
+    sampler: Sampler
+    processors: list[Processor]
+    stop: StopCallback
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "stop_string"
-    _history: np.ndarray = field(init=False)  # int64 [n + budget], filled as tokens come
+    finish_reason: str | None = None
+    pending: int = -1  # the newest token, sampled but not yet run through the model
+    _history: np.ndarray = field(init=False, repr=False)  # prompt + tokens, preallocated
 
     def __post_init__(self) -> None:
-        self._history = np.empty(self.prompt.shape[0] + self.budget, dtype=np.int64)
-        self._history[: self.prompt.shape[0]] = self.prompt
+        prompt = self.request.prompt
+        self._history = np.empty(prompt.shape[0] + self.request.budget, dtype=np.int64)
+        self._history[: prompt.shape[0]] = prompt
 
     @property
     def history(self) -> np.ndarray:
-        """int64 [n + generated]: prompt and tokens so far (a view)."""
-        return self._history[: self.prompt.shape[0] + len(self.tokens)]
-
-    def append(self, token: int) -> None:
-        self._history[self.prompt.shape[0] + len(self.tokens)] = token
-        self.tokens.append(token)
-        if len(self.tokens) >= self.budget:
-            self.finish_reason = "length"
+        """int64 [prompt + generated]: a view."""
+        return self._history[: self.request.prompt.shape[0] + len(self.tokens)]
 
 
-def decode(
-    model: OnnxCausalLM,
-    seqs: Seq[Sequence],
-    copies: int,
-    config: GenerationConfig,
-    stop_ids: frozenset[int],
-) -> Iterator[tuple[int, int]]:
-    """Generate for all ``seqs`` together, yielding (index into seqs, token id) as tokens come.
+class Request:
+    """A prompt to complete ``n`` times (``config.num_return_sequences``), at most ``budget`` new
+    tokens each. ``stop_callback()`` makes a fresh stop callback per choice; ``on_event`` receives the
+    output (from the loop's thread), or without one it collects in ``events``. ``logprobs``: None, or
+    how many alternatives to report with each token's log-probability. ``cancel()`` may be called from
+    any thread."""
 
-    ``seqs`` is prompt-major: ``seqs[p * copies + j]`` is copy j of prompt p (num_return_sequences
-    samples). Each prompt is prefilled once and its cache rows copied. Stop tokens are not yielded.
-    """
-    prompts = [seqs[i].prompt for i in range(0, len(seqs), copies)]
-    capacity = max(s.prompt.shape[0] + s.budget for s in seqs)
-    logits = model.prefill(prompts, capacity)  # [prompts, vocab]: each prompt's last position
-    if copies > 1:
-        rows = np.repeat(np.arange(len(prompts)), copies)  # prompt row behind each sequence
-        model.cache.select(rows)
-        logits = logits[rows]
-    live = np.arange(len(seqs))  # the sequence in each cache row
-    while True:
-        for row, i in enumerate(live):
-            s = seqs[i]
-            token = choose(logits[row], s.history, len(s.tokens), config, stop_ids, s.rng)
-            if token in stop_ids:
-                s.finish_reason = "stop"
-                continue
-            s.append(token)
-            yield int(i), token
-        keep = [row for row, i in enumerate(live) if seqs[i].finish_reason is None]
-        if not keep:
+    def __init__(
+        self,
+        prompt_ids,
+        config: GenerationConfig,
+        budget: int,
+        stop_ids: frozenset[int],
+        stop_callback: Callable[[], StopCallback],
+        on_event: Callable[[Event], None] | None = None,
+        logprobs: int | None = None,
+    ):
+        self.prompt = np.asarray(prompt_ids, dtype=np.int64)
+        self.config = config
+        self.budget = budget
+        self.events: deque[Event] = deque()
+        self.on_event = on_event or self.events.append
+        self.logprobs = logprobs
+        self.prefilled = 0  # prompt positions in the cache
+        self.cached_tokens = 0  # of those, how many an earlier sequence had left there
+        self.cancelled = False
+        self.error: Exception | None = None  # what ended it, when its own processors or callbacks failed
+        self.done = False
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        processors = make_processors(config, self.prompt.shape[0], stop_ids)
+        seeds = np.random.SeedSequence(config.seed).spawn(config.num_return_sequences)
+        self.choices = [
+            Choice(self, i, Sampler(config, np.random.default_rng(s)), processors, stop_callback())
+            for i, s in enumerate(seeds)
+        ]
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class LoopStats:
+    """Counters since the loop started (the server's /metrics)."""
+
+    prompt_tokens: int = 0  # prompt tokens run through the model
+    cached_prompt_tokens: int = 0  # prompt tokens found in the cache instead
+    prompt_seconds: float = 0.0  # time spent reading prompts
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0  # time spent in decode steps
+    decode_steps: int = 0
+    decoded_rows: int = 0  # rows summed over decode steps (their mean is the busy slots per step)
+    requests_finished: int = 0
+
+
+class DecodeLoop:
+    """Owns a cache and steps the requests submitted to it. Not thread-safe: one caller at a time
+    (the Generator holds a lock; the Engine calls it from its own thread only)."""
+
+    def __init__(self, model: OnnxCausalLM, cache: KVCache, prefill_chunk: int = 512, max_waiting: int | None = None):
+        self.model = model
+        self.cache = cache
+        self.scheduler = Scheduler(cache, prefill_chunk, max_waiting)
+        self.requests: list[Request] = []
+        self.stats = LoopStats()
+
+    def submit(self, request: Request) -> None:
+        if request.prompt.shape[0] + request.budget > self.cache.capacity:
+            raise ValueError(
+                f"the prompt ({request.prompt.shape[0]} tokens) and max_new_tokens ({request.budget}) need "
+                f"{request.prompt.shape[0] + request.budget} positions, more than a cache row holds ({self.cache.capacity})"
+            )
+        self.scheduler.submit(request)
+        self.requests.append(request)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> None:
+        """One round: drop cancelled requests, read one prompt chunk, run one decode step."""
+        for request in [r for r in self.requests if r.cancelled]:
+            self._end(request, "cancelled")
+        self.scheduler.admit()
+        chunk = self.scheduler.next_chunk()
+        if chunk is not None:
+            began = time.perf_counter()
+            self._prefill(*chunk)
+            self.stats.prompt_seconds += time.perf_counter() - began
+        if self.cache.active:
+            began = time.perf_counter()
+            self.stats.decode_steps += 1
+            self.stats.decoded_rows += self.cache.active
+            self._decode()
+            self.stats.decode_seconds += time.perf_counter() - began
+
+    def _prefill(self, request: Request, start: int, stop: int) -> None:
+        first = request.choices[0]
+        row = self.cache.row_of(first)
+        if start == request.cached_tokens:
+            self.stats.cached_prompt_tokens += start
+        logits = self.model.forward(request.prompt[None, start:stop], keep=1, row=row, cache=self.cache)[0, -1]
+        self.stats.prompt_tokens += stop - start
+        request.prefilled = stop
+        if stop < request.prompt.shape[0]:
             return
-        if len(keep) < len(live):
-            model.cache.select(keep)
-            live = live[keep]
-        new = np.array([seqs[i].tokens[-1] for i in live], dtype=np.int64)  # [batch]
-        logits = model.step(new)  # [batch, vocab]
+        self.scheduler.prefilled(request)
+        for choice in request.choices[1:]:
+            self.cache.copy_row(row, self.cache.row_of(choice))
+        events = [(choice, self._next_token(choice, logits)) for choice in request.choices]
+        for choice, event in events:
+            if event.finish_reason is None:
+                self.cache.activate(choice)
+            else:
+                self.cache.release(choice)
+        self._publish(events)
+        self._settle(request)
+
+    def _decode(self) -> None:
+        batch = list(self.cache.owners())
+        tokens = np.fromiter((c.pending for c in batch), dtype=np.int64, count=len(batch))
+        logits = self.model.forward(tokens[:, None], keep=1, cache=self.cache)[:, 0]
+        events = [(c, self._next_token(c, logits[row])) for row, c in enumerate(batch)]
+        ended = [c for c, event in events if event.finish_reason is not None]
+        for choice in ended:
+            self.cache.release(choice)
+        self._publish(events)
+        for request in {c.request: None for c in ended}:
+            self._settle(request)
+
+    def _next_token(self, choice: Choice, logits: np.ndarray) -> Event:
+        """Choose ``choice``'s next token from its ``logits`` [vocab]; the event says it, and why the
+        choice ended if it did. A failure of the request's own code (a processor, the stop callback)
+        ends the request, not the loop. Ended choices free their rows before their events go out, so
+        a consumer that hears of the end finds the slot free."""
+        request = choice.request
+        try:
+            processed = logits
+            for fn in choice.processors:
+                processed = fn(choice.history, processed)
+            token = choice.sampler(processed)
+            text, reason = choice.stop(token)
+        except Exception as e:  # noqa: BLE001 - handed to the request's consumer
+            request.error = e
+            return Event(choice.index, None, "", "error")
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        if reason == "stop":  # a stop token is not part of the output
+            return Event(choice.index, None, text, reason)
+        choice._history[request.prompt.shape[0] + len(choice.tokens)] = token
+        choice.tokens.append(token)
+        choice.pending = token
+        self.stats.generated_tokens += 1
+        logprob = _logprob(logits, token, request.logprobs) if request.logprobs is not None else None
+        if reason is None and len(choice.tokens) >= request.budget:
+            more, reason = choice.stop.finish("length")
+            text += more
+        return Event(choice.index, token, text, reason, logprob)
+
+    def _publish(self, events: list[tuple[Choice, Event]]) -> None:
+        for choice, event in events:
+            self._emit(choice, event)
+
+    def _emit(self, choice: Choice, event: Event) -> None:
+        if event.finish_reason is not None:
+            choice.finish_reason = event.finish_reason
+        choice.request.on_event(event)
+
+    def _settle(self, request: Request) -> None:
+        """After some of ``request``'s choices ended: end it all if it failed, retire it if done."""
+        if request.error is not None:
+            self._end(request, "error")
+        else:
+            self._finish_if_done(request)
+
+    def _finish_if_done(self, request: Request) -> None:
+        if not request.done and all(c.finish_reason is not None for c in request.choices):
+            request.done = True
+            self.requests.remove(request)
+            self.stats.requests_finished += 1
+
+    def fail(self, request: Request, error: Exception) -> None:
+        """End ``request`` because of ``error`` (its consumer finds it in ``request.error``)."""
+        request.error = error
+        self._end(request, "error")
+
+    def _end(self, request: Request, reason: str) -> None:
+        """End every unfinished choice of ``request`` now and free its rows."""
+        self.scheduler.forget(request)
+        for choice in request.choices:
+            if choice.finish_reason is None:
+                if self.cache.owns(choice):
+                    self.cache.release(choice)
+                self._emit(choice, Event(choice.index, None, "", reason))
+        self._finish_if_done(request)
+
+
+def _logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    logp = log_softmax(logits)
+    best = ()
+    if top > 0:
+        ids = np.argpartition(-logp, top - 1)[:top]
+        ids = ids[np.argsort(-logp[ids], kind="stable")]
+        best = tuple((int(i), float(logp[i])) for i in ids)
+    return TokenLogprob(int(token), float(logp[token]), best)

@@ -1,125 +1,102 @@
-"""Generator: prompt in, text out. The decode loops live in ``decoding.decode`` (greedy and
-sampling) and ``beam.beam_search``.
+"""Generator: prompt in, text out, for one process using one model directly (no server).
 
-Three layers, each built on the one below:
-  iter_tokens(prompt_ids, config)  yields token ids and returns the finish reason
-  stream(prompt, **options)        a TextStream: UTF-8-safe text pieces, stop strings, finish reason
-  generate(prompt, **options)      the stream joined into one string
-and beside them, for several prompts or several sequences per prompt:
-  generate_batch(prompts, **options)  a list of Completions per prompt
+It drives the decode loop (``decoding.DecodeLoop``) from the caller's thread: each stream runs a loop
+step whenever it needs a token, so several streams (interleaved, or from several threads) share the
+loop and its cache rows, each getting exactly the output it would get alone. A lock makes the steps
+one at a time. Beam search runs its own loop (``beam.py``), under the same lock.
+
+  stream(prompt, **options)           a TextStream: text pieces as they become final
+  generate(prompt, **options)         the stream joined into one string
+  generate_batch(prompts, **options)  several prompts (and several sequences each) at once
+  iter_tokens(prompt_ids, config)     token ids; returns the finish reason
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
-from typing import Any, Generator as PyGenerator, Iterator, Mapping, Sequence
+from typing import Any, Callable, Generator as PyGenerator, Iterator, Mapping, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from .beam import beam_search
 from .chat import render_chat
-from .config import GenerationConfig
-from .decoding import Sequence as _Sequence, decode
-from .detokenizer import StreamingDetokenizer
+from .config import ConfigError, GenerationConfig
+from .decoding import DecodeLoop, Event, Request, TokenLogprob
 from .manifest import load_manifest
 from .model import OnnxCausalLM
 from .scoring import Score, score_ids
+from .stopping import StopCriteria
 
 
 @dataclass(frozen=True)
 class Completion:
     """One generated sequence: its text, token ids (stop tokens excluded), finish reason ("stop",
-    "length" or "stop_string") and, for beam search, its score (sum of log-probs / length **
-    length_penalty)."""
+    "length" or "stop_string"), for beam search its score (sum of log-probs / length **
+    length_penalty), and the tokens' log-probabilities when they were asked for."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
     score: float | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class TextStream:
     """Iterate for text pieces. Once exhausted, ``finish_reason`` is "stop" (a stop token),
     "length" (max_new_tokens or the context ran out) or "stop_string"; ``token_ids`` holds the
-    generated ids and ``text`` the joined pieces."""
+    generated ids and ``text`` the joined pieces. ``close()`` (or dropping the stream) stops the
+    generation early."""
 
-    def __init__(self, tokens: PyGenerator[int, None, str], decode, stop: tuple[str, ...], prompt_ids: list[int]):
+    def __init__(self, events: Iterator[Event], prompt_ids: list[int], on_close: Callable[[], None] = lambda: None):
         self.prompt_ids = prompt_ids
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.text = ""
-        self._pieces = self._run(tokens, StreamingDetokenizer(decode), stop)
+        self._events = events
+        self._on_close = on_close
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        piece = next(self._pieces)
-        self.text += piece
-        return piece
+        for event in self._events:
+            if event.token is not None:
+                self.token_ids.append(event.token)
+            if event.finish_reason is not None:
+                self.finish_reason = event.finish_reason
+            if event.text:
+                self.text += event.text
+                return event.text
+        raise StopIteration
 
-    def _run(self, tokens: PyGenerator[int, None, str], detok: StreamingDetokenizer, stop: tuple[str, ...]):
-        pending = ""  # decoded text not yet released: it might be the start of a stop string
-        while True:
-            try:
-                token = next(tokens)
-            except StopIteration as end:
-                reason = end.value
-                pending += detok.flush()
-                break
-            self.token_ids.append(token)
-            pending += detok.add(token)
-            cut = _find_stop(pending, stop)
-            if cut is not None:
-                tokens.close()
-                self.finish_reason = "stop_string"
-                if pending[:cut]:
-                    yield pending[:cut]
-                return
-            keep = _held_back(pending, stop)
-            if len(pending) > keep:
-                yield pending[: len(pending) - keep]
-                pending = pending[len(pending) - keep :]
-        cut = _find_stop(pending, stop)
-        if cut is not None:
-            pending, reason = pending[:cut], "stop_string"
-        self.finish_reason = reason
-        if pending:
-            yield pending
+    def close(self) -> None:
+        self._on_close()
 
-
-def _find_stop(text: str, stop: tuple[str, ...]) -> int | None:
-    """Index where the earliest stop string starts in ``text``, or None."""
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stop: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that could still grow into a stop string."""
-    longest = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:n]):
-                longest = n
-                break
-    return longest
+    def __del__(self) -> None:
+        self._on_close()
 
 
 class Generator:
-    """A loaded model ready to generate. Not thread-safe: one request at a time per Generator.
+    """A loaded model ready to generate. Safe to share between threads, and several streams may be
+    open at once: their steps are taken one at a time, each stream's output unaffected by the others.
 
     >>> from lmrt import runtime
     >>> gen = runtime.Generator("models/smollm2")
     >>> gen.generate("The capital of France is", max_new_tokens=8)
     """
 
-    def __init__(self, model_dir: str | os.PathLike, provider: str = "auto", threads: int | None = None):
+    def __init__(
+        self, model_dir: str | os.PathLike, provider: str = "auto", threads: int | None = None, prefill_chunk: int = 512
+    ):
         self.model_dir = os.fspath(model_dir)
         self.manifest = load_manifest(self.model_dir)
         self.model = OnnxCausalLM(self.model_dir, self.manifest, provider, threads)
         self.tokenizer = Tokenizer.from_file(os.path.join(self.model_dir, self.manifest.tokenizer.file))
+        self._loop = DecodeLoop(self.model, self.model.new_cache(), prefill_chunk)
+        self._lock = threading.Lock()
 
     @property
     def provider(self) -> str:
@@ -135,33 +112,21 @@ class Generator:
         return GenerationConfig.from_options(self.manifest.generation_defaults, **options)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def iter_tokens(self, prompt_ids: Sequence[int], config: GenerationConfig) -> PyGenerator[int, None, str]:
-        """Yield each new token id (stop tokens are not yielded); the generator returns the finish
-        reason, "stop" or "length". The prompt is checked here, before the first step. With beam
-        search the tokens of the best beam come once the search is over."""
-        if config.num_return_sequences > 1:
-            raise ValueError("a stream holds one sequence; use generate_batch for num_return_sequences > 1")
-        budget = self._budget(prompt_ids, config)
-        return self._tokens(np.asarray(prompt_ids, dtype=np.int64), budget, config)
-
-    def _tokens(self, prompt: np.ndarray, budget: int, config: GenerationConfig) -> PyGenerator[int, None, str]:
-        stop_ids = self._stop_ids(config)
-        if config.num_beams > 1:
-            best = beam_search(self.model, [prompt], [budget], config, stop_ids)[0][0]
-            yield from best.tokens
-            return best.finish_reason
-        seq = _Sequence(prompt, budget, _rngs(config.seed, 1)[0])
-        for _, token in decode(self.model, [seq], 1, config, stop_ids):
-            yield token
-        return seq.finish_reason
+    # --- requests on the decode loop -------------------------------------------------------
 
     def _stop_ids(self, config: GenerationConfig) -> frozenset[int]:
         ids = self.manifest.tokenizer.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
+        vocab = self.manifest.architecture.vocab_size
+        beyond = [t for t in ids if t >= vocab]
+        if beyond:
+            raise ConfigError("stop_token_ids", f"must be token ids below the vocabulary size ({vocab}), got {beyond[0]}")
         return frozenset(ids)
 
     def _budget(self, prompt_ids: Sequence[int], config: GenerationConfig) -> int:
@@ -175,63 +140,175 @@ class Generator:
             )
         return min(config.max_new_tokens, self.context_length - n)
 
+    def request(
+        self, prompt_ids: Sequence[int], config: GenerationConfig, on_event: Callable[[Event], None] | None = None,
+        logprobs: int | None = None,
+    ) -> Request:
+        """A decode-loop request for ``prompt_ids`` with this model's stop ids and detokenizer; its
+        events go to ``on_event``, or collect in ``request.events``."""
+        budget = self._budget(prompt_ids, config)
+        stop_ids = self._stop_ids(config)
+        return Request(
+            prompt_ids, config, budget, stop_ids, lambda: StopCriteria(self.decode, stop_ids, config.stop),
+            on_event, logprobs,
+        )  # fmt: skip
+
+    def _start(self, requests: list[Request]) -> None:
+        """Give the requests cache rows now (growing the cache if need be) and queue them."""
+        with self._lock:
+            self._make_room(requests)
+            for request in requests:
+                self._loop.submit(request)
+            self._loop.scheduler.admit()
+
+    def _make_room(self, requests: list[Request]) -> None:
+        """Grow the loop's cache so the requests fit beside those running. Rows in use stay; so do
+        free rows that share a prefix with the new prompts (a chat's next turn reuses its history)."""
+        cache = self._loop.cache
+        rows = sum(len(r.choices) for r in requests)
+        capacity = max(r.prompt.shape[0] + r.budget for r in requests)
+        if cache.free_rows() >= rows and cache.capacity >= capacity:
+            return
+        owned = cache.owned_rows()
+        if owned:
+            capacity = max(capacity, cache.capacity)
+        free = [r for r in range(cache.active, cache.rows) if r not in owned and cache.lengths[r] <= capacity]
+        shared = {r: max(cache.shared_prefix(r, q.prompt) for q in requests) for r in free}
+        reuse = sorted((r for r in free if shared[r] > 0), key=lambda r: -shared[r])[:rows]
+        cache.resize(len(owned) + rows, capacity, owned + reuse)
+
+    def _events(self, request: Request) -> Iterator[Event]:
+        """``request``'s events as they come, stepping the loop whenever none is ready."""
+        events = request.events
+        while True:
+            while not events and not request.done:
+                with self._lock:
+                    if not events and not request.done:
+                        self._loop.step()
+            if not events:
+                return
+            event = events.popleft()
+            if event.finish_reason == "error":
+                raise request.error
+            yield event
+
+    def _run(self, requests: list[Request]) -> None:
+        """Step the loop until every one of ``requests`` is done."""
+        for request in requests:
+            for _ in self._events(request):
+                pass
+
+    # --- the public API ----------------------------------------------------------------------
+
+    def iter_tokens(self, prompt_ids: Sequence[int], config: GenerationConfig) -> PyGenerator[int, None, str]:
+        """Yield each new token id (stop tokens are not yielded); the generator returns the finish
+        reason, "stop", "length" or "stop_string". The prompt is checked here, before the first step.
+        With beam search the tokens of the best beam come once the search is over."""
+        if config.num_return_sequences > 1:
+            raise ValueError("a stream holds one sequence; use generate_batch for num_return_sequences > 1")
+        return self._tokens(self._event_source(self._prompt_ids(prompt_ids), config)[0])
+
+    @staticmethod
+    def _tokens(events: Iterator[Event]) -> PyGenerator[int, None, str]:
+        reason = "length"
+        for event in events:
+            if event.token is not None:
+                yield event.token
+            if event.finish_reason is not None:
+                reason = event.finish_reason
+        return reason
+
+    def _event_source(self, prompt_ids: list[int], config: GenerationConfig) -> tuple[Iterator[Event], Callable[[], None]]:
+        """The events of one sequence from ``prompt_ids``, and how to stop it early."""
+        if config.num_beams > 1:
+            budget = self._budget(prompt_ids, config)
+            stop_ids = self._stop_ids(config)
+            return self._beam_events(prompt_ids, budget, config, stop_ids), lambda: None
+        request = self.request(prompt_ids, config)
+        self._start([request])
+        return self._events(request), request.cancel
+
+    def _beam_events(self, prompt_ids, budget, config, stop_ids) -> Iterator[Event]:
+        best = self._beam_search([np.asarray(prompt_ids, dtype=np.int64)], [budget], config, stop_ids)[0][0]
+        yield from _replay(best.tokens, best.finish_reason, StopCriteria(self.decode, (), config.stop))
+
+    def _beam_search(self, prompts, budgets, config, stop_ids):
+        with self._lock:
+            try:
+                return beam_search(self.model, prompts, budgets, config, stop_ids)
+            finally:
+                self.model.reset(1, 1)  # the beams' cache is not kept
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.encode(prompt)
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise TypeError(f"a prompt is a str or a list of token ids, got {type(prompt).__name__}")
         ids = list(prompt)
-        if not all(isinstance(t, (int, np.integer)) and 0 <= t < self.manifest.architecture.vocab_size for t in ids):
-            raise ValueError("a prompt given as token ids must hold integers within the vocabulary")
+        vocab = self.manifest.architecture.vocab_size
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"a prompt given as token ids must hold integers from 0 to {vocab - 1}")
         return [int(t) for t in ids]
 
     def stream(self, prompt: str | Sequence[int], **options: Any) -> TextStream:
         """Generate from ``prompt`` (text or token ids) piece by piece; see GenerationConfig for
         the options."""
         config = self.config(**options)
+        if config.num_return_sequences > 1:
+            raise ValueError("a stream holds one sequence; use generate_batch for num_return_sequences > 1")
         prompt_ids = self._prompt_ids(prompt)
-        tokens = self.iter_tokens(prompt_ids, config)
-        return TextStream(tokens, self.decode, config.stop, prompt_ids)
+        events, stop = self._event_source(prompt_ids, config)
+        return TextStream(events, prompt_ids, stop)
 
     def generate(self, prompt: str | Sequence[int], **options: Any) -> str:
         """The whole completion of ``prompt`` as one string."""
         return "".join(self.stream(prompt, **options))
 
-    def generate_batch(self, prompts: Sequence[str | Sequence[int]], **options: Any) -> list[list[Completion]]:
-        """Complete several prompts (texts or token-id lists) in one batch: for each prompt, a list of
-        ``num_return_sequences`` Completions (the best beam first with beam search).
+    def generate_batch(
+        self, prompts: Sequence[str | Sequence[int]], logprobs: int | None = None, **options: Any
+    ) -> list[list[Completion]]:
+        """Complete several prompts (texts or token-id lists) together: for each prompt, a list of
+        ``num_return_sequences`` Completions (the best beam first with beam search). ``logprobs``:
+        also report each token's log-probability and this many alternatives (not with beams).
 
-        Each prompt's result is what ``generate`` would give for it alone: prompts are padded on
-        the left and masked, and with a seed, copy j of every prompt draws from the same random
-        stream whatever else is in the batch."""
+        Each prompt's result is what ``generate`` would give for it alone; with a seed, copy j of
+        every prompt draws from the same random stream whatever else is in the batch."""
         config = self.config(**options)
-        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise ValueError("generate_batch takes a non-empty list of prompts")
+        if logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer from 0 to 20, got {logprobs!r}")
         ids = [self._prompt_ids(p) for p in prompts]
-        budgets = [self._budget(p, config) for p in ids]
-        arrays = [np.asarray(p, dtype=np.int64) for p in ids]
-        stop_ids = self._stop_ids(config)
         if config.num_beams > 1:
-            found = beam_search(self.model, arrays, budgets, config, stop_ids)
-            return [
-                [self._completion(p, h.tokens, h.finish_reason, config, h.score) for h in hyps]
-                for p, hyps in zip(ids, found)
-            ]
-        n = config.num_return_sequences
-        seqs = [_Sequence(a, b, rng) for a, b in zip(arrays, budgets) for rng in _rngs(config.seed, n)]
-        watch = [_StopWatch(self.decode, config.stop) for _ in seqs] if config.stop else None
-        for i, token in decode(self.model, seqs, n, config, stop_ids):
-            if watch and watch[i].add(token):
-                seqs[i].finish_reason = "stop_string"  # leaves the batch; the text is cut below
+            if logprobs is not None:
+                raise ValueError("logprobs are not reported with beam search")
+            budgets = [self._budget(p, config) for p in ids]
+            stop_ids = self._stop_ids(config)
+            found = self._beam_search([np.asarray(p, dtype=np.int64) for p in ids], budgets, config, stop_ids)
+            return [[self._completion(h.tokens, h.finish_reason, config, h.score) for h in hyps] for hyps in found]
+        requests = [self.request(p, config, logprobs=logprobs) for p in ids]
+        texts = [[[] for _ in r.choices] for r in requests]
+        lps = [[[] for _ in r.choices] for r in requests]
+        self._start(requests)
+        for request, text, lp in zip(requests, texts, lps):
+            for event in self._events(request):
+                text[event.choice].append(event.text)
+                if event.logprob is not None:
+                    lp[event.choice].append(event.logprob)
         return [
-            [self._completion(ids[p], s.tokens, s.finish_reason, config) for s in seqs[p * n : (p + 1) * n]]
-            for p in range(len(ids))
+            [
+                Completion("".join(t), c.tokens, c.finish_reason, None, tuple(l) if logprobs is not None else None)
+                for c, t, l in zip(r.choices, text, lp)
+            ]
+            for r, text, lp in zip(requests, texts, lps)
         ]
 
-    def _completion(self, prompt_ids, tokens, reason, config, score=None) -> Completion:
-        """Run finished tokens through the same TextStream a stream uses, so stop strings cut the
-        text (and the token ids) exactly as streaming would."""
-        stream = TextStream(_replay(tokens, reason), self.decode, config.stop, list(prompt_ids))
-        text = "".join(stream)
-        return Completion(text, stream.token_ids, stream.finish_reason, score)
+    def _completion(self, tokens: list[int], reason: str, config: GenerationConfig, score: float | None) -> Completion:
+        """A finished beam, its text cut at a stop string exactly as a stream would."""
+        events = list(_replay(tokens, reason, StopCriteria(self.decode, (), config.stop)))
+        text = "".join(e.text for e in events)
+        kept = [e.token for e in events if e.token is not None]
+        return Completion(text, kept, events[-1].finish_reason if events else reason, score)
 
     def score(
         self, text: str | Sequence[int], window: int | None = None, stride: int | None = None, add_special_tokens: bool = True
@@ -240,7 +317,11 @@ class Generator:
         text's perplexity; texts longer than ``window`` (default: the context) go in overlapping
         windows ``stride`` tokens apart (default: half a window)."""
         ids = self.encode(text, add_special_tokens) if isinstance(text, str) else self._prompt_ids(text)
-        return score_ids(self.model, ids, window=window, stride=stride)
+        with self._lock:
+            try:
+                return score_ids(self.model, ids, window=window, stride=stride)
+            finally:
+                self.model.reset(1, 1)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template."""
@@ -259,25 +340,13 @@ class Generator:
         return self.stream(self.chat_prompt(messages), **options)
 
 
-def _rngs(seed: int | None, n: int) -> list[np.random.Generator]:
-    """Random generators for the ``n`` sequences of one prompt; with a seed, the same ones for every
-    prompt and every call."""
-    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
-
-
-def _replay(tokens: list[int], reason: str) -> PyGenerator[int, None, str]:
-    yield from tokens
-    return reason
-
-
-class _StopWatch:
-    """Detokenizes one sequence of a batch to notice a stop string as soon as it appears."""
-
-    def __init__(self, decode, stop: tuple[str, ...]):
-        self._detok = StreamingDetokenizer(decode)
-        self._stop = stop
-        self._text = ""
-
-    def add(self, token: int) -> bool:
-        self._text += self._detok.add(token)
-        return _find_stop(self._text, self._stop) is not None
+def _replay(tokens: list[int], reason: str, stop: StopCriteria) -> Iterator[Event]:
+    """Events for finished ``tokens`` (from beam search), through a stop callback: text pieces, and
+    the cut at a stop string."""
+    for token in tokens:
+        text, why = stop(token)
+        yield Event(0, token, text, why)
+        if why is not None:
+            return
+    text, why = stop.finish(reason)
+    yield Event(0, None, text, why)

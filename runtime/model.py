@@ -1,4 +1,4 @@
-"""One forward step of an exported graph: the session, its inputs and the in-place KV cache together."""
+"""One forward step of an exported graph: the session, its inputs, and the binding of a KV cache."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from .session import available_providers, create_session, resolve_provider
 
 
 class OnnxCausalLM:
-    """Runs the exported graph step by step. The cache knows how many positions each row holds, so
-    callers pass only the new token ids; masks and positions are derived here."""
+    """Runs the exported graph over rows of a KV cache. The cache knows how many positions each row
+    holds, so callers pass only the new token ids; masks and positions are derived here.
+
+    ``self.cache`` is the model's own cache, used when a call names none; other caches (a decode
+    loop's slots, a beam search's beams) can share the session."""
 
     def __init__(self, model_dir: str, manifest: Manifest, provider: str = "auto", threads: int | None = None):
         self.manifest = manifest
@@ -23,55 +26,66 @@ class OnnxCausalLM:
         self.session, self.provider = create_session(path, chosen, model_dir, threads)
         self._io = manifest.graph.io
         self._logits_dtype = np.dtype(self._io.logits_dtype)
-        # The cache lives where attention runs. onnxruntime's CUDA GroupQueryAttention takes float16
-        # only, so a float32 graph runs attention, and keeps its cache, on the CPU.
-        on_gpu = self.provider in ("cuda", "tensorrt") and self._io.kv_dtype == "float16"
-        device = "cuda" if on_gpu else "cpu"
-        self.cache = KVCache(manifest.architecture, self._io, device)
         self._binding = self.session.io_binding()
-        self._bound = -1  # cache version bound to self._binding
+        self._bound: tuple = ()  # (cache, version, rows) bound to self._binding
         self._logits = np.empty((0, 0, 0), self._logits_dtype)  # bound to self._binding, reused while the shape holds
         self.session_seconds = 0.0  # time spent inside onnxruntime, for measuring Python's share
+        self.cache = self.new_cache()
+
+    def new_cache(self) -> KVCache:
+        """An empty cache for this model. It lives where attention runs: onnxruntime's CUDA
+        GroupQueryAttention takes float16 only, so a float32 graph runs attention, and keeps its
+        cache, on the CPU."""
+        on_gpu = self.provider in ("cuda", "tensorrt") and self._io.kv_dtype == "float16"
+        return KVCache(self.manifest.architecture, self._io, "cuda" if on_gpu else "cpu")
 
     @property
     def context_length(self) -> int:
         return self.manifest.architecture.context_length
 
     def reset(self, batch: int = 1, capacity: int | None = None) -> None:
-        """Start ``batch`` empty rows, each able to hold ``capacity`` positions (default: the context)."""
+        """Start ``batch`` empty rows of the model's cache, all in its decode batch, each able to hold
+        ``capacity`` positions (default: the context)."""
         capacity = min(capacity or self.context_length, self.context_length)
         self.cache.reset(batch, capacity)
 
-    def forward(self, input_ids: np.ndarray, keep: int | None = None, row: int | None = None) -> np.ndarray:
-        """Append ``input_ids`` int64 [batch, seq] to every row (or only to row ``row``, then batch 1)
-        and return float32 logits [batch, keep, vocab] for the last ``keep`` positions (all by default).
+    def forward(
+        self, input_ids: np.ndarray, keep: int | None = None, row: int | None = None, cache: KVCache | None = None
+    ) -> np.ndarray:
+        """Append ``input_ids`` int64 [batch, seq] to every row of the decode batch (or only to row
+        ``row``, then batch 1) and return float32 logits [batch, keep, vocab] for the last ``keep``
+        positions (all by default).
 
         For fp32 graphs the logits of a whole-batch call are onnxruntime's output buffer itself, reused
         by the next call of the same shape: copy them to keep them longer."""
+        cache = self.cache if cache is None else cache
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        seq = ids.shape[1]
+        count, seq = ids.shape
         keep = seq if keep is None else keep
-        lengths = self.cache.lengths if row is None else self.cache.lengths[row : row + 1]
-        total = lengths + seq  # [batch]
-        if int(total.max()) > self.cache.capacity:
-            raise CacheFullError(
-                f"the sequence needs {int(total.max())} positions but the cache holds {self.cache.capacity}"
-            )
-        io, binding = self._io, self._binding
-        shape = (ids.shape[0], keep, self.manifest.architecture.vocab_size)
-        if row is not None:  # one row of the batch: a binding of its own, on a view of the buffers
+        start = 0 if row is None else row
+        if row is None and count != cache.active:
+            raise ValueError(f"{count} rows of input for a decode batch of {cache.active}")
+        cache.check_room(start, count, seq)
+        io = self._io
+        shape = (count, keep, self.manifest.architecture.vocab_size)
+        if row is not None:  # one row: a binding of its own, on a view of the buffers
             binding = self.session.io_binding()
-            self.cache.bind(binding, row)
+            cache.bind(binding, row, 1)
             logits = np.empty(shape, self._logits_dtype)
             binding.bind_output(io.logits, "cpu", 0, self._logits_dtype, list(shape), logits.ctypes.data)
         else:
-            if self._bound != self.cache.version:
-                self.cache.bind(binding)
-                self._bound = self.cache.version
+            binding = self._binding
+            bound = (cache, cache.version, count)
+            if self._bound != bound:
+                cache.bind(binding, 0, count)
+                self._bound = bound
+                self._logits = np.empty((0, 0, 0), self._logits_dtype)
             if self._logits.shape != shape:  # one buffer while the shape holds: a fresh one per step costs page faults
                 self._logits = np.empty(shape, self._logits_dtype)
                 binding.bind_output(io.logits, "cpu", 0, self._logits_dtype, list(shape), self._logits.ctypes.data)
             logits = self._logits
+        lengths = cache.lengths[start : start + count]
+        total = lengths + seq  # [batch]
         mask = (np.arange(int(total.max())) < total[:, None]).astype(np.int64)  # [batch, total]: right-padded
         binding.bind_cpu_input(io.input_ids, ids)
         binding.bind_cpu_input(io.attention_mask, mask)
@@ -79,10 +93,10 @@ class OnnxCausalLM:
             positions = lengths[:, None] + np.arange(seq, dtype=np.int64)  # [batch, seq]
             binding.bind_cpu_input(io.position_ids, positions)
         binding.bind_cpu_input(io.logits_to_keep, np.array(keep, dtype=np.int64))
-        start = time.perf_counter()
+        began = time.perf_counter()
         self.session.run_with_iobinding(binding)
-        self.session_seconds += time.perf_counter() - start
-        lengths += seq  # a view of the cache's lengths: the rows now hold the new positions
+        self.session_seconds += time.perf_counter() - began
+        cache.advance(start, ids)  # the rows now hold the new positions
         return logits.astype(np.float32, copy=False)  # fp16 graphs: sampling and scoring work in fp32
 
     def prefill(self, prompts: list[np.ndarray], capacity: int | None = None) -> np.ndarray:
@@ -92,5 +106,9 @@ class OnnxCausalLM:
         return np.stack([self.forward(p[None, :], keep=1, row=i)[0, -1] for i, p in enumerate(prompts)])
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        """Append one token per row (int64 [batch]); returns float32 logits [batch, vocab]."""
+        """Append one token per row of the decode batch (int64 [batch]); returns float32 logits
+        [batch, vocab]."""
         return self.forward(np.asarray(tokens, dtype=np.int64)[:, None], keep=1)[:, 0]
+
+
+__all__ = ["CacheFullError", "OnnxCausalLM"]

@@ -1,14 +1,17 @@
-"""Logits processing and sampling as pure functions over logits.
+"""Logits processors and the sampler, in pure numpy.
 
-Each function takes logits of one sequence, float [vocab], and returns new logits (or a token id);
-randomness comes only from an explicit ``np.random.Generator``. The order follows transformers:
-``process`` (repetition penalty, no-repeat n-grams, min_new_tokens, user processors) for every
-strategy, then for sampling ``warp`` (temperature, top-k, top-p, min-p) and a draw.
+A request's GenerationConfig is turned once into a list of processors (``make_processors``) and a
+sampler (``Sampler``). A processor is any callable ``(token_ids, logits) -> logits``: token_ids int64
+[n] are the prompt and the tokens generated so far, logits float32 [vocab] one sequence's scores.
+The built-in ones (repetition, presence and frequency penalties, no-repeat n-grams,
+min_new_tokens) are made here as closures of that kind, and a user's processors are appended to the
+same list. The sampler turns processed logits into a token: greedy, or temperature, top-k, top-p and
+min-p then a draw from an explicit ``np.random.Generator``. The order follows transformers.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
     from .config import GenerationConfig
 
 NEG_INF = -np.inf
+Processor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def apply_repetition_penalty(logits: np.ndarray, previous: np.ndarray, penalty: float) -> np.ndarray:
@@ -66,6 +70,18 @@ def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
     return np.where(remove, NEG_INF, logits)
 
 
+def apply_presence_frequency(logits: np.ndarray, generated: np.ndarray, presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's penalties over the generated tokens: ``presence`` once for every token that occurred,
+    ``frequency`` times the number of its occurrences."""
+    if (presence == 0.0 and frequency == 0.0) or generated.size == 0:
+        return logits
+    ids, counts = np.unique(generated, return_counts=True)
+    ok = ids < logits.shape[-1]
+    out = logits.copy()
+    out[ids[ok]] -= np.float32(presence) + np.float32(frequency) * counts[ok].astype(np.float32)
+    return out
+
+
 def apply_no_repeat_ngram(logits: np.ndarray, previous: np.ndarray, n: int) -> np.ndarray:
     """Ban each token that would repeat an n-gram of ``previous`` (int64 [len]); 0 disables."""
     if n <= 0 or previous.size < n:
@@ -90,55 +106,77 @@ def apply_min_new_tokens(logits: np.ndarray, generated: int, minimum: int, stop_
     return out
 
 
-def apply_processors(logits: np.ndarray, previous: np.ndarray, processors) -> np.ndarray:
-    """Run user callables ``(token_ids, logits) -> logits`` in order, each on a copy."""
-    for fn in processors:
-        out = fn(previous.copy(), logits.copy())
-        out = np.asarray(out)
+def _user_processor(fn: Processor) -> Processor:
+    """Run a user's callable on copies, and check what it returns."""
+
+    def processor(token_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        out = np.asarray(fn(token_ids.copy(), logits.copy()))
         if out.shape != logits.shape:
             name = getattr(fn, "__name__", type(fn).__name__)
             raise ValueError(f"logits processor {name} returned shape {out.shape}, expected {logits.shape}")
-        logits = out.astype(np.float32, copy=False)
+        return out.astype(np.float32, copy=False)
+
+    return processor
+
+
+def make_processors(config: "GenerationConfig", prompt_length: int, stop_ids: frozenset[int]) -> list[Processor]:
+    """The processors ``config`` asks for, for a sequence whose first ``prompt_length`` ids are its
+    prompt, in the order they run; empty for plain greedy decoding or sampling."""
+    out: list[Processor] = []
+    if config.repetition_penalty != 1.0:
+        out.append(lambda ids, logits: apply_repetition_penalty(logits, ids, config.repetition_penalty))
+    if config.presence_penalty != 0.0 or config.frequency_penalty != 0.0:
+        out.append(
+            lambda ids, logits: apply_presence_frequency(
+                logits, ids[prompt_length:], config.presence_penalty, config.frequency_penalty
+            )
+        )
+    if config.no_repeat_ngram_size > 0:
+        out.append(lambda ids, logits: apply_no_repeat_ngram(logits, ids, config.no_repeat_ngram_size))
+    if config.min_new_tokens > 0 and stop_ids:
+        out.append(
+            lambda ids, logits: apply_min_new_tokens(logits, ids.shape[0] - prompt_length, config.min_new_tokens, stop_ids)
+        )
+    out.extend(_user_processor(fn) for fn in config.logits_processors)
+    return out
+
+
+def run_processors(processors: list[Processor], token_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float32, copy=False)
+    for fn in processors:
+        logits = fn(token_ids, logits)
     return logits
 
 
-def process(
-    logits: np.ndarray,  # float [vocab]
-    previous: np.ndarray,  # int64 [n]: prompt and generated tokens so far
-    generated: int,  # how many of them were generated
-    config: "GenerationConfig",
-    stop_ids: frozenset[int],
-) -> np.ndarray:
-    """The processors every strategy applies (greedy, sampling and beam search)."""
-    logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), previous, config.repetition_penalty)
-    logits = apply_no_repeat_ngram(logits, previous, config.no_repeat_ngram_size)
-    logits = apply_min_new_tokens(logits, generated, config.min_new_tokens, stop_ids)
-    return apply_processors(logits, previous, config.logits_processors)
+class Sampler:
+    """Processed logits → the next token id: the argmax when the temperature is 0, otherwise a draw
+    from the warped distribution (temperature, top-k, top-p, min-p) with ``rng``."""
+
+    def __init__(self, config: "GenerationConfig", rng: np.random.Generator | None = None):
+        self.config = config
+        self.greedy = config.temperature == 0.0
+        self.rng = rng if rng is not None else np.random.default_rng()
+
+    def warp(self, logits: np.ndarray) -> np.ndarray:
+        c = self.config
+        logits = apply_temperature(logits, c.temperature)
+        return apply_min_p(apply_top_p(apply_top_k(logits, c.top_k), c.top_p), c.min_p)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """float64 [vocab]: the distribution the next token is drawn from (one-hot when greedy)."""
+        if self.greedy:
+            out = np.zeros(logits.shape[-1])
+            out[np.argmax(logits)] = 1.0
+            return out
+        return softmax(self.warp(logits))
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.greedy:
+            return int(np.argmax(logits))
+        return draw(self.probabilities(logits), self.rng)
 
 
-def warp(logits: np.ndarray, config: "GenerationConfig") -> np.ndarray:
-    """The sampling filters: temperature, top-k, top-p, min-p."""
-    logits = apply_temperature(logits, config.temperature)
-    return apply_min_p(apply_top_p(apply_top_k(logits, config.top_k), config.top_p), config.min_p)
-
-
-def choose(
-    logits: np.ndarray,  # float [vocab]
-    previous: np.ndarray,  # int64 [n]
-    generated: int,
-    config: "GenerationConfig",
-    stop_ids: frozenset[int],
-    rng: np.random.Generator,
-) -> int:
-    """The next token id: greedy when the temperature is 0, otherwise a draw."""
-    logits = process(logits, previous, generated, config, stop_ids)
-    if config.temperature == 0.0:
-        return greedy(logits)
-    return draw(warp(logits, config), rng)
-
-
-def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
-    probs = softmax(logits)
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(rng.choice(probs.shape[-1], p=probs))
 
 
@@ -148,5 +186,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def greedy(logits: np.ndarray) -> int:
-    return int(np.argmax(logits))
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-softmax over the last axis."""
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .model import OnnxCausalLM
+from .sampling import log_softmax
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,6 @@ class Score:
     @property
     def perplexity(self) -> float:
         return math.exp(self.mean_nll)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float64 log-softmax over the last axis."""
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:

@@ -126,6 +126,24 @@ def tiny_models(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def chat_model(tiny_models, tmp_path_factory):
+    """The tiny Llama with a chat template written into its manifest."""
+    import json
+    import shutil
+
+    path = str(tmp_path_factory.mktemp("chat") / "chat-llama")
+    shutil.copytree(tiny_models["llama"][2], path)
+    with open(f"{path}/lmrt.json") as f:
+        manifest = json.load(f)
+    manifest["tokenizer"]["chat_template"] = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    with open(f"{path}/lmrt.json", "w") as f:
+        json.dump(manifest, f)
+    return path
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny(request, tiny_models):
     return tiny_models[request.param]

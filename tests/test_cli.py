@@ -21,18 +21,20 @@ def run():
 
 def test_generate_streams_the_same_text_as_the_api(run, tiny_models):
     path = tiny_models["llama"][2]
-    expected = runtime.Generator(path).generate(
-        "The capital of", max_new_tokens=16, temperature=0.8, top_k=40, seed=4, stop_token_ids=[]
-    )
-    result = run("generate", path, "The capital of", "-n", "16", "-t", "0.8", "--top-k", "40", "--seed", "4", "--stop-token-id", "999")
+    gen = runtime.Generator(path)
+    last = gen.manifest.architecture.vocab_size - 1  # a stop id instead of the model's eos
+    expected = gen.generate("The capital of", max_new_tokens=16, temperature=0.8, top_k=40, seed=4, stop_token_ids=[last])
+    result = run("generate", path, "The capital of", "-n", "16", "-t", "0.8", "--top-k", "40", "--seed", "4", "--stop-token-id", str(last))
     assert result.exit_code == 0, result.output
     assert result.stdout == expected + "\n"
 
 
 def test_generate_reads_stdin_and_reports_stats(run, tiny_models):
     path = tiny_models["gpt2"][2]
-    expected = runtime.Generator(path).generate("Small models", max_new_tokens=5, stop_token_ids=[])
-    result = run("generate", path, "-", "-n", "5", "--stats", "--stop-token-id", "999", input="Small models")
+    gen = runtime.Generator(path)
+    last = gen.manifest.architecture.vocab_size - 1
+    expected = gen.generate("Small models", max_new_tokens=5, stop_token_ids=[last])
+    result = run("generate", path, "-", "-n", "5", "--stats", "--stop-token-id", str(last), input="Small models")
     assert result.exit_code == 0
     assert result.stdout == expected + "\n"
     assert "5 tokens, finish: length" in result.stderr
@@ -41,8 +43,8 @@ def test_generate_reads_stdin_and_reports_stats(run, tiny_models):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["generate", "{m}", "hi", "--temperature", "-1"], "error: temperature must be"),
-        (["generate", "{m}", "hi", "--top-p", "2"], "error: top_p must be"),
+        (["generate", "{m}", "hi", "--temperature", "-1"], "error: --temperature must be"),
+        (["generate", "{m}", "hi", "--top-p", "2"], "error: --top-p must be"),
         (["generate", "{m}", "hi", "--provider", "npu"], "error: unknown provider 'npu'"),
         (["generate", "/no/such/model", "hi"], "error: model directory not found"),
         (["generate", "{m}", "hi", "--chat"], "error: this model has no chat template"),
@@ -106,27 +108,10 @@ def test_json_output_has_one_object_per_sequence(run, tiny_models):
     ]
 
 
-@pytest.fixture
-def chat_model(tiny_models, tmp_path):
-    """The tiny Llama with a chat template written into its manifest."""
-    import json
-    import shutil
-
-    path = str(tmp_path / "chat-llama")
-    shutil.copytree(tiny_models["llama"][2], path)
-    with open(f"{path}/lmrt.json") as f:
-        manifest = json.load(f)
-    manifest["tokenizer"]["chat_template"] = (
-        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
-    with open(f"{path}/lmrt.json", "w") as f:
-        json.dump(manifest, f)
-    return path
-
-
 def test_terminal_chat_keeps_the_history_and_resets(run, chat_model):
     gen = runtime.Generator(chat_model)
-    options = dict(max_new_tokens=6, stop_token_ids=[])
+    last = gen.manifest.architecture.vocab_size - 1
+    options = dict(max_new_tokens=6, stop_token_ids=[last])
     system = [{"role": "system", "content": "Be brief."}]
     first = gen.chat(system + [{"role": "user", "content": "hello"}], **options)
     history = system + [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first}]
@@ -134,7 +119,7 @@ def test_terminal_chat_keeps_the_history_and_resets(run, chat_model):
     fresh = gen.chat(system + [{"role": "user", "content": "and then"}], **options)
     assert second != fresh  # the answer depends on the first turn
 
-    result = run("chat", chat_model, "--system", "Be brief.", "-n", "6", "--stop-token-id", "9999",
+    result = run("chat", chat_model, "--system", "Be brief.", "-n", "6", "--stop-token-id", str(last),
                  input="hello\nand then\n/reset\n\nand then\n")
     assert result.exit_code == 0, result.output
     assert result.stdout == f"> {first}\n> {second}\n> > > {fresh}\n> \n"
@@ -155,9 +140,9 @@ def test_terminal_chat_drops_old_turns_to_fit_the_context(run, chat_model):
     "args,message",
     [
         (["chat", "{m}"], "error: this model has no chat template"),
-        (["chat", "{m}", "--num-beams", "0"], "error: num_beams must be"),
+        (["chat", "{m}", "--num-beams", "0"], "error: --num-beams must be"),
         (["chat", "{m}", "-N", "2", "-t", "1"], "error: chat answers with one sequence"),
-        (["generate", "{m}", "hi", "-b", "2", "-t", "0.5"], "error: temperature must be 0 with beam search"),
+        (["generate", "{m}", "hi", "-b", "2", "-t", "0.5"], "error: --temperature must be 0 with beam search"),
         (["generate", "{m}", "hi", "--early-stopping", "maybe"], "Invalid value for '--early-stopping'"),
         (["generate", "{m}"], "Missing argument 'PROMPT...'"),
     ],

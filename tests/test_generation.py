@@ -13,7 +13,7 @@ import pytest
 
 from lmrt import runtime
 from lmrt.runtime import GenerationConfig, ManifestError, ProviderError
-from lmrt.runtime.generator import TextStream
+from lmrt.runtime.stopping import StopCriteria
 from conftest import CORPUS
 
 
@@ -44,9 +44,16 @@ def test_stream_joined_equals_generate_and_decode(llama):
     assert len(pieces) > 1
 
 
-def token_source(ids, reason="length"):
-    yield from ids
-    return reason
+def stream_pieces(decode, ids, stop=()):
+    """Feed finished token ids through a stop callback as the decode loop does: (pieces, reason)."""
+    criteria, pieces = StopCriteria(decode, (), stop), []
+    for token in ids:
+        text, reason = criteria(token)
+        pieces.append(text)
+        if reason:
+            return [p for p in pieces if p], reason
+    text, reason = criteria.finish("length")
+    return [p for p in pieces + [text] if p], reason
 
 
 @pytest.mark.parametrize("text", [CORPUS[4], CORPUS[5], "混合 mixed 文字 🚀🚀 and ✨👩‍💻 end"])
@@ -54,22 +61,21 @@ def test_streaming_never_splits_a_character(llama, text):
     """Chinese and emoji span several byte-level tokens; no piece may hold half a character."""
     ids = llama.encode(text, add_special_tokens=False)
     assert len(ids) > len(text.encode("utf-8")) // 4  # many characters really are split across tokens
-    stream = TextStream(token_source(ids), llama.decode, (), [])
-    pieces = list(stream)
+    pieces, reason = stream_pieces(llama.decode, ids)
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
-    assert stream.finish_reason == "length"
+    assert reason == "length"
 
 
 def test_stop_string_ends_the_text_before_it(llama):
     text = "The capital of France is Paris. The capital of Italy is Rome."
     ids = llama.encode(text, add_special_tokens=False)
-    stream = TextStream(token_source(ids), llama.decode, ("Italy", "Paris."), [])
-    assert "".join(stream) == "The capital of France is "
-    assert stream.finish_reason == "stop_string"
+    pieces, reason = stream_pieces(llama.decode, ids, ("Italy", "Paris."))
+    assert "".join(pieces) == "The capital of France is "
+    assert reason == "stop_string"
     # a stop string that never appears leaves the text whole
-    stream = TextStream(token_source(ids), llama.decode, ("Berlin",), [])
-    assert "".join(stream) == text and stream.finish_reason == "length"
+    pieces, reason = stream_pieces(llama.decode, ids, ("Berlin",))
+    assert "".join(pieces) == text and reason == "length"
 
 
 def test_stop_string_in_generation(llama):
@@ -119,6 +125,10 @@ INVALID = [
     ("top_p", 1.5),
     ("repetition_penalty", 0.0),
     ("repetition_penalty", -1.0),
+    ("presence_penalty", 2.5),
+    ("presence_penalty", "high"),
+    ("frequency_penalty", -3),
+    ("frequency_penalty", float("nan")),
     ("seed", -1),
     ("seed", "abc"),
     ("stop", [""]),

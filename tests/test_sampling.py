@@ -49,7 +49,8 @@ def test_temperature_matches_transformers(logits, t):
 
 def choose(logits, rng, **options):
     config = GenerationConfig(**options)
-    return sampling.choose(logits, np.array([], np.int64), 0, config, frozenset(), rng)
+    processors = sampling.make_processors(config, 0, frozenset())
+    return sampling.Sampler(config, rng)(sampling.run_processors(processors, np.array([], np.int64), logits))
 
 
 def test_greedy_ignores_the_random_generator(logits):
@@ -109,3 +110,16 @@ def test_min_p_draws_only_from_tokens_it_keeps():
     rng = np.random.default_rng(2)
     draws = [choose(logits, rng, temperature=1.0, min_p=0.3) for _ in range(2000)]
     assert set(draws) == {0, 1}  # 0.12 < 0.3 * 0.5
+
+
+def test_presence_and_frequency_penalties_follow_openais_definition(logits):
+    """logit[j] -= presence * (count[j] > 0) + frequency * count[j], counting generated tokens only."""
+    prompt = [5, 5, 6]
+    generated = [3, 17, 17, 400, 3, 17]
+    processors = sampling.make_processors(GenerationConfig(presence_penalty=0.5, frequency_penalty=0.25), len(prompt), frozenset())
+    got = sampling.run_processors(processors, np.asarray(prompt + generated), logits)
+    expected = logits.copy()
+    for token in set(generated):
+        expected[token] -= 0.5 + 0.25 * generated.count(token)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got[5] == logits[5]  # prompt tokens are not penalised

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmrt import runtime
-from lmrt.runtime.generator import TextStream
+from test_generation import stream_pieces
 
 pytestmark = pytest.mark.real_model
 
@@ -63,11 +63,7 @@ def test_tokenizer_and_streaming_match_transformers(gen, smollm2, text):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert gen.encode(text, add_special_tokens=False) == ids
 
-    def source():
-        yield from ids
-        return "length"
-
-    pieces = list(TextStream(source(), gen.decode, (), []))
+    pieces, _ = stream_pieces(gen.decode, ids)
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
 

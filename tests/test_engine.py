@@ -1,0 +1,280 @@
+"""The decode loop's slots, the scheduler and the Engine: whatever else runs, each request gets what
+it would get alone; rows are reused, freed and moved without touching what they hold."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lmrt import runtime
+from lmrt.runtime import Engine, QueueFullError
+from lmrt.runtime.kv_cache import KVCache
+
+PROMPTS = [
+    "The capital of France is",
+    "北京是中国的首都。东京是日本的首都。我们喜欢在晚上喝茶。",
+    "Once upon a time there was a quick brown fox who jumped over the lazy dog again",
+    "Emoji 🚀",
+    "A runtime reads the manifest, loads the graph, and decodes one token at a time with a cache. " * 2,
+]
+SETTINGS = [
+    dict(max_new_tokens=24),
+    dict(max_new_tokens=30, temperature=0.9, top_k=40, seed=5),
+    dict(max_new_tokens=20, repetition_penalty=1.3, presence_penalty=0.5),
+    dict(max_new_tokens=16, temperature=1.1, min_p=0.05, seed=9, num_return_sequences=2),
+]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return runtime.Generator(tiny_models["llama"][2], provider="cpu")
+
+
+def collect(engine, ids, config, logprobs=None):
+    """Submit and wait; returns (texts per choice, request)."""
+    done = threading.Event()
+    texts = [""] * config.num_return_sequences
+
+    def on_event(event):
+        texts[event.choice] += event.text
+        if request.done or all(c.finish_reason for c in request.choices):
+            done.set()
+
+    request = engine.request(ids, config, on_event, logprobs)
+    engine.submit(request)
+    assert done.wait(60)
+    return texts, request
+
+
+def alone(gen, prompt, **settings):
+    return [(c.text, c.token_ids, c.finish_reason) for c in gen.generate_batch([prompt], **settings)[0]]
+
+
+@pytest.mark.parametrize("chunk", [4, 256])
+def test_engine_requests_at_once_equal_each_alone(llama, chunk):
+    """Every prompt x setting submitted together to 3 slots (so some wait, some are prefilled in
+    chunks while others decode, and rows move as requests finish) gives the Generator's result."""
+    engine = Engine(llama, slots=3, ctx_size=128, prefill_chunk=chunk)
+    try:
+        jobs = [(p, s) for p in PROMPTS for s in SETTINGS]
+        results = [None] * len(jobs)
+        threads = []
+        for i, (prompt, settings) in enumerate(jobs):
+            def run(i=i, prompt=prompt, settings=settings):
+                config = llama.config(**settings)
+                texts, request = collect(engine, llama.encode(prompt), config)
+                results[i] = [(t, c.tokens, c.finish_reason) for t, c in zip(texts, request.choices)]
+            threads.append(threading.Thread(target=run))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for (prompt, settings), got in zip(jobs, results):
+            assert got == alone(llama, prompt, **settings), (prompt, settings)
+        assert engine.status().stats.requests_finished == len(jobs)
+        assert engine.status().slots_in_use == 0
+    finally:
+        engine.close()
+
+
+def test_prefix_reuse_gives_the_same_answer_and_counts_cached_tokens(llama):
+    engine = Engine(llama, slots=2, ctx_size=128, prefill_chunk=8)
+    try:
+        first = llama.encode(PROMPTS[2])
+        texts, request = collect(engine, first, llama.config(max_new_tokens=10))
+        assert request.cached_tokens == 0
+        history = first + request.choices[0].tokens + llama.encode(" and then the fox")
+        texts2, request2 = collect(engine, history, llama.config(max_new_tokens=12))
+        # the second turn starts with everything the first one left in its row
+        assert request2.cached_tokens == len(first) + len(request.choices[0].tokens) - 1
+        assert [(texts2[0], request2.choices[0].tokens)] == [(t, ids) for t, ids, _ in alone(llama, history, max_new_tokens=12)]
+        assert engine.status().stats.cached_prompt_tokens == request2.cached_tokens
+    finally:
+        engine.close()
+
+
+def test_cancel_frees_the_slot_and_others_go_on(llama):
+    engine = Engine(llama, slots=2, ctx_size=128)
+    try:
+        release = threading.Event()
+
+        def hold(ids, logits):  # keeps its request running until released
+            release.wait(10)
+            return logits
+
+        config = llama.config(max_new_tokens=100, stop_token_ids=[], logits_processors=[hold])
+        held = engine.submit(engine.request(llama.encode("Small"), config, lambda e: None))
+        deadline = time.time() + 10
+        while engine.status().slots_in_use < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.status().slots_in_use == 1
+        engine.cancel(held)
+        release.set()
+        deadline = time.time() + 10
+        while not held.done and time.time() < deadline:
+            time.sleep(0.01)
+        assert held.done and held.choices[0].finish_reason == "cancelled"
+        assert len(held.choices[0].tokens) < 100
+        assert engine.status().slots_in_use == 0
+        texts, request = collect(engine, llama.encode(PROMPTS[0]), llama.config(max_new_tokens=20))
+        assert [(texts[0], request.choices[0].tokens)] == [(t, ids) for t, ids, _ in alone(llama, PROMPTS[0], max_new_tokens=20)]
+    finally:
+        engine.close()
+
+
+def test_full_queue_refuses_at_once_and_drops_nothing(llama):
+    engine = Engine(llama, slots=1, ctx_size=128, max_queue=1)
+    try:
+        release = threading.Event()
+
+        def hold(ids, logits):
+            release.wait(10)
+            return logits
+
+        config = llama.config(max_new_tokens=8, stop_token_ids=[])
+        running = engine.submit(engine.request(llama.encode("Small"), config.replace(logits_processors=(hold,)), lambda e: None))
+        waiting = engine.submit(engine.request(llama.encode("Small"), config, lambda e: None))
+        with pytest.raises(QueueFullError, match="busy"):
+            engine.submit(engine.request(llama.encode("Small"), config, lambda e: None))
+        release.set()
+        deadline = time.time() + 10
+        while not (running.done and waiting.done) and time.time() < deadline:
+            time.sleep(0.01)
+        assert [len(r.choices[0].tokens) for r in (running, waiting)] == [8, 8]
+    finally:
+        engine.close()
+
+
+def test_a_failing_processor_ends_only_its_request(llama):
+    engine = Engine(llama, slots=2, ctx_size=128)
+    try:
+        def broken(ids, logits):
+            raise RuntimeError("boom")
+
+        failed = engine.submit(engine.request(llama.encode("Small"), llama.config(max_new_tokens=8, logits_processors=[broken]), lambda e: None))
+        texts, request = collect(engine, llama.encode(PROMPTS[0]), llama.config(max_new_tokens=12))
+        deadline = time.time() + 10
+        while not failed.done and time.time() < deadline:
+            time.sleep(0.01)
+        assert isinstance(failed.error, RuntimeError) and failed.choices[0].finish_reason == "error"
+        assert [(texts[0], request.choices[0].tokens)] == [(t, ids) for t, ids, _ in alone(llama, PROMPTS[0], max_new_tokens=12)]
+    finally:
+        engine.close()
+
+
+def test_engine_refuses_what_a_slot_cannot_hold(llama):
+    engine = Engine(llama, slots=2, ctx_size=64)
+    try:
+        with pytest.raises(ValueError, match="more than a slot holds"):
+            engine.request(llama.encode("Small"), llama.config(max_new_tokens=64), lambda e: None)
+        with pytest.raises(ValueError, match="a slot holds 64"):
+            engine.request(list(range(64)), llama.config(max_new_tokens=1), lambda e: None)
+        with pytest.raises(ValueError, match="num_return_sequences 3 is more than"):
+            engine.request([1, 2], llama.config(max_new_tokens=4, temperature=1.0, num_return_sequences=3), lambda e: None)
+    finally:
+        engine.close()
+
+
+def test_logprobs_are_the_models_own(llama):
+    """Each token's reported log-probability is what scoring the finished text gives."""
+    prompt = llama.encode(PROMPTS[0])
+    got = llama.generate_batch([prompt], logprobs=3, max_new_tokens=12, temperature=0.8, seed=2)[0][0]
+    scored = llama.score(prompt + got.token_ids)
+    expected = scored.logprobs[len(prompt) - 1 :]
+    np.testing.assert_allclose([lp.logprob for lp in got.logprobs], expected, atol=2e-4)
+    assert [lp.token for lp in got.logprobs] == got.token_ids
+    for lp in got.logprobs:
+        assert len(lp.top) == 3 and [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+        assert lp.top[0][1] >= lp.logprob - 1e-9
+
+
+# --- the Generator shared between threads and streams ------------------------------------------
+
+
+def test_generator_from_many_threads_gives_each_its_own_answer(llama):
+    expected = {p: llama.generate(p, max_new_tokens=20) for p in PROMPTS}
+    got: dict[str, str] = {}
+    errors = []
+
+    def run(prompt):
+        try:
+            got[prompt] = llama.generate(prompt, max_new_tokens=20)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and got == expected
+
+
+def test_interleaved_streams_do_not_mix(llama):
+    a_alone = llama.generate(PROMPTS[0], max_new_tokens=20, stop_token_ids=[])
+    b_alone = llama.generate(PROMPTS[3], max_new_tokens=25, temperature=0.9, seed=1, stop_token_ids=[])
+    a = llama.stream(PROMPTS[0], max_new_tokens=20, stop_token_ids=[])
+    b = llama.stream(PROMPTS[3], max_new_tokens=25, temperature=0.9, seed=1, stop_token_ids=[])
+    pieces_a, pieces_b = [], []
+    for pa, pb in zip(a, b):  # read alternately
+        pieces_a.append(pa)
+        pieces_b.append(pb)
+    pieces_a += list(a)
+    pieces_b += list(b)
+    assert "".join(pieces_a) == a_alone and "".join(pieces_b) == b_alone
+
+
+def test_an_abandoned_stream_stops_generating(llama):
+    stream = llama.stream(PROMPTS[0], max_new_tokens=100, stop_token_ids=[])
+    next(stream)
+    stream.close()
+    assert llama.generate(PROMPTS[1], max_new_tokens=10) == alone(llama, PROMPTS[1], max_new_tokens=10)[0][0]
+    assert not llama._loop.busy
+
+
+# --- the cache's rows ---------------------------------------------------------------------------
+
+
+def test_cache_rows_move_without_changing_what_they_hold(llama):
+    arch, io = llama.manifest.architecture, llama.manifest.graph.io
+    cache = KVCache(arch, io)
+    cache.reset(4, 16, active=0)
+    rng = np.random.default_rng(0)
+    owners = ["a", "b", "c"]
+    contents = {}
+    for o in owners:
+        assert cache.claim(o, np.arange(5)) in (0,)
+        row = cache.row_of(o)
+        n = int(rng.integers(2, 12))
+        ids = rng.integers(0, 100, size=(1, n))
+        for buf in cache._arrays:
+            buf[row, :, :n] = rng.normal(size=buf[row, :, :n].shape)
+        cache.advance(row, ids)
+        contents[o] = ([buf[row, :, :n].copy() for buf in cache._arrays], ids[0].tolist())
+        cache.activate(o)
+    assert cache.owners() == owners and cache.active == 3
+    cache.release("a")  # "c" moves into a's row; a's row keeps its positions for reuse
+    assert cache.active == 2 and set(cache.owners()) == {"b", "c"}
+
+    def check(owner):
+        row = cache.row_of(owner)
+        bufs, ids = contents[owner]
+        assert cache.tokens(row).tolist() == ids
+        for buf, before in zip(cache._arrays, bufs):
+            np.testing.assert_array_equal(buf[row, :, : len(ids)], before)
+
+    for o in ("b", "c"):
+        check(o)
+    # a new owner whose ids start like a's gets a's old row, truncated to the shared prefix
+    a_ids = contents["a"][1]
+    shared = cache.claim("d", np.array(a_ids[:3] + [999, 998]))
+    assert shared == 3
+    row = cache.row_of("d")
+    np.testing.assert_array_equal(cache._arrays[0][row, :, :3], contents["a"][0][0][:, :3])
+    cache.truncate(row, 1)
+    assert cache.lengths[row] == 1 and cache.tokens(row).tolist() == a_ids[:1]
+    with pytest.raises(ValueError):
+        cache.truncate(row, 2)
