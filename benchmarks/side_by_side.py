@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from datetime import date
 
+from report import DOCS, machine, write_section
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 SYSTEMS = {  # name -> (label, module its interpreter must import)
     "lmrt": ("lmrt", "lmrt.runtime"),
     "genai": ("onnxruntime-genai", "onnxruntime_genai"),
@@ -51,7 +51,7 @@ def parse_args():
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[16, 512], help="one table per prompt length")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--output", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    p.add_argument("--output", default=DOCS, help="the markdown file whose 'decode' section this writes")
     p.add_argument("--json", help="also write the raw results here")
     return p.parse_args()
 
@@ -87,17 +87,6 @@ def measure(python: str, system: str, model: str, ids_file: str, new_tokens: int
     if done.returncode != 0:
         raise RuntimeError(f"{system} {model}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores available, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
 
 def main() -> None:
@@ -141,8 +130,7 @@ def main() -> None:
         tables.append((length, summarize(results)))
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as out:
-        out.write(report(tables, skipped, args))
+    write_section("decode", report(tables, skipped, args), args.output)
     if args.json:
         with open(args.json, "w") as out:
             json.dump({str(n): {f"{s} {p}": v for (s, p), v in t.items()} for n, t in tables}, out, indent=2)
@@ -170,7 +158,7 @@ def _name(system: str, precision: str) -> str:
 
 def report(tables: list[tuple[int, dict]], skipped: list[str], args) -> str:
     lines = [
-        "# Benchmarks",
+        "## One stream: decode speed and time to first token",
         "",
         f"SmolLM2-135M-Instruct, {args.new_tokens} greedy new tokens after the prompt; median of {args.runs} "
         "interleaved runs, each in a fresh process after a short warm-up. Decode speed counts the tokens "
@@ -182,7 +170,7 @@ def report(tables: list[tuple[int, dict]], skipped: list[str], args) -> str:
     for length, summary in tables:
         lines += [
             "",
-            f"## {length}-token prompt",
+            f"### {length}-token prompt",
             "",
             "| system | time to first token (ms) | decode (tokens/s) | peak memory (MB) | lmrt decode ÷ this | lmrt time to first token |",
             "|---|---:|---:|---:|---:|---:|",
@@ -221,7 +209,7 @@ def report(tables: list[tuple[int, dict]], skipped: list[str], args) -> str:
                     same = sum(1 for a, b in zip(r["first_tokens"], reference["first_tokens"]) if a == b)
                     agree.append(f"{_name(system, precision)} {same}/{n}")
             lines += ["", f"Same greedy token as lmrt fp32 at each of the first {n} positions: " + "; ".join(agree) + "."]
-    lines += ["", "## Versions", ""]
+    lines += ["", "### Versions", ""]
     versions: dict[str, set] = {}
     for _, summary in tables:
         for (system, _), r in summary.items():
@@ -229,7 +217,7 @@ def report(tables: list[tuple[int, dict]], skipped: list[str], args) -> str:
                 versions.setdefault(f"{package} {version}", set()).add(SYSTEMS[system][0])
     lines += [f"- {k} (for {', '.join(sorted(v))})" for k, v in sorted(versions.items())]
     if skipped:
-        lines += ["", "## Skipped", ""] + [f"- {s}" for s in skipped]
+        lines += ["", "### Skipped", ""] + [f"- {s}" for s in skipped]
     return "\n".join(lines) + "\n"
 
 
