@@ -26,6 +26,8 @@ class BenchResult:
     time_to_first_token_ms: float
     decode_tokens_per_s: float  # tokens after the first / time after the first
     python_share: float  # share of a decode step spent outside onnxruntime (sampling, detokenizing, glue)
+    speculation: str  # "auto", "on" or "off"
+    acceptance: float | None  # speculation: share of proposed tokens accepted (None: nothing proposed)
     peak_rss_mb: float  # the whole process, model loading included
     model_files_mb: float
     kv_cache_mb: float  # the cache at its largest: prompt + new tokens
@@ -44,7 +46,9 @@ def prompt_ids(gen, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def run(model_dir: str, prompt_tokens: int, new_tokens: int, runs: int, provider: str, threads: int | None) -> BenchResult:
+def run(
+    model_dir: str, prompt_tokens: int, new_tokens: int, runs: int, provider: str, threads: int | None, speculation: str = "off"
+) -> BenchResult:
     from .atomic import directory_size
     from .runtime import Generator
 
@@ -56,9 +60,13 @@ def run(model_dir: str, prompt_tokens: int, new_tokens: int, runs: int, provider
             f"--prompt-tokens + --new-tokens is {prompt_tokens + new_tokens}, more than the model's context ({gen.context_length})"
         )
     ids = prompt_ids(gen, prompt_tokens)
-    config = gen.config(max_new_tokens=new_tokens, stop_token_ids=[], temperature=0.0)
+    config = gen.config(max_new_tokens=new_tokens, stop_token_ids=[], temperature=0.0, speculation=speculation)
+    stats = gen.stats
     first, rest, outside = [], [], []
+    proposed = accepted = 0
     for i in range(runs + 1):  # the first run warms up and is not counted
+        if i == 1:
+            proposed, accepted = stats.proposed_tokens, stats.accepted_tokens
         start = time.perf_counter()
         tokens = gen.iter_tokens(ids, config)
         next(tokens)
@@ -76,7 +84,9 @@ def run(model_dir: str, prompt_tokens: int, new_tokens: int, runs: int, provider
     files = directory_size(model_dir)
     return BenchResult(
         prompt_tokens, new_tokens, runs, gen.provider, threads, prompt_tokens / ttft, ttft * 1e3, 1 / step,
-        statistics.median(outside), peak_rss_mb(), files / 1e6, kv_bytes / 1e6,
+        statistics.median(outside), speculation,
+        (stats.accepted_tokens - accepted) / (stats.proposed_tokens - proposed) if stats.proposed_tokens > proposed else None,
+        peak_rss_mb(), files / 1e6, kv_bytes / 1e6,
     )
 
 
@@ -92,6 +102,7 @@ def as_table(r: BenchResult) -> str:
         ("prefill", f"{r.prefill_tokens_per_s:.1f} tokens/s"),
         ("time to first token", f"{r.time_to_first_token_ms:.1f} ms"),
         ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s ({r.python_share:.1%} of each step outside onnxruntime)"),
+        ("speculation", r.speculation + ("" if r.acceptance is None else f", {r.acceptance:.0%} of proposed tokens accepted")),
         ("peak resident memory", f"{r.peak_rss_mb:.0f} MB (model files {r.model_files_mb:.0f} MB, KV cache {r.kv_cache_mb:.1f} MB)"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -345,10 +345,14 @@ def chat_(model_dir, system, provider, threads, **options) -> None:
 @click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Prompt length.")
 @click.option("--new-tokens", type=int, default=128, show_default=True, help="Tokens to generate (greedy, stop tokens ignored).")
 @click.option("--runs", type=int, default=3, show_default=True, help="Measured runs, after one warm-up run.")
+@click.option(
+    "--speculation", type=click.Choice(["auto", "on", "off"]), default="off", show_default=True,
+    help="Prompt-lookup speculation (the prompt is repeated prose, so auto measures a best case).",
+)
 @_runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @_errors_to_one_line
-def bench(model_dir, prompt_tokens, new_tokens, runs, provider, threads, as_json) -> None:
+def bench(model_dir, prompt_tokens, new_tokens, runs, speculation, provider, threads, as_json) -> None:
     """Measure prefill speed, time to first token, decode speed and peak memory of MODEL_DIR.
 
     Medians over --runs runs of greedy decoding through lmrt's own decode loop. Peak memory is the
@@ -364,7 +368,7 @@ def bench(model_dir, prompt_tokens, new_tokens, runs, provider, threads, as_json
 
     from . import bench as benchmark
 
-    result = benchmark.run(model_dir, prompt_tokens, new_tokens, runs, provider, threads)
+    result = benchmark.run(model_dir, prompt_tokens, new_tokens, runs, provider, threads, speculation)
     click.echo(json.dumps(dataclasses.asdict(result)) if as_json else benchmark.as_table(result))
 
 

@@ -68,6 +68,12 @@ class GenerationConfig:
     )
     num_return_sequences: int = option(1, "Sequences per prompt: independent samples, or the best beams.", short="-N")
     seed: int | None = option(None, "Seed of the samplers' random generators (none: fresh randomness).")
+    speculation: str = option(
+        "auto",
+        "Prompt-lookup speculation: propose tokens that repeat earlier text and check several in one step. "
+        "auto: for greedy decoding while one sequence runs; on: for sampling too; off.",
+        choices=("auto", "on", "off"),
+    )
     stop: tuple[str, ...] = option((), "A string that ends generation; the text stops just before it (repeatable).", multiple=True)
     stop_token_ids: tuple[int, ...] | None = option(
         None, "A token id that ends generation (repeatable; default: the model's end-of-sequence ids).",
@@ -117,6 +123,8 @@ class GenerationConfig:
             object.__setattr__(self, "early_stopping", self.early_stopping == "true")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise bad("early_stopping", 'must be True, False or "never"')
+        if self.speculation not in ("auto", "on", "off"):
+            raise bad("speculation", 'must be "auto", "on" or "off"')
         if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise bad("num_return_sequences", "must be a positive integer")
         if self.num_beams > 1 and self.temperature > 0:

@@ -8,7 +8,9 @@ token) and the Engine (a thread of its own fed by a queue). Requests join and le
     2. the scheduler admits waiting requests into free rows and names a prompt chunk to read;
     3. that chunk is run into its request's row; when its prompt is complete, each of its choices
        samples a first token and joins the decode batch;
-    4. one forward pass over the decode batch gives every running choice its next token.
+    4. one forward pass over the decode batch gives every running choice its next token; when one
+       choice runs alone and its text repeats earlier text, that pass also checks the tokens that
+       followed there (prompt-lookup speculation, ``speculation.py``) and may give it several.
 
 A choice is one sequence being generated (a request asks for ``n`` of them from one prompt). Its
 next token comes from its logits through its processors and sampler (``sampling``), and its stop
@@ -31,6 +33,7 @@ from .kv_cache import KVCache
 from .model import OnnxCausalLM
 from .sampling import Processor, Sampler, log_softmax, make_processors
 from .scheduler import Scheduler
+from .speculation import PromptLookup, accept
 
 StopCallback = Callable[[int], "tuple[str, str | None]"]  # token -> (text released, finish reason or None)
 
@@ -66,6 +69,7 @@ class Choice:
     sampler: Sampler
     processors: list[Processor]
     stop: StopCallback
+    drafter: PromptLookup | None = None  # proposes tokens to check, when speculation is on for it
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     pending: int = -1  # the newest token, sampled but not yet run through the model
@@ -114,10 +118,12 @@ class Request:
         self.first_token_at: float | None = None
         processors = make_processors(config, self.prompt.shape[0], stop_ids)
         seeds = np.random.SeedSequence(config.seed).spawn(config.num_return_sequences)
+        speculate = config.speculation == "on" or (config.speculation == "auto" and not config.samples)
         self.choices = [
-            Choice(self, i, Sampler(config, np.random.default_rng(s)), processors, stop_callback())
+            Choice(self, i, Sampler(config, np.random.default_rng(s)), processors, stop_callback(),
+                   PromptLookup() if speculate else None)
             for i, s in enumerate(seeds)
-        ]
+        ]  # fmt: skip
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -134,6 +140,8 @@ class LoopStats:
     decode_seconds: float = 0.0  # time spent in decode steps
     decode_steps: int = 0
     decoded_rows: int = 0  # rows summed over decode steps (their mean is the busy slots per step)
+    proposed_tokens: int = 0  # speculation: tokens proposed for checking
+    accepted_tokens: int = 0  # of those, accepted
     requests_finished: int = 0
 
 
@@ -202,6 +210,11 @@ class DecodeLoop:
 
     def _decode(self) -> None:
         batch = list(self.cache.owners())
+        if len(batch) == 1 and batch[0].drafter is not None:  # alone: speculation costs no one else a thing
+            choice = batch[0]
+            draft = choice.drafter.propose(choice.history, choice.request.budget - len(choice.tokens) - 1)
+            if draft.size:
+                return self._check_draft(choice, draft)
         tokens = np.fromiter((c.pending for c in batch), dtype=np.int64, count=len(batch))
         logits = self.model.forward(tokens[:, None], keep=1, cache=self.cache)[:, 0]
         events = [(c, self._next_token(c, logits[row])) for row, c in enumerate(batch)]
@@ -212,17 +225,43 @@ class DecodeLoop:
         for request in {c.request: None for c in ended}:
             self._settle(request)
 
-    def _next_token(self, choice: Choice, logits: np.ndarray) -> Event:
+    def _check_draft(self, choice: Choice, draft: np.ndarray) -> None:
+        """Run ``choice``'s newest token and the proposed ``draft`` in one pass, then take tokens
+        position by position while they match the proposal; the row keeps only what was taken."""
+        row = self.cache.row_of(choice)
+        before = int(self.cache.lengths[row])
+        ids = np.concatenate([[choice.pending], draft])[None, :]
+        logits = self.model.forward(ids, keep=ids.shape[1], cache=self.cache)[0]  # [1 + k, vocab]
+        events, taken = [], 0
+        for i in range(ids.shape[1]):
+            proposed = int(draft[i]) if i < draft.shape[0] else None
+            event = self._next_token(choice, logits[i], proposed)
+            events.append((choice, event))
+            if event.finish_reason is not None or proposed is None or event.token != proposed:
+                break
+            taken += 1
+        choice.drafter.update(draft.shape[0], taken)
+        self.stats.proposed_tokens += draft.shape[0]
+        self.stats.accepted_tokens += taken
+        self.cache.truncate(row, before + 1 + taken)  # the newest token and the proposed ones taken
+        if events[-1][1].finish_reason is not None:
+            self.cache.release(choice)
+        self._publish(events)
+        if events[-1][1].finish_reason is not None:
+            self._settle(choice.request)
+
+    def _next_token(self, choice: Choice, logits: np.ndarray, proposed: int | None = None) -> Event:
         """Choose ``choice``'s next token from its ``logits`` [vocab]; the event says it, and why the
         choice ended if it did. A failure of the request's own code (a processor, the stop callback)
         ends the request, not the loop. Ended choices free their rows before their events go out, so
-        a consumer that hears of the end finds the slot free."""
+        a consumer that hears of the end finds the slot free. With ``proposed``, the token is chosen
+        by speculation's acceptance rule, which keeps the distribution the sampler's."""
         request = choice.request
         try:
             processed = logits
             for fn in choice.processors:
                 processed = fn(choice.history, processed)
-            token = choice.sampler(processed)
+            token = choice.sampler(processed) if proposed is None else accept(choice.sampler, processed, proposed)[0]
             text, reason = choice.stop(token)
         except Exception as e:  # noqa: BLE001 - handed to the request's consumer
             request.error = e

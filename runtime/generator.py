@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from .beam import beam_search
 from .chat import render_chat
 from .config import ConfigError, GenerationConfig
-from .decoding import DecodeLoop, Event, Request, TokenLogprob
+from .decoding import DecodeLoop, Event, LoopStats, Request, TokenLogprob
 from .manifest import load_manifest
 from .model import OnnxCausalLM
 from .scoring import Score, score_ids
@@ -106,6 +106,11 @@ class Generator:
     @property
     def context_length(self) -> int:
         return self.model.context_length
+
+    @property
+    def stats(self) -> LoopStats:
+        """The decode loop's counters: tokens read and generated, time spent, speculation."""
+        return self._loop.stats
 
     def config(self, **options: Any) -> GenerationConfig:
         """The model's generation defaults overridden by ``options``."""

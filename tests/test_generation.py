@@ -147,6 +147,8 @@ INVALID = [
     ("early_stopping", "sometimes"),
     ("early_stopping", 1),
     ("num_return_sequences", 0),
+    ("speculation", "sometimes"),
+    ("speculation", True),
     ("logits_processors", [1]),
     ("logits_processors", "upper"),
 ]
