@@ -130,10 +130,25 @@ def test_manifest_describes_the_model(tiny_models):
 
 
 def test_qwen2_biases_and_mistral_window(tiny_models):
+    """Mistral's sliding window applies inside the graph; the context is not capped to it."""
     _, qwen2, _ = tiny_models["qwen2"]
     assert qwen2.model.layers[0].self_attn.q_proj.bias is not None  # the biases are really exercised
-    _, _, exported = tiny_models["mistral"]
-    assert load_manifest(exported).architecture.context_length == 96  # capped at the sliding window
+    _, mistral, exported = tiny_models["mistral"]
+    window = mistral.config.sliding_window
+    assert load_manifest(exported).architecture.context_length == mistral.config.max_position_embeddings > window
+    ids = np.random.default_rng(5).integers(0, mistral.config.vocab_size, window + 20).tolist()
+    chunks = [ids[: window + 12]] + [[t] for t in ids[window + 12 :]]
+    got = run_steps(onnx_model(exported), chunks)
+    past = None
+    with torch.no_grad():
+        for chunk, logits in zip(chunks, got):
+            out = mistral(input_ids=torch.tensor([chunk]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            np.testing.assert_allclose(logits, out.logits[0].numpy(), atol=ATOL, rtol=0)
+        mistral.config.sliding_window = None  # the window matters for these positions
+        unwindowed = mistral(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+        mistral.config.sliding_window = window
+    assert np.abs(unwindowed - got[-1][-1]).max() > 1e-2
 
 
 def test_graph_is_fused(tiny_models):
