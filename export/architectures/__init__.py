@@ -172,4 +172,4 @@ def rotary_table(model, config, key: str, arch: Architecture):
     return short, long, original
 
 
-from . import gpt2, llama  # noqa: E402,F401  (registration)
+from . import gemma2, gemma3, gpt2, granite, llama, phi3, qwen3, smollm3  # noqa: E402,F401  (registration)
