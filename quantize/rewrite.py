@@ -131,7 +131,7 @@ def quantize_graph(model: onnx.ModelProto, choose: Choose, accuracy_level: int, 
     del graph.node[:]
     graph.node.extend(out)
     del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    graph.initializer.extend(kept + [t for t in new_inits if still_used[t.name]])  # an untied table gathers only
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return counts

@@ -88,6 +88,31 @@ def train_tokenizer(save_dir: str, vocab_size: int = 400):
     return fast
 
 
+# Where each GGUF block type keeps its float16 scales (and minimums), with a typical magnitude: the
+# other bytes (codes, sub-block scales) may be anything.
+GGUF_SCALES = {
+    "Q4_0": [(0, 0.01)], "Q4_1": [(0, 0.01), (2, -0.08)], "Q8_0": [(0, 0.0005)],
+    "Q5_0": [(0, 0.004)], "Q5_1": [(0, 0.004), (2, -0.06)],
+    "Q4_K": [(0, 0.0002), (2, 0.0005)], "Q5_K": [(0, 0.0001), (2, 0.0005)], "Q6_K": [(208, 0.00002)],
+    "Q3_K": [(108, 0.001)],
+}  # fmt: skip
+
+
+def gguf_random_blocks(kind: str, rows: int, cols: int, rng) -> "np.ndarray":
+    """Raw GGUF rows uint8 [rows, bytes] of type ``kind`` with random codes and scales, as a file
+    would hold them (gguf cannot write K-quants itself); the first block of row 0 has scale 0."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    per_block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    raw = rng.integers(0, 256, (rows, cols // per_block, size), dtype=np.uint8)
+    for at, typical in GGUF_SCALES[kind]:
+        values = (np.abs(rng.standard_normal((rows, cols // per_block, 1))) * typical).astype(np.float16)
+        raw[..., at : at + 2] = values.view(np.uint8)
+    raw[0, 0, GGUF_SCALES[kind][0][0] : GGUF_SCALES[kind][0][0] + 2] = 0
+    return raw.reshape(rows, -1)
+
+
 def make_tiny_model(family: str, root: str):
     """A tiny random model of ``family`` saved as a Hugging Face directory; returns (dir, model)."""
     import torch
