@@ -87,15 +87,16 @@ class GraphBuilder:
         return model
 
 
-# The oldest onnxruntime release that runs each feature of the decoder graphs (CPU provider), so a
-# graph's own requirement is the newest release among the features it uses (``DecoderGraph.requires``).
+# The oldest onnxruntime release whose CPU provider runs each feature of the decoder graphs, measured
+# by running graphs that use it under each release from 1.17 on and comparing with the current one.
+# A graph needs the newest release among the features it uses (``DecoderGraph.requires``).
 ONNXRUNTIME_SINCE: dict[str, str] = {
-    "GroupQueryAttention": "1.18",  # CPU kernel, packed q/k/v, rotary inside, in-place cache
-    "GroupQueryAttention.local_window_size": "1.18",
-    "GroupQueryAttention.softcap": "1.20",
-    "GroupQueryAttention.partial_rotary": "1.20",  # cos/sin narrower than head_size / 2
+    "GroupQueryAttention": "1.18",  # CPU kernel, packed q/k/v, rotary inside, in-place cache (1.17 rejects the graph)
     "GroupQueryAttention.separate_qkv": "1.18",
-    "If": "1.14",  # rotary tables switched by length (LongRoPE)
+    "GroupQueryAttention.partial_rotary": "1.18",  # cos/sin narrower than head_size / 2
+    "GroupQueryAttention.softcap": "1.20",  # 1.19 rejects the attribute
+    "GroupQueryAttention.local_window_size": "1.24",  # before, a window of W saw W + 1 positions
+    "If": "1.18",  # rotary tables switched by length (LongRoPE)
 }
 
 

@@ -61,13 +61,17 @@ def _symmetric(bits: int, codes: np.ndarray, scales: np.ndarray, zero: int) -> B
     return BlockQuantized(bits, codes.shape[-1], shifted, scales.astype(np.float32), None)
 
 
-def _with_minimum(bits: int, codes: np.ndarray, scales: np.ndarray, minimum: np.ndarray) -> BlockQuantized:
-    """w = scale q - minimum = scale (q - minimum / scale). A block with scale 0 is -minimum
-    everywhere: codes 0, zero point -1, scale -minimum."""
+def _with_minimum(bits: int, code_bits: int, codes: np.ndarray, scales: np.ndarray, minimum: np.ndarray) -> BlockQuantized:
+    """w = scale q - minimum = scale (q - minimum / scale) for ``code_bits``-bit codes q. A block with
+    scale 0 is -minimum everywhere: codes 0, zero point -1, scale -minimum. Codes narrower than the
+    layout are centred on its midpoint (both shifted alike), so that the graph's split into codes
+    around the midpoint plus an offset adds no large terms that cancel."""
     flat = scales == 0
-    codes = np.where(flat[..., None], 0, codes).astype(np.uint8)
-    zero_points = np.where(flat, -1.0, minimum / np.where(flat, 1.0, scales)).astype(np.float32)
-    return BlockQuantized(bits, codes.shape[-1], codes, np.where(flat, -minimum, scales).astype(np.float32), zero_points)
+    shift = 2 ** (bits - 1) - 2 ** (code_bits - 1)
+    codes = (np.where(flat[..., None], 0, codes) + shift).astype(np.uint8)
+    zero_points = np.where(flat, -1.0, minimum.astype(np.float64) / np.where(flat, 1.0, scales)) + shift
+    scales = np.where(flat, -minimum, scales).astype(np.float32)
+    return BlockQuantized(bits, codes.shape[-1], codes, scales, zero_points.astype(np.float64))  # float64: exact after the shift
 
 
 def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +89,7 @@ def _q4_0(b):
 
 
 def _q4_1(b):
-    return _with_minimum(4, _nibbles(b[..., 4:20]), _f16(b[..., 0:2]), -_f16(b[..., 2:4]))
+    return _with_minimum(4, 4, _nibbles(b[..., 4:20]), _f16(b[..., 0:2]), -_f16(b[..., 2:4]))
 
 
 def _q8_0(b):
@@ -102,27 +106,27 @@ def _q5_0(b):
 
 
 def _q5_1(b):
-    return _with_minimum(8, _q5(b, 8), _f16(b[..., 0:2]), -_f16(b[..., 2:4]))
+    return _with_minimum(8, 5, _q5(b, 8), _f16(b[..., 0:2]), -_f16(b[..., 2:4]))
 
 
-def _k_minimum(bits: int, b, codes: np.ndarray) -> BlockQuantized:
+def _k_minimum(bits: int, code_bits: int, b, codes: np.ndarray) -> BlockQuantized:
     """Q4_K / Q5_K: codes [..., 8, 32] with the block's scales and minimums."""
     sc, mn = _k_scales(b[..., 4:16])
-    return _with_minimum(bits, codes, _f16(b[..., 0:2])[..., None] * sc, _f16(b[..., 2:4])[..., None] * mn)
+    return _with_minimum(bits, code_bits, codes, _f16(b[..., 0:2])[..., None] * sc, _f16(b[..., 2:4])[..., None] * mn)
 
 
 def _q4_k(b):
     # 4 groups of 32 bytes, each holding sub-block 2g in its low nibbles and 2g + 1 in its high ones
     low = b[..., 16:144].reshape(*b.shape[:-1], 4, 1, 32)
     codes = np.concatenate([low & 0x0F, low >> 4], axis=-2).reshape(*b.shape[:-1], 8, 32)
-    return _k_minimum(4, b, codes)
+    return _k_minimum(4, 4, b, codes)
 
 
 def _q5_k(b):
     low = b[..., 48:176].reshape(*b.shape[:-1], 4, 1, 32)
     codes = np.concatenate([low & 0x0F, low >> 4], axis=-2).reshape(*b.shape[:-1], 8, 32)
     high = b[..., 16:48][..., None, :] >> np.arange(8, dtype=np.uint8)[:, None] & 1  # bit s of byte k: sub-block s
-    return _k_minimum(8, b, codes | (high << 4))
+    return _k_minimum(8, 5, b, codes | (high << 4))
 
 
 def _q6_k(b):
@@ -159,9 +163,10 @@ def layout(q: BlockQuantized) -> str:
 def relayout(q: BlockQuantized, bits: int, block_size: int) -> BlockQuantized:
     """The same values in a layout with at least as many bits and blocks as small or smaller."""
     codes, scales, zero_points = q.codes, q.scales, q.zero_points
-    if bits != q.bits:  # codes keep their values; a symmetric block keeps its zero on the midpoint
-        shift = 0 if zero_points is not None else 2 ** (bits - 1) - q.midpoint
-        codes = (codes.astype(np.int16) + int(shift)).astype(np.uint8)
+    if bits != q.bits:  # codes and zero points move to the wider layout's midpoint together
+        shift = int(2 ** (bits - 1) - q.midpoint)
+        codes = (codes.astype(np.int16) + shift).astype(np.uint8)
+        zero_points = None if zero_points is None else zero_points + np.asarray(shift, zero_points.dtype)
     split = q.block_size // block_size
     if split > 1:
         n, blocks, _ = codes.shape
@@ -248,5 +253,5 @@ class GGUFBlocks:
 
 def _float_zero_points(q: BlockQuantized) -> BlockQuantized:
     if q.zero_points is not None:
-        return BlockQuantized(q.bits, q.block_size, q.codes, q.scales, q.zero_points.astype(np.float32))
-    return BlockQuantized(q.bits, q.block_size, q.codes, q.scales, np.full(q.scales.shape, q.midpoint, np.float32))
+        return BlockQuantized(q.bits, q.block_size, q.codes, q.scales, q.zero_points.astype(np.float64))
+    return BlockQuantized(q.bits, q.block_size, q.codes, q.scales, np.full(q.scales.shape, q.midpoint, np.float64))

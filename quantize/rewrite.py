@@ -22,6 +22,14 @@ from onnx import helper, numpy_helper
 from .blocks import BlockQuantized
 
 MS_DOMAIN = "com.microsoft"
+# The oldest onnxruntime release whose CPU provider runs what this rewrite writes (measured as for
+# export.graph.ONNXRUNTIME_SINCE; 1.18 is the oldest the decoder graphs themselves load on).
+ONNXRUNTIME_SINCE: dict[str, str] = {
+    "MatMulNBits.4bit": "1.18",
+    "MatMulNBits.8bit": "1.22",  # accuracy level 4 (int8 compute); 1.22 rejects level 0 (float compute)
+    "MatMulNBits.8bit.float_compute": "1.23",
+    "GatherBlockQuantized.8bit": "1.23",  # 1.20 to 1.22 reject 8-bit tables, older ones the operator
+}
 Choose = Callable[[str, str, np.ndarray], "BlockQuantized | None"]
 
 
