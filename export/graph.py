@@ -4,6 +4,7 @@ the graph's inputs and outputs, fused attention over an in-place cache, and the 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -100,6 +101,17 @@ ONNXRUNTIME_SINCE: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class RotaryTable:
+    """cos, sin [context, rotary_dim / 2] (half-rotation layout). With ``long``, LongRoPE's pair:
+    ``long`` is used while the longest row of the batch holds more than ``longer_than`` positions,
+    ``short`` otherwise, as transformers chooses its factors for each forward pass."""
+
+    short: tuple[np.ndarray, np.ndarray]
+    long: tuple[np.ndarray, np.ndarray] | None = None
+    longer_than: int = 0
+
+
 def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
@@ -136,7 +148,7 @@ class DecoderGraph:
         self.seqlens_k = b.op("Cast", b.op("Sub", lengths, b.const(1)), to=TensorProto.INT32)  # [batch]
         self.total = b.op("Gather", b.op("Shape", self.attention_mask), b.const(1), axis=0)  # [] int64: longest row
         self.total_length = b.op("Cast", self.total, to=TensorProto.INT32)  # [] int32
-        self.rotary_tables: dict[str, tuple[str, str]] = {}
+        self.rotary_tables: dict[str, tuple[str, str, int]] = {}  # key -> cos, sin, rotary_dim / 2
 
     @property
     def position_ids(self) -> str:
@@ -155,30 +167,32 @@ class DecoderGraph:
         """The oldest onnxruntime release that runs this graph (see ``ONNXRUNTIME_SINCE``)."""
         return max((ONNXRUNTIME_SINCE[f] for f in self.features), key=_version_key, default="1.14")
 
-    def add_rotary(self, key: str, cos: np.ndarray, sin: np.ndarray) -> None:
-        """Rotary table ``key``: cos, sin [context, rotary_dim / 2] (half-rotation layout)."""
-        self.rotary_tables[key] = (self.b.weight(f"rotary.{key}.cos", cos), self.b.weight(f"rotary.{key}.sin", sin))
+    def add_rotary(self, key: str, table: "RotaryTable") -> None:
+        """Register rotary table ``key``; a switched table is chosen by length at every step."""
+        if table.long is None:
+            cos, sin = (self.b.weight(f"rotary.{key}.{n}", t) for n, t in zip(("cos", "sin"), table.short))
+        else:
+            cos, sin = self._switched(key, table)
+        self.rotary_tables[key] = (cos, sin, table.short[0].shape[1])
 
-    def add_switched_rotary(self, key: str, short: tuple[np.ndarray, np.ndarray], long: tuple[np.ndarray, np.ndarray], longer_than: int) -> None:
-        """Rotary table ``key`` that is ``long`` (cos, sin) while the longest row holds more than
-        ``longer_than`` positions and ``short`` otherwise, as LongRoPE chooses its factors. Both
-        cover the whole context; the choice is made per step, so within a batch the longest row
-        decides, as in transformers."""
+    def _switched(self, key: str, table: "RotaryTable") -> tuple[str, str]:
+        """cos, sin: the long tables while the longest row holds more than ``table.longer_than``
+        positions, else the short ones (an If node whose branches hold them as constants)."""
         b = self.b
         outputs = [b.unique(f"rotary.{key}.cos"), b.unique(f"rotary.{key}.sin")]
 
         def branch(name: str, tables: tuple[np.ndarray, np.ndarray]) -> onnx.GraphProto:
             nodes, values = [], []
-            for out, table in zip(outputs, tables):
-                tensor = numpy_helper.from_array(np.ascontiguousarray(table.astype(b.dtype)), f"{name}.{out}")
+            for out, array in zip(outputs, tables):
+                tensor = numpy_helper.from_array(np.ascontiguousarray(array.astype(b.dtype)), f"{name}.{out}")
                 nodes.append(helper.make_node("Constant", [], [f"{name}.{out}.value"], value=tensor))
-                values.append(helper.make_tensor_value_info(f"{name}.{out}.value", b.elem, list(table.shape)))
+                values.append(helper.make_tensor_value_info(f"{name}.{out}.value", b.elem, list(array.shape)))
             return helper.make_graph(nodes, name, [], values)
 
-        longer = b.op("Greater", self.total, b.const(longer_than))
-        b.op("If", longer, out=outputs, then_branch=branch("long", long), else_branch=branch("short", short))
+        longer = b.op("Greater", self.total, b.const(table.longer_than))
+        b.op("If", longer, out=outputs, then_branch=branch("long", table.long), else_branch=branch("short", table.short))
         self.features.add("If")
-        self.rotary_tables[key] = (outputs[0], outputs[1])
+        return outputs[0], outputs[1]
 
     def attention(
         self,
@@ -206,9 +220,9 @@ class DecoderGraph:
         if k is not None:
             self.features.add("GroupQueryAttention.separate_qkv")
         if rotary is not None:
-            cos, sin = self.rotary_tables[rotary]
+            cos, sin, width = self.rotary_tables[rotary]
             inputs += [cos, sin]
-            if self._rotary_width(cos) < a.head_size // 2:
+            if width < a.head_size // 2:
                 self.features.add("GroupQueryAttention.partial_rotary")
         if window is not None:
             self.features.add("GroupQueryAttention.local_window_size")
@@ -225,15 +239,6 @@ class DecoderGraph:
             local_window_size=-1 if window is None else int(window), **attrs,
         )  # fmt: skip
         return out
-
-    def _rotary_width(self, name: str) -> int:
-        """Columns of a rotary table (an initializer, or a switched table's branches)."""
-        for t in self.b.initializers:
-            if t.name == name:
-                return int(t.dims[1])
-        node = next(n for n in self.b.nodes if n.op_type == "If" and name in n.output)
-        branch = helper.get_attribute_value(node.attribute[0])
-        return int(branch.output[0].type.tensor_type.shape.dim[1].dim_value)
 
     def logits(self, hidden: str, lm_head: np.ndarray | str, divisor: float = 1.0, softcap: float = 0.0) -> None:
         """hidden [batch, seq, hidden] -> logits [batch, kept, vocab] for the last ``logits_to_keep``

@@ -222,3 +222,25 @@ def test_sliding_window_does_not_cap_the_context(family_models):
     counts = collections.Counter(n.op_type for n in onnx.load(
         os.path.join(family_models["phi3"][2], "model.onnx"), load_external_data=False).graph.node)  # fmt: skip
     assert counts["If"] == 1  # the LongRoPE table switch, shared by every layer
+
+
+def test_graph_records_the_onnxruntime_it_needs(family_models):
+    """Each graph knows the features it uses, hence the oldest onnxruntime that runs it."""
+    from lmrt.export.architectures import Weights, spec_for
+    from lmrt.export.graph import DecoderGraph, GraphBuilder
+    from lmrt.runtime.manifest import GraphIO
+
+    needs = {}
+    for name, (_, model, _) in family_models.items():
+        spec = spec_for(model.config.model_type)
+        graph = DecoderGraph(GraphBuilder(), spec.describe(model.config), GraphIO())
+        spec.build(graph, model.config, Weights(model), model)
+        needs[name] = (graph.requires, sorted(f.split(".")[-1] for f in graph.features if "." in f))
+    assert needs == {
+        "gemma2": ("1.24", ["local_window_size", "softcap"]),
+        "gemma3_text": ("1.24", ["local_window_size", "separate_qkv"]),
+        "phi3": ("1.18", ["partial_rotary"]),
+        "qwen3": ("1.18", ["separate_qkv"]),
+        "smollm3": ("1.18", []),
+        "granite": ("1.18", []),
+    }

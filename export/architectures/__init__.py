@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ...runtime.manifest import Architecture
-from ..graph import DecoderGraph
+from ..graph import DecoderGraph, RotaryTable
 from .decoder import ACTIVATIONS, Layout, Plan, build_decoder
 
 
@@ -144,12 +144,11 @@ def longrope_originals(config) -> list[int]:
     return [int(p["original_max_position_embeddings"]) for p in kinds if p.get("rope_type") == "longrope"]
 
 
-def rotary_table(model, config, key: str, arch: Architecture):
+def rotary_table(model, config, key: str, arch: Architecture) -> RotaryTable:
     """Rotary table ``key`` ("default", or a layer type for configs with rope parameters per layer
     type), computed by the model's own rotary module so every rope scaling transformers implements
-    comes out as it computes it: (cos, sin) [context, rotary_dim / 2]; for LongRoPE (short, long,
-    original context), the short factors holding up to the original context. transformers repeats
-    the half-size table twice (rotate_half layout); the attention node takes one half."""
+    comes out as it computes it; for LongRoPE the short and the long table. transformers repeats the
+    half-size table twice (rotate_half layout); the attention node takes one half."""
     import torch
 
     module = model.model.rotary_emb
@@ -164,12 +163,12 @@ def rotary_table(model, config, key: str, arch: Architecture):
         return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
     if params.get("rope_type") != "longrope":
-        return tables(arch.context_length)
+        return RotaryTable(tables(arch.context_length))
     original = int(params["original_max_position_embeddings"])
     long = tables(arch.context_length)
-    short = tables(original)  # past the original context the long table is in use: pad with it
+    short = tables(original)  # short factors up to the original context; past it the long table is in use
     short = tuple(np.concatenate([s, l[original:]]) for s, l in zip(short, long))
-    return short, long, original
+    return RotaryTable(short, long, original)
 
 
 from . import gemma2, gemma3, gpt2, granite, llama, phi3, qwen3, smollm3  # noqa: E402,F401  (registration)

@@ -69,9 +69,9 @@ class Plan:
             raise ValueError("windows and rotary need one entry per layer")
 
 
-def build_decoder(g, layout: Layout, plan: Plan, w, rotary_tables) -> None:
+def build_decoder(g, layout: Layout, plan: Plan, w, rotary_tables: dict) -> None:
     """Write the decoder into ``g`` (a DecoderGraph). ``w``: the source's Weights; ``rotary_tables``:
-    {key: (cos, sin) or a switched table} as ``add_rotary_tables`` takes them."""
+    {key: RotaryTable} for the keys ``plan.rotary`` names."""
     b, a, L = g.b, g.arch, layout
     attention_size = a.num_heads * a.head_size
     kv_size = a.num_kv_heads * a.head_size
@@ -113,11 +113,13 @@ def build_decoder(g, layout: Layout, plan: Plan, w, rotary_tables) -> None:
         return x if factor == 1.0 else b.op("Mul", x, b.const(factor, b.dtype))
 
     def block_output(x: str, out_norm: str | None) -> str:
+        """A block's output as it joins the residual: normed (post-norm families) and scaled."""
         if out_norm is not None:
-            x = b.op("SimplifiedLayerNormalization", x, gamma(out_norm), axis=-1, epsilon=plan.norm_eps)
+            x, _ = norm(x, None, out_norm)
         return scaled(x, plan.residual_scale)
 
-    add_rotary_tables(g, rotary_tables)
+    for key, table in rotary_tables.items():
+        g.add_rotary(key, table)
     embed = b.weight(L.embed, w(L.embed))  # [vocab, hidden]
     x = scaled(b.op("Gather", embed, g.input_ids), plan.embed_scale)  # [B, S, hidden]
     if L.positions:
@@ -163,12 +165,3 @@ def activation(b, x: str, kind: str) -> str:
     # exact GELU: 0.5 x (1 + erf(x / sqrt(2)))
     e = b.op("Erf", b.op("Mul", x, b.const(1.0 / np.sqrt(2.0), b.dtype)))
     return b.op("Mul", b.op("Mul", x, b.const(0.5, b.dtype)), b.op("Add", e, b.const(1.0, b.dtype)))
-
-
-def add_rotary_tables(g, tables: dict) -> None:
-    """Register each rotary table on the graph: (cos, sin), or (short, long, longer_than)."""
-    for key, table in tables.items():
-        if len(table) == 3:
-            g.add_switched_rotary(key, *table)
-        else:
-            g.add_rotary(key, *table)
