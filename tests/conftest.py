@@ -193,6 +193,35 @@ def make_tiny_model(family: str, root: str):
     return path, model
 
 
+def onnx_model(exported: str):
+    from lmrt.runtime.manifest import load_manifest
+    from lmrt.runtime.model import OnnxCausalLM
+
+    return OnnxCausalLM(exported, load_manifest(exported), provider="cpu")
+
+
+def run_steps(model, chunks) -> list:
+    """Feed chunks of token ids through the cached graph; returns the logits of each chunk."""
+    import numpy as np
+
+    model.reset(1, sum(len(c) for c in chunks))
+    return [model.forward(np.asarray([chunk], dtype=np.int64))[0].copy() for chunk in chunks]
+
+
+def torch_steps(model, chunks) -> list:
+    """PyTorch logits (numpy [len(chunk), vocab]) of each chunk of token ids, fed one after the other
+    through its cache."""
+    import torch
+
+    past, out = None, []
+    with torch.no_grad():
+        for chunk in chunks:
+            result = model(input_ids=torch.tensor([chunk]), past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            out.append(result.logits[0].numpy())
+    return out
+
+
 def export_tiny_models(families, root: str) -> dict:
     from lmrt.export import export_model
 

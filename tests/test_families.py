@@ -13,11 +13,10 @@ import onnx
 import pytest
 import torch
 
-from conftest import LONGROPE_ORIGINAL, NEW_FAMILIES, WINDOW
+from conftest import LONGROPE_ORIGINAL, NEW_FAMILIES, WINDOW, onnx_model, run_steps, torch_steps
 from lmrt import runtime
 from lmrt.quantize import quantize_directory, scheme_for
 from lmrt.runtime.manifest import load_manifest
-from lmrt.runtime.model import OnnxCausalLM
 
 ATOL = 1e-4
 PROMPTS = ["The capital of France is", "Small models run", "北京是"]
@@ -26,23 +25,6 @@ PROMPTS = ["The capital of France is", "Small models run", "北京是"]
 @pytest.fixture(params=list(NEW_FAMILIES))
 def family(request, family_models):
     return (request.param, *family_models[request.param])
-
-
-def torch_steps(model, chunks) -> list[np.ndarray]:
-    """PyTorch logits of each chunk, fed one after the other through its cache."""
-    past, out = None, []
-    with torch.no_grad():
-        for chunk in chunks:
-            result = model(input_ids=torch.tensor([chunk]), past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            out.append(result.logits[0].numpy())
-    return out
-
-
-def onnx_steps(exported, chunks) -> list[np.ndarray]:
-    model = OnnxCausalLM(exported, load_manifest(exported), provider="cpu")
-    model.reset(1, sum(len(c) for c in chunks))
-    return [model.forward(np.asarray([chunk], dtype=np.int64))[0].copy() for chunk in chunks]
 
 
 def chunks_for(vocab: int, prompt: int, steps: int, seed: int = 1) -> list[list[int]]:
@@ -54,25 +36,31 @@ def test_prefill_and_cached_decode_match_pytorch(family):
     """A prompt longer than the sliding windows, then cached steps: every position's logits."""
     name, _, model, exported = family
     chunks = chunks_for(model.config.vocab_size, 3 * WINDOW, 8)
-    for got, ref in zip(onnx_steps(exported, chunks), torch_steps(model, chunks)):
+    for got, ref in zip(run_steps(onnx_model(exported), chunks), torch_steps(model, chunks)):
         np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
+def assert_greedy_equals_transformers(model, exported, ids: list[int], new_tokens: int) -> None:
+    """With a repetition penalty, so the tokens vary."""
+    with torch.no_grad():
+        ref = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=new_tokens,
+            eos_token_id=None, do_sample=False, pad_token_id=0, repetition_penalty=3.0,
+        )[0, len(ids) :].tolist()  # fmt: skip
+    stream = runtime.Generator(exported, provider="cpu").stream(
+        ids, max_new_tokens=new_tokens, stop_token_ids=[], repetition_penalty=3.0
+    )
+    "".join(stream)
+    assert stream.token_ids == ref
+    assert len(set(ref)) > 8  # a varied sequence, so the comparison means something
+
+
 def test_greedy_32_tokens_identical_to_transformers(family):
-    """With a repetition penalty, so the tokens vary; they run well past the windows."""
+    """They run well past the windows."""
     name, _, model, exported = family
     gen = runtime.Generator(exported, provider="cpu")
     for prompt in PROMPTS:
-        ids = gen.encode(prompt)
-        with torch.no_grad():
-            ref = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=32,
-                eos_token_id=None, do_sample=False, pad_token_id=0, repetition_penalty=3.0,
-            )[0, len(ids) :].tolist()  # fmt: skip
-        stream = gen.stream(ids, max_new_tokens=32, stop_token_ids=[], repetition_penalty=3.0)
-        "".join(stream)
-        assert stream.token_ids == ref, prompt
-        assert len(set(ref)) > 8  # a varied sequence, so the comparison means something
+        assert_greedy_equals_transformers(model, exported, gen.encode(prompt), 32)
 
 
 def test_beam_search_and_batch_equal_transformers(family):
@@ -105,7 +93,7 @@ def test_quantized_stays_close(family, tmp_path, precision):
                            progress=lambda _: None)  # fmt: skip
     assert m.quantization["quantized"]["linear"] == 4 * m.architecture.num_layers
     chunks = chunks_for(model.config.vocab_size, 64, 0)  # past the windows and the original context
-    ref, got = onnx_steps(exported, chunks)[0], onnx_steps(out, chunks)[0]
+    ref, got = run_steps(onnx_model(exported), chunks)[0], run_steps(onnx_model(out), chunks)[0]
     rel = np.abs(got - ref).max() / np.abs(ref).max()  # int4 on random weights: several percent per layer
     assert rel < (0.03 if precision == "int8" else 0.3), rel
     assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= (0.95 if precision == "int8" else 0.6)
@@ -179,7 +167,7 @@ def test_longrope_switches_tables_with_the_length(family_models):
     vocab = model.config.vocab_size
     assert load_manifest(exported).architecture.rotary_switch_after == LONGROPE_ORIGINAL
     for chunks in (chunks_for(vocab, LONGROPE_ORIGINAL - 4, 10, seed=5), chunks_for(vocab, LONGROPE_ORIGINAL + 9, 3, seed=6)):
-        for got, ref in zip(onnx_steps(exported, chunks), torch_steps(model, chunks)):
+        for got, ref in zip(run_steps(onnx_model(exported), chunks), torch_steps(model, chunks)):
             np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
     rotary = model.model.rotary_emb
     assert rotary.inv_freq.shape[0] * 2 < model.config.hidden_size // model.config.num_attention_heads  # partial
@@ -187,17 +175,9 @@ def test_longrope_switches_tables_with_the_length(family_models):
 
 def test_longrope_generation_past_the_original_context_equals_transformers(family_models):
     _, model, exported = family_models["phi3"]
-    gen = runtime.Generator(exported, provider="cpu")
-    ids = gen.encode(" ".join(PROMPTS * 6))
+    ids = runtime.Generator(exported, provider="cpu").encode(" ".join(PROMPTS * 6))
     assert len(ids) > LONGROPE_ORIGINAL
-    with torch.no_grad():
-        ref = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=24,
-            eos_token_id=None, do_sample=False, pad_token_id=0, repetition_penalty=3.0,
-        )[0, len(ids) :].tolist()  # fmt: skip
-    stream = gen.stream(ids, max_new_tokens=24, stop_token_ids=[], repetition_penalty=3.0)
-    "".join(stream)
-    assert stream.token_ids == ref and len(set(ref)) > 8
+    assert_greedy_equals_transformers(model, exported, ids, 24)
 
 
 def test_graph_uses_the_attention_node_options(family_models):
