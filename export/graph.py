@@ -4,6 +4,7 @@ the graph's inputs and outputs, fused attention over an in-place cache, and the 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -87,6 +88,34 @@ class GraphBuilder:
         return model
 
 
+# The oldest onnxruntime release whose CPU provider runs each feature of the decoder graphs, measured
+# by running graphs that use it under each release from 1.17 on and comparing with the current one.
+# A graph needs the newest release among the features it uses (``DecoderGraph.requires``).
+ONNXRUNTIME_SINCE: dict[str, str] = {
+    "GroupQueryAttention": "1.18",  # CPU kernel, packed q/k/v, rotary inside, in-place cache (1.17 rejects the graph)
+    "GroupQueryAttention.separate_qkv": "1.18",
+    "GroupQueryAttention.partial_rotary": "1.18",  # cos/sin narrower than head_size / 2
+    "GroupQueryAttention.softcap": "1.20",  # 1.19 rejects the attribute
+    "GroupQueryAttention.local_window_size": "1.24",  # before, a window of W saw W + 1 positions
+    "If": "1.18",  # rotary tables switched by length (LongRoPE)
+}
+
+
+@dataclass(frozen=True)
+class RotaryTable:
+    """cos, sin [context, rotary_dim / 2] (half-rotation layout). With ``long``, LongRoPE's pair:
+    ``long`` is used while the longest row of the batch holds more than ``longer_than`` positions,
+    ``short`` otherwise, as transformers chooses its factors for each forward pass."""
+
+    short: tuple[np.ndarray, np.ndarray]
+    long: tuple[np.ndarray, np.ndarray] | None = None
+    longer_than: int = 0
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
 class DecoderGraph:
     """The inputs, outputs and shared subgraphs of a decoder whose KV cache is updated in place
     (names and shapes: ``GraphIO`` in the runtime's manifest module).
@@ -94,10 +123,12 @@ class DecoderGraph:
     Attention is onnxruntime's GroupQueryAttention: it reads each row's length from the attention
     mask, writes the new keys and values into the cache buffer at that row's own offset, applies
     rotary positions itself, and needs no mask tensor, so rows of different lengths share a batch.
+    Each layer picks its own rotary table (or none), sliding window, score softcap and scale.
     """
 
     def __init__(self, b: GraphBuilder, arch: Architecture, io: GraphIO):
         self.b, self.arch, self.io = b, arch, io
+        self.features: set[str] = set()
         cache_shape = ["batch", arch.num_kv_heads, "capacity", arch.head_size]
         self.input_ids = b.input(io.input_ids, TensorProto.INT64, ["batch", "sequence"])
         self.attention_mask = b.input(io.attention_mask, TensorProto.INT64, ["batch", "total_sequence"])
@@ -115,9 +146,9 @@ class DecoderGraph:
         # Shared by every layer's attention:
         lengths = b.op("ReduceSum", self.attention_mask, b.const([1]), keepdims=0)  # [batch]: cached + new
         self.seqlens_k = b.op("Cast", b.op("Sub", lengths, b.const(1)), to=TensorProto.INT32)  # [batch]
-        total = b.op("Gather", b.op("Shape", self.attention_mask), b.const(1), axis=0)  # []
-        self.total_length = b.op("Cast", total, to=TensorProto.INT32)  # [] int32
-        self.rotary: tuple[str, str] | None = None
+        self.total = b.op("Gather", b.op("Shape", self.attention_mask), b.const(1), axis=0)  # [] int64: longest row
+        self.total_length = b.op("Cast", self.total, to=TensorProto.INT32)  # [] int32
+        self.rotary_tables: dict[str, tuple[str, str, int]] = {}  # key -> cos, sin, rotary_dim / 2
 
     @property
     def position_ids(self) -> str:
@@ -131,38 +162,100 @@ class DecoderGraph:
     def uses_position_ids(self) -> bool:
         return self._position_ids is not None
 
-    def set_rotary(self, cos: np.ndarray, sin: np.ndarray) -> None:
-        """Rotary tables cos, sin [context, rotary_dim / 2] (half-rotation layout); attention then
-        rotates queries and keys by each token's position."""
-        self.rotary = (self.b.weight("rotary.cos", cos), self.b.weight("rotary.sin", sin))
+    @property
+    def requires(self) -> str:
+        """The oldest onnxruntime release that runs this graph (see ``ONNXRUNTIME_SINCE``)."""
+        return max((ONNXRUNTIME_SINCE[f] for f in self.features), key=_version_key, default="1.14")
 
-    def attention(self, layer: int, qkv: str) -> str:
-        """qkv [batch, seq, (heads + 2 kv_heads) * head_size], packed -> [batch, seq, heads * head_size].
-        Writes the new keys and values into the layer's cache buffer (present shares past's memory)."""
+    def add_rotary(self, key: str, table: "RotaryTable") -> None:
+        """Register rotary table ``key``; a switched table is chosen by length at every step."""
+        if table.long is None:
+            cos, sin = (self.b.weight(f"rotary.{key}.{n}", t) for n, t in zip(("cos", "sin"), table.short))
+        else:
+            cos, sin = self._switched(key, table)
+        self.rotary_tables[key] = (cos, sin, table.short[0].shape[1])
+
+    def _switched(self, key: str, table: "RotaryTable") -> tuple[str, str]:
+        """cos, sin: the long tables while the longest row holds more than ``table.longer_than``
+        positions, else the short ones (an If node whose branches hold them as constants)."""
+        b = self.b
+        outputs = [b.unique(f"rotary.{key}.cos"), b.unique(f"rotary.{key}.sin")]
+
+        def branch(name: str, tables: tuple[np.ndarray, np.ndarray]) -> onnx.GraphProto:
+            nodes, values = [], []
+            for out, array in zip(outputs, tables):
+                tensor = numpy_helper.from_array(np.ascontiguousarray(array.astype(b.dtype)), f"{name}.{out}")
+                nodes.append(helper.make_node("Constant", [], [f"{name}.{out}.value"], value=tensor))
+                values.append(helper.make_tensor_value_info(f"{name}.{out}.value", b.elem, list(array.shape)))
+            return helper.make_graph(nodes, name, [], values)
+
+        longer = b.op("Greater", self.total, b.const(table.longer_than))
+        b.op("If", longer, out=outputs, then_branch=branch("long", table.long), else_branch=branch("short", table.short))
+        self.features.add("If")
+        return outputs[0], outputs[1]
+
+    def attention(
+        self,
+        layer: int,
+        q: str,
+        k: str | None = None,
+        v: str | None = None,
+        rotary: str | None = None,
+        window: int | None = None,
+        softcap: float = 0.0,
+        scale: float | None = None,
+    ) -> str:
+        """Attention of layer ``layer`` -> [batch, seq, heads * head_size]. ``q`` is packed q/k/v
+        [batch, seq, (heads + 2 kv_heads) * head_size] when ``k`` and ``v`` are None, else queries
+        with separate keys and values. ``rotary`` names the table rotating queries and keys (None:
+        no rotary); ``window``: each position sees only the last ``window`` positions (None: all);
+        ``softcap``: scores become softcap * tanh(scores / softcap); ``scale``: of the scores,
+        default 1 / sqrt(head_size). Writes the new keys and values into the layer's cache buffer
+        (present shares past's memory)."""
         b, a, io = self.b, self.arch, self.io
         past_k, past_v = self.past[layer]
-        inputs = [qkv, "", "", past_k, past_v, self.seqlens_k, self.total_length]
-        if self.rotary:
-            inputs += list(self.rotary)
+        inputs = [q, k or "", v or "", past_k, past_v, self.seqlens_k, self.total_length]
+        attrs = {}
+        self.features.add("GroupQueryAttention")
+        if k is not None:
+            self.features.add("GroupQueryAttention.separate_qkv")
+        if rotary is not None:
+            cos, sin, width = self.rotary_tables[rotary]
+            inputs += [cos, sin]
+            if width < a.head_size // 2:
+                self.features.add("GroupQueryAttention.partial_rotary")
+        if window is not None:
+            self.features.add("GroupQueryAttention.local_window_size")
+        if softcap:
+            attrs["softcap"] = float(softcap)  # left out when unused: older releases reject the attribute
+            self.features.add("GroupQueryAttention.softcap")
         out = b.unique("attention")
         b.ms(
             "GroupQueryAttention", *inputs,
             out=[out, io.present_key.format(layer=layer), io.present_value.format(layer=layer)],
-            num_heads=a.num_heads, kv_num_heads=a.num_kv_heads, scale=float(1.0 / np.sqrt(a.head_size)),
-            do_rotary=int(self.rotary is not None), rotary_interleaved=0, local_window_size=-1,
+            num_heads=a.num_heads, kv_num_heads=a.num_kv_heads,
+            scale=float(scale if scale is not None else 1.0 / np.sqrt(a.head_size)),
+            do_rotary=int(rotary is not None), rotary_interleaved=0,
+            local_window_size=-1 if window is None else int(window), **attrs,
         )  # fmt: skip
         return out
 
-    def logits(self, hidden: str, lm_head: np.ndarray | str) -> None:
+    def logits(self, hidden: str, lm_head: np.ndarray | str, divisor: float = 1.0, softcap: float = 0.0) -> None:
         """hidden [batch, seq, hidden] -> logits [batch, kept, vocab] for the last ``logits_to_keep``
         positions only, with lm_head [vocab, hidden] (an array, or the name of an initializer already
         stored, such as tied embeddings). Decoding keeps 1: the vocabulary projection of a long prompt
-        is never computed."""
+        is never computed. The logits are divided by ``divisor`` and then, with a ``softcap``, become
+        softcap * tanh(logits / softcap)."""
         b = self.b
         w = lm_head if isinstance(lm_head, str) else b.weight("lm_head.weight", lm_head)
         start = b.op("Neg", b.op("Unsqueeze", self.logits_to_keep, b.const([0])))  # [1]
         last = b.op("Slice", hidden, start, b.const([np.iinfo(np.int64).max]), b.const([1]))  # [batch, kept, hidden]
         flat = b.op("Reshape", last, b.const([-1, self.arch.hidden_size]))
         logits = b.op("Gemm", flat, w, transB=1)  # [batch * kept, vocab]
+        if divisor != 1.0:
+            logits = b.op("Div", logits, b.const(divisor, b.dtype))
+        if softcap:
+            cap = b.const(softcap, b.dtype)
+            logits = b.op("Mul", b.op("Tanh", b.op("Div", logits, cap)), cap)
         shape = b.op("Concat", b.op("Shape", last, start=0, end=2), b.const([self.arch.vocab_size]), axis=0)
         b.op("Reshape", logits, shape, out=self.io.logits)

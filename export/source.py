@@ -6,6 +6,7 @@ exercise the hub path too.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -44,14 +45,15 @@ def locate(source: str) -> tuple[str, str, dict[str, Any]]:
 
 def load_source(source: str) -> Source:
     kind, path, extra = locate(source)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if kind == "hub" and not _cached(path) and not _hub_reachable():
         raise ExportError(
             f"cannot reach the Hugging Face Hub to download {source!r} (offline?); "
             "pass a local model directory or a .gguf file instead"
         )
+    check_architecture(source, kind, path, extra)  # before torch is imported or any weight is read
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
@@ -66,6 +68,61 @@ def load_source(source: str) -> Source:
         raise ExportError(f"{source} has no fast tokenizer (tokenizer.json), which the runtime needs")
     model.eval()
     return Source(source=source, kind=kind, model=model, tokenizer=tokenizer)
+
+
+def check_architecture(source: str, kind: str, path: str, extra: dict[str, Any]) -> None:
+    """Refuse a model lmrt cannot export, from its config.json or its GGUF header alone."""
+    from .architectures import REGISTRY, spec_for, supported_gguf_architectures
+
+    if kind == "gguf":
+        architecture = gguf_architecture(os.path.join(path, extra["gguf_file"]))
+        if architecture not in supported_gguf_architectures():
+            directory_only = sorted(t for t, spec in REGISTRY.items() if not spec.gguf_architectures)
+            raise ExportError(
+                f"{source}: GGUF architecture {architecture!r} is not supported yet; supported from GGUF: "
+                f"{', '.join(supported_gguf_architectures())} (and from a Hugging Face directory: {', '.join(directory_only)})"
+            )
+        return
+    config = _read_json(_config_file(source, kind, path))
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not model_type:
+        raise ExportError(f"{source}: config.json names no model_type")
+    try:
+        spec_for(model_type)
+    except ValueError as e:
+        raise ExportError(f"{source}: {e}") from None
+
+
+def gguf_architecture(path: str) -> str:
+    """``general.architecture`` from a GGUF file's header (the tensors are not read)."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(path).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except ImportError:
+        raise
+    except Exception as e:  # a truncated or foreign file: gguf raises many kinds of errors
+        raise ExportError(f"cannot read the GGUF file {path}: {_first_line(e)}") from None
+
+
+def _config_file(source: str, kind: str, path: str) -> str:
+    if kind == "directory":
+        return os.path.join(path, "config.json")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(path, "config.json")
+    except Exception as e:
+        raise ExportError(f"could not read the config of {source!r} from the Hugging Face Hub ({_first_line(e)})") from None
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read {path}: {_first_line(e)}") from None
 
 
 def _cached(repo_id: str) -> bool:

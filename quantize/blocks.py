@@ -7,6 +7,7 @@ a scale and a zero point, and holds codes in 0 .. 2**bits - 1:
 
 Zero points are ``None`` (the midpoint 2**(bits - 1): symmetric), integers (uint8) or floats
 (what a GGUF Q4_1 block needs; onnxruntime's CPU kernel takes float zero points for 4 bits only).
+Float zero points may be float64, so that codes and zero points shifted together stay exact.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class BlockQuantized:
     block_size: int
     codes: np.ndarray  # uint8 [N, blocks, block_size], each in 0 .. 2**bits - 1
     scales: np.ndarray  # float32 [N, blocks]
-    zero_points: np.ndarray | None  # None, uint8 or float32 [N, blocks]
+    zero_points: np.ndarray | None  # None, uint8 or float32 / float64 [N, blocks]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -38,9 +39,11 @@ class BlockQuantized:
 
     def dequantize(self) -> np.ndarray:
         """float32 [N, K]"""
-        zp = self.midpoint if self.zero_points is None else self.zero_points.astype(np.float32)
+        zp = self.midpoint if self.zero_points is None else self.zero_points
+        if self.zero_points is not None and self.zero_points.dtype != np.float64:
+            zp = self.zero_points.astype(np.float32)
         w = (self.codes.astype(np.float32) - np.broadcast_to(zp, self.scales.shape)[..., None]) * self.scales[..., None]
-        return w.reshape(self.shape)
+        return w.reshape(self.shape).astype(np.float32, copy=False)
 
     @property
     def midpoint(self) -> float:

@@ -41,7 +41,7 @@ def quantize_directory(
 ) -> Manifest:
     """Quantize the fp32 model in ``source_dir`` into ``output``.
 
-    ``gguf``: a GGUF file whose Q4_0/Q4_1/Q8_0 blocks are carried over where they fit; "auto" uses
+    ``gguf``: a GGUF file whose blocks are carried over where they fit (see ``gguf_blocks``); "auto" uses
     the directory's own source when it was exported from a GGUF file that still exists; None never.
     ``max_increase``: the gate, as a fraction (0.02 = +2 % perplexity); defaults to the scheme's.
     """
@@ -111,15 +111,21 @@ def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: 
     progress(f"… quantizing weights ({scheme.name})")
     model = onnx.load(os.path.join(source_dir, manifest.graph.file))
     kept: Counter[str] = Counter()
+    kept_weights: dict[str, str] = {}  # weight -> its GGUF types and the layout they are kept in
+    requantized: dict[str, str] = {}  # weight -> why the file's blocks are not kept
 
     def choose(kind: str, name: str, w):
         bits = scheme.bits if kind == "linear" else scheme.head_bits
         if blocks is not None:
-            found = blocks.find(w, bits)
+            match = blocks.find(w, bits)
             # a tied table is also gathered, and the gather takes integer zero points only
-            if found and (kind == "linear" or found[0].zero_point_kind != "float"):
-                kept[f"{kind} ({found[1]})"] += 1
-                return found[0]
+            if match.blocks is not None and kind != "linear" and match.blocks.zero_point_kind == "float":
+                match.blocks, match.reason = None, "its float zero points cannot be gathered (tied embeddings)"
+            if match.blocks is not None:
+                kept[f"{kind} ({match.kinds})"] += 1
+                kept_weights[name] = match.how
+                return match.blocks
+            requantized[name] = f"{match.kinds}: {match.reason}" if match.kinds else match.reason
         return scheme.quantize(kind, w)
 
     counts = quantize_graph(model, choose, scheme.accuracy_level, manifest.graph.io.input_ids)
@@ -133,5 +139,6 @@ def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: 
         "quantized": dict(counts["quantized"]),
         "left_in_float": {**dict(counts["float"]), "norms, biases, rotary tables": "all"},
         "gguf_blocks_kept": dict(kept),
+        "gguf_blocks": {"kept": kept_weights, "requantized": requantized},
         "gguf_source": os.path.basename(gguf_path) if gguf_path else None,
     }

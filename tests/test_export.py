@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -86,19 +90,55 @@ def test_hub_id_offline_suggests_local_sources(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_unsupported_architecture_is_named(tmp_path):
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+def write_gguf(path, architecture: str) -> None:
+    """A GGUF file of ``architecture`` holding one small float tensor."""
+    import numpy as np
+    from gguf import GGUFWriter
 
-    from conftest import train_tokenizer
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
-    src = tmp_path / "neo"
-    train_tokenizer(str(src))
-    GPTNeoForCausalLM(
-        GPTNeoConfig(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global"], 2]])
-    ).save_pretrained(src)
-    with pytest.raises(ExportError, match="'gpt_neo' is not supported yet; supported: gpt2, llama"):
-        export_model(str(src), str(tmp_path / "out"), **quiet)
-    assert not (tmp_path / "out").exists()
+
+def test_unsupported_architecture_is_refused_at_once(tmp_path):
+    """Named from config.json or the GGUF header alone, in a fresh interpreter: within seconds, before
+    torch or transformers is imported, without reading a weight (these are not even valid files)."""
+    directory = tmp_path / "mamba"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    (directory / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    gguf = tmp_path / "mamba.gguf"
+    write_gguf(gguf, "mamba")
+    code = (
+        "import sys\n"
+        "from lmrt.export import ExportError, export_model\n"
+        "for source in sys.argv[1:3]:\n"
+        "    try:\n"
+        "        export_model(source, sys.argv[3], progress=lambda _: None)\n"
+        "    except ExportError as e:\n"
+        "        print(e)\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, str(directory), str(gguf), str(out)], capture_output=True, text=True)
+    assert time.perf_counter() - started < 5
+    lines = r.stdout.splitlines()
+    supported = ", ".join(architectures.supported_model_types())
+    assert lines[0] == f"{directory}: architecture 'mamba' is not supported yet; supported: {supported}"
+    assert lines[1].startswith(f"{gguf}: GGUF architecture 'mamba' is not supported yet; supported from GGUF: gemma2, gemma3,")
+    assert "(and from a Hugging Face directory: granite, smollm3)" in lines[1]
+    assert lines[2] == "False False"
+    assert not out.exists()
+
+    started = time.perf_counter()
+    cli = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lmrt"), "export", str(directory), "-o", str(out)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert time.perf_counter() - started < 5
+    assert cli.returncode == 1 and cli.stderr.splitlines()[-1] == f"error: {lines[0]}" and not out.exists()
 
 
 def test_exported_directory_contents(tiny_models):

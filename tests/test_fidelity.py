@@ -1,4 +1,5 @@
-"""The exported graph computes what the PyTorch model computes, on tiny random GPT-2 and Llama."""
+"""The exported graph computes what the PyTorch model computes, on tiny random GPT-2, Llama, Qwen2 and
+Mistral models."""
 
 from __future__ import annotations
 
@@ -9,22 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import onnx_model, run_steps, torch_steps
 from lmrt import runtime
 from lmrt.runtime.manifest import load_manifest
 from lmrt.runtime.kv_cache import CacheFullError
-from lmrt.runtime.model import OnnxCausalLM
 
 ATOL = 1e-4
-
-
-def onnx_model(exported):
-    return OnnxCausalLM(exported, load_manifest(exported), provider="cpu")
-
-
-def run_steps(model, chunks):
-    """Feed token chunks through the cached graph; returns the logits of each chunk."""
-    model.reset(1, sum(len(c) for c in chunks))
-    return [model.forward(np.asarray([chunk], dtype=np.int64))[0].copy() for chunk in chunks]
 
 
 def test_prefill_and_cached_decode_match_pytorch(tiny):
@@ -32,13 +23,8 @@ def test_prefill_and_cached_decode_match_pytorch(tiny):
     rng = np.random.default_rng(1)
     vocab = torch_model.config.vocab_size
     chunks = [rng.integers(0, vocab, 11).tolist()] + [[int(t)] for t in rng.integers(0, vocab, 6)]
-    got = run_steps(onnx_model(exported), chunks)
-    past = None
-    with torch.no_grad():
-        for chunk, logits in zip(chunks, got):
-            out = torch_model(input_ids=torch.tensor([chunk]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            np.testing.assert_allclose(logits, out.logits[0].numpy(), atol=ATOL, rtol=0)
+    for got, ref in zip(run_steps(onnx_model(exported), chunks), torch_steps(torch_model, chunks)):
+        np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
 def test_cached_decode_equals_full_recompute(tiny):
@@ -130,10 +116,22 @@ def test_manifest_describes_the_model(tiny_models):
 
 
 def test_qwen2_biases_and_mistral_window(tiny_models):
+    """Mistral's sliding window applies inside the graph; the context is not capped to it."""
     _, qwen2, _ = tiny_models["qwen2"]
     assert qwen2.model.layers[0].self_attn.q_proj.bias is not None  # the biases are really exercised
-    _, _, exported = tiny_models["mistral"]
-    assert load_manifest(exported).architecture.context_length == 96  # capped at the sliding window
+    _, mistral, exported = tiny_models["mistral"]
+    window = mistral.config.sliding_window
+    assert load_manifest(exported).architecture.context_length == mistral.config.max_position_embeddings > window
+    ids = np.random.default_rng(5).integers(0, mistral.config.vocab_size, window + 20).tolist()
+    chunks = [ids[: window + 12]] + [[t] for t in ids[window + 12 :]]
+    got = run_steps(onnx_model(exported), chunks)
+    for logits, ref in zip(got, torch_steps(mistral, chunks)):
+        np.testing.assert_allclose(logits, ref, atol=ATOL, rtol=0)
+    with torch.no_grad():
+        mistral.config.sliding_window = None  # the window matters for these positions
+        unwindowed = mistral(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+        mistral.config.sliding_window = window
+    assert np.abs(unwindowed - got[-1][-1]).max() > 1e-2
 
 
 def test_graph_is_fused(tiny_models):

@@ -74,17 +74,27 @@ def test_rewritten_graph_computes_with_the_dequantized_weights(bits, method, gem
     np.testing.assert_allclose(y, x @ q.dequantize().T, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_gguf_blocks_decode_to_what_gguf_dequantizes(kind):
+    """Every kept type, from gguf's own quantizer where it has one and from random blocks (as any
+    file may hold them, blocks with scale 0 included) for all."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
+    from conftest import gguf_random_blocks
+
     qtype = GGMLQuantizationType[kind]
-    w = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
-    w[0, :32] = 0.25  # a constant block: Q4_1 stores it with d = 0
-    raw = quantize(w, qtype)
-    blocks = decode_blocks(kind, raw)
-    np.testing.assert_allclose(blocks.dequantize(), dequantize(raw, qtype), rtol=0, atol=1e-6)
+    rng = np.random.default_rng(1)
+    raws = [gguf_random_blocks(kind, 8, 512, rng)]
+    if kind in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"):
+        w = rng.standard_normal((8, 512)).astype(np.float32)
+        w[0, :32] = 0.25  # a constant block: the minimum types store it with d = 0
+        raws.append(quantize(w, qtype))
+    for raw in raws:
+        blocks = decode_blocks(kind, raw)
+        expected = dequantize(raw, qtype)
+        assert blocks.block_size in (16, 32) and blocks.bits in (4, 8) and blocks.codes.max() < 2**blocks.bits
+        np.testing.assert_allclose(blocks.dequantize(), expected, rtol=1e-6, atol=1e-7 * np.abs(expected).max())
 
 
 def test_windows_score_every_token_once():
