@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Generator as PyGenerator, Iterator, Mapping, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from .beam import beam_search
 from .chat import render_chat
 from .config import GenerationConfig
 from .decoding import Sequence as _Sequence, decode
 from .detokenizer import StreamingDetokenizer
-from .manifest import load_manifest
+from .manifest import load_manifest, load_tokenizer
 from .model import OnnxCausalLM
 from .scoring import Score, score_ids
 
@@ -119,7 +118,7 @@ class Generator:
         self.model_dir = os.fspath(model_dir)
         self.manifest = load_manifest(self.model_dir)
         self.model = OnnxCausalLM(self.model_dir, self.manifest, provider, threads)
-        self.tokenizer = Tokenizer.from_file(os.path.join(self.model_dir, self.manifest.tokenizer.file))
+        self.tokenizer = load_tokenizer(self.model_dir, self.manifest)
 
     @property
     def provider(self) -> str:
