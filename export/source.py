@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..runtime.errors import first_line
 from .errors import ExportError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -44,6 +45,12 @@ def locate(source: str) -> tuple[str, str, dict[str, Any]]:
 
 def load_source(source: str) -> Source:
     kind, path, extra = locate(source)
+    if kind == "gguf":
+        from ..quantize.gguf_file import gguf_problem
+
+        problem = gguf_problem(source)  # a file cut short fails here, by name, before the slow imports
+        if problem:
+            raise ExportError(problem)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,10 +65,10 @@ def load_source(source: str) -> Source:
     except (OSError, ValueError) as e:
         if kind == "hub":
             raise ExportError(
-                f"could not load {source!r} from the Hugging Face Hub ({_first_line(e)}); "
+                f"could not load {source!r} from the Hugging Face Hub ({first_line(e)}); "
                 "if you are offline, pass a local model directory or a .gguf file instead"
             ) from None
-        raise ExportError(f"could not load {source}: {_first_line(e)}") from None
+        raise ExportError(f"could not load {source}: {first_line(e)}") from None
     if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
         raise ExportError(f"{source} has no fast tokenizer (tokenizer.json), which the runtime needs")
     model.eval()
@@ -91,8 +98,3 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -17,10 +17,29 @@ import hashlib
 
 import numpy as np
 
+from ..runtime.errors import first_line
 from .blocks import BlockQuantized
+from .errors import QuantizeError
+from .gguf_file import gguf_problem
 
 BLOCK = 32
 BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+
+
+def read_gguf(path: str):
+    """A ``gguf.GGUFReader`` of ``path``, or QuantizeError naming the file: a file cut short or
+    damaged fails here, not halfway through quantizing."""
+    import struct
+
+    from gguf import GGUFReader
+
+    problem = gguf_problem(path)
+    if problem:
+        raise QuantizeError(problem)
+    try:
+        return GGUFReader(path)
+    except (ValueError, struct.error, IndexError, KeyError, EOFError, OSError) as e:
+        raise QuantizeError(f"cannot read the GGUF file {path}: it is truncated or damaged ({first_line(e)})") from None
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -60,13 +79,12 @@ class GGUFBlocks:
     """Index of the Q4_0 / Q4_1 / Q8_0 rows of a GGUF file, by their dequantized values."""
 
     def __init__(self, path: str):
-        from gguf import GGUFReader
         from gguf.quants import dequantize
 
         self.path = path
         self._tensors: list[tuple[str, BlockQuantized]] = []
         self._rows: dict[bytes, tuple[int, int]] = {}
-        for t in GGUFReader(path).tensors:
+        for t in read_gguf(path).tensors:
             kind = t.tensor_type.name
             if kind not in BITS or len(t.data.shape) != 2:
                 continue
