@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -13,7 +12,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import __version__
-from ..atomic import DATA_FILE, GRAPH_FILE, save_graph, staged_directory
+from ..atomic import DATA_FILE, GRAPH_FILE, check_target, remove_leftovers, save_graph, scratch_directory, staged_directory
+from ..progress import to_stderr
 from ..runtime.manifest import Graph, GraphIO, Manifest, TokenizerInfo
 from .architectures import Weights, spec_for
 from .errors import ExportError
@@ -23,10 +23,6 @@ from .validate import probe_ids, validate
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_TOLERANCE = 1e-3  # largest logit difference allowed, relative to the largest logit
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class _Steps:
@@ -55,7 +51,7 @@ def export_model(
     output: str,
     force: bool = False,
     tolerance: float | None = None,
-    progress: Callable[[str], None] = _stderr,
+    progress: Callable[[str], None] = to_stderr,
     precision: str = "fp32",
     **quantize_options: Any,
 ) -> Manifest:
@@ -67,25 +63,31 @@ def export_model(
     ``lmrt.quantize.quantize_directory``: max_increase, allow_degraded, eval_text, compute).
 
     Nothing is left at ``output`` unless the whole export, validation included, succeeds; an existing
-    ``output`` is replaced only with ``force``."""
-    output = os.path.abspath(output)
-    if os.path.exists(output) and not force:
-        raise ExportError(f"{output} already exists; pass --force to overwrite it")
+    ``output`` is replaced only with ``force``, and only when it is an lmrt model directory. Every
+    option is checked before the source is loaded. What an interrupted export to the same ``output``
+    left behind is removed."""
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if tolerance is None:
         tolerance = FP16_TOLERANCE if precision == "fp16" else DEFAULT_TOLERANCE
-    if not tolerance > 0:
-        raise ExportError(f"tolerance must be positive, got {tolerance}")
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise ExportError(f"tolerance must be a positive number, got {tolerance}")
+    source_path = source.source if isinstance(source, Source) else source
+    output = check_target(output, force, sources=[source_path] if os.path.exists(source_path) else [])
     if isinstance(source, str):
         locate(source)  # fail fast on a bad path, before the slow imports
     scheme = None
     if precision in ("int8", "int4"):
         from ..quantize import scheme_for
+        from ..quantize.pipeline import check_gate
 
         scheme = scheme_for(precision)
         if "compute" in quantize_options:
             scheme = dataclasses.replace(scheme, compute=quantize_options.pop("compute"))
+        check_gate(scheme, quantize_options.get("max_increase"), quantize_options.get("eval_text"))
+    elif quantize_options:
+        raise ExportError(f"{', '.join(sorted(quantize_options))} apply to int8 / int4 exports only")
+    remove_leftovers(output, progress)
     step = _Steps(progress)
     if isinstance(source, Source):
         src = source
@@ -102,9 +104,7 @@ def export_model(
 
     from ..quantize import quantize_directory
 
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{os.path.basename(output)}.fp32-", dir=parent) as fp32:
+    with scratch_directory(output, "fp32") as fp32:
         manifest = _write_directory(src, fp32, tolerance, step, np.float32)
         step.done()
         _report(progress, manifest, "the fp32 reference")

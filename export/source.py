@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..runtime.errors import first_line
 from .errors import ExportError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -45,6 +46,12 @@ def locate(source: str) -> tuple[str, str, dict[str, Any]]:
 
 def load_source(source: str) -> Source:
     kind, path, extra = locate(source)
+    if kind == "gguf":
+        from ..quantize.gguf_file import gguf_problem
+
+        problem = gguf_problem(source)  # a file cut short fails here, by name, before the slow imports
+        if problem:
+            raise ExportError(problem)
     if kind == "hub" and not _cached(path) and not _hub_reachable():
         raise ExportError(
             f"cannot reach the Hugging Face Hub to download {source!r} (offline?); "
@@ -60,10 +67,10 @@ def load_source(source: str) -> Source:
     except (OSError, ValueError) as e:
         if kind == "hub":
             raise ExportError(
-                f"could not load {source!r} from the Hugging Face Hub ({_first_line(e)}); "
+                f"could not load {source!r} from the Hugging Face Hub ({first_line(e)}); "
                 "if you are offline, pass a local model directory or a .gguf file instead"
             ) from None
-        raise ExportError(f"could not load {source}: {_first_line(e)}") from None
+        raise ExportError(f"could not load {source}: {first_line(e)}") from None
     if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
         raise ExportError(f"{source} has no fast tokenizer (tokenizer.json), which the runtime needs")
     model.eval()
@@ -103,7 +110,7 @@ def gguf_architecture(path: str) -> str:
     except ImportError:
         raise
     except Exception as e:  # a truncated or foreign file: gguf raises many kinds of errors
-        raise ExportError(f"cannot read the GGUF file {path}: {_first_line(e)}") from None
+        raise ExportError(f"cannot read the GGUF file {path}: {first_line(e)}") from None
 
 
 def _config_file(source: str, kind: str, path: str) -> str:
@@ -114,7 +121,7 @@ def _config_file(source: str, kind: str, path: str) -> str:
 
         return hf_hub_download(path, "config.json")
     except Exception as e:
-        raise ExportError(f"could not read the config of {source!r} from the Hugging Face Hub ({_first_line(e)})") from None
+        raise ExportError(f"could not read the config of {source!r} from the Hugging Face Hub ({first_line(e)})") from None
 
 
 def _read_json(path: str):
@@ -122,7 +129,7 @@ def _read_json(path: str):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise ExportError(f"cannot read {path}: {_first_line(e)}") from None
+        raise ExportError(f"cannot read {path}: {first_line(e)}") from None
 
 
 def _cached(repo_id: str) -> bool:
@@ -148,8 +155,3 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -1,8 +1,17 @@
-"""The ``lmrt`` command line. Heavy imports (torch, transformers) happen only inside ``export``."""
+"""The ``lmrt`` command line. Heavy imports (torch, transformers) happen only inside ``export``.
+
+Every error the user can cause is one ``error:`` line on stderr and exit status 1, and every option
+is checked before anything slow starts: click's own usage errors, values out of range (named by the
+flag typed), text that is not UTF-8, empty paths. ``export`` and ``quantize`` treat SIGTERM like
+Ctrl-C: what they were writing is removed and they exit with 128 + the signal's number.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+import signal
 import sys
 import time
 
@@ -12,10 +21,63 @@ from . import __version__
 
 
 class _Fail(click.ClickException):
-    """A one-line error on stderr and exit status 1."""
+    """A one-line error on stderr and exit status 1 (or ``exit_code``)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
     def show(self, file=None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _one_line_usage(call, *args, **kwargs):
+    """click's usage errors (unknown option, missing argument, a value of the wrong type) as one line."""
+    try:
+        return call(*args, **kwargs)
+    except click.exceptions.NoArgsIsHelpError:
+        raise
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        raise _Fail(f"{e.format_message()}{hint}") from None
+
+
+class _Commands(click.Group):
+    def make_context(self, *args, **kwargs):
+        return _one_line_usage(super().make_context, *args, **kwargs)
+
+    def invoke(self, ctx):
+        return _one_line_usage(super().invoke, ctx)
+
+
+def _flag(param: click.Parameter) -> str:
+    """The option as the user may have typed it ("-o/--output"), or the argument's name."""
+    return "/".join(param.opts) if isinstance(param, click.Option) else param.human_readable_name.rstrip(".")
+
+
+def is_utf8(text: str) -> bool:
+    """False for text decoded with errors="surrogateescape" from bytes that are not UTF-8 (how
+    Python reads argv, and stdin in some locales)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_strings(ctx: click.Context) -> None:
+    """Paths may not be empty; text (prompts, --system, --stop) must be UTF-8. Text from argv that
+    is not UTF-8 reaches Python as lone surrogates, which no tokenizer takes."""
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        values = value if isinstance(value, (tuple, list)) else [value]
+        for v in values:
+            if not isinstance(v, str):
+                continue
+            if isinstance(param.type, click.Path) and not v.strip():
+                raise _Fail(f"{_flag(param)} is an empty path")
+            if isinstance(param.type, click.types.StringParamType) and not is_utf8(v):
+                raise _Fail(f"{_flag(param)} is not valid UTF-8 text")
 
 
 def _errors_to_one_line(fn):
@@ -26,21 +88,93 @@ def _errors_to_one_line(fn):
         from .export.errors import ExportError
         from .quantize.errors import QuantizeError
         from .runtime.config import ConfigError, GenerationConfig
+        from .runtime.errors import first_line
 
         try:
+            _check_strings(click.get_current_context())
             return fn(*args, **kwargs)
         except ConfigError as e:  # name the flag the user typed, not the Python field
             raise _Fail(e.named(GenerationConfig.flag_of(e.field))) from None
         except KeyboardInterrupt:
             click.echo("", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            sys.exit(128 + signal.SIGPIPE)
         except (ExportError, QuantizeError, ValueError, ImportError, OSError) as e:  # ManifestError etc. are ValueErrors
-            raise _Fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            raise _Fail(first_line(e)) from None
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _writes_a_directory(fn):
+    """For commands that write OUTPUT: SIGTERM unwinds like Ctrl-C (SIGINT), so the partial directory
+    is removed; either ends with one line and exit status 128 + the signal's number. A signal that
+    lands inside an import or a library can come out as another exception: having been signalled is
+    what counts. A second signal ends the process at once (the next run removes what it left)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        received: list[int] = []
+
+        def interrupt(signum, frame):
+            received.append(signum)
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt()
+
+        previous = {}
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            try:
+                if signal.getsignal(sig) is default:  # not one the caller ignores (a background job's SIGINT)
+                    previous[sig] = signal.signal(sig, interrupt)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            if not received:
+                raise
+            name = signal.Signals(received[0]).name
+            raise _Fail(f"interrupted by {name}; nothing was written to {kwargs['output']}", 128 + received[0]) from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    return wrapper
+
+
+def _checked(test, requirement: str):
+    """A click callback refusing a value for which ``test`` is false: "FLAG must be REQUIREMENT"."""
+
+    def callback(ctx, param, value):
+        if value is not None and not test(value):
+            raise _Fail(f"{_flag(param)} must be {requirement}, got {value}")
+        return value
+
+    return callback
+
+
+def _at_least(minimum: int):
+    return _checked(lambda v: v >= minimum, f"a whole number, at least {minimum}")
+
+
+def _threads(ctx, param, value):
+    from .runtime.session import max_threads
+
+    return _checked(lambda v: 1 <= v <= max_threads(), f"a positive integer, at most {max_threads()} (this machine's CPUs)")(
+        ctx, param, value
+    )
+
+
+def _one_of(**flags: bool) -> str | None:
+    """The one flag given among exclusive ones (``fp16=True, int8=False``), None for none."""
+    given = [name for name, on in flags.items() if on]
+    if len(given) > 1:
+        raise _Fail(" and ".join(f"--{name}" for name in given) + " exclude each other; choose one")
+    return given[0] if given else None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lmrt")
 def main() -> None:
     """lmrt: export language models to ONNX and run them without PyTorch."""
@@ -52,12 +186,13 @@ def _quality_gate_options(fn):
         click.option(
             "--max-ppl-increase",
             type=float,
+            callback=_checked(lambda v: math.isfinite(v) and v >= 0, "a finite number of percent, 0 or more"),
             help="Largest perplexity increase over fp32 allowed, in percent (default: int8 2, int4 15).",
         ),
         click.option("--allow-degraded", is_flag=True, help="Keep a quantized model even if it fails the gate."),
         click.option(
             "--eval-text",
-            type=click.Path(dir_okay=False),
+            type=click.Path(),
             help="UTF-8 text the gate measures perplexity on (default: Python's reference manual).",
         ),
         click.option(
@@ -72,27 +207,38 @@ def _quality_gate_options(fn):
 
 
 def _gate_kwargs(max_ppl_increase, allow_degraded, eval_text) -> dict:
+    """The gate's API arguments, once --eval-text is known to be readable UTF-8 (before anything loads)."""
+    from .quantize.evaltext import read_text
+
+    if eval_text is not None:
+        read_text(eval_text, "--eval-text")
     out = {"allow_degraded": allow_degraded, "eval_text": eval_text}
     if max_ppl_increase is not None:
         out["max_increase"] = max_ppl_increase / 100.0
     return out
 
 
+_OUTPUT = click.option("-o", "--output", required=True, type=click.Path(), help="Model directory to write.")
+_FORCE = click.option("--force", is_flag=True, help="Replace OUTPUT if it is an lmrt model directory.")
+
+
 @main.command()
-@click.argument("source")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-@click.option("--fp16", "precision", flag_value="fp16", help="float16 weights and compute (for GPU providers).")
-@click.option("--int8", "precision", flag_value="int8", help="8-bit block-quantized weights.")
-@click.option("--int4", "precision", flag_value="int4", help="4-bit block-quantized weights (8-bit embeddings).")
+@click.argument("source", type=click.Path())
+@_OUTPUT
+@click.option("--fp16", is_flag=True, help="float16 weights and compute (for GPU providers).")
+@click.option("--int8", is_flag=True, help="8-bit block-quantized weights.")
+@click.option("--int4", is_flag=True, help="4-bit block-quantized weights (8-bit embeddings).")
 @_quality_gate_options
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@_FORCE
 @click.option(
     "--tolerance",
     type=float,
+    callback=_checked(lambda v: math.isfinite(v) and v > 0, "a finite number above 0"),
     help="Largest logit difference from PyTorch allowed, relative to the largest logit [default: 1e-3; fp16 2e-2].",
 )
 @_errors_to_one_line
-def export(source, output, precision, force, tolerance, max_ppl_increase, allow_degraded, eval_text, compute) -> None:
+@_writes_a_directory
+def export(source, output, fp16, int8, int4, force, tolerance, max_ppl_increase, allow_degraded, eval_text, compute) -> None:
     """Export SOURCE to an ONNX model directory, validated against PyTorch.
 
     SOURCE is a Hugging Face Hub id, a local Hugging Face model directory, or a .gguf file.
@@ -106,32 +252,33 @@ def export(source, output, precision, force, tolerance, max_ppl_increase, allow_
       lmrt export ./my-finetuned-llama -o models/mine --int8 --force
       lmrt export gpt2 -o models/gpt2
     """
-    try:
-        from .export import export_model
-    except ImportError as e:
-        raise _Fail(f"export needs the export extra: pip install 'lmrt[export]' ({e})") from None
-    precision = precision or "fp32"
+    precision = _one_of(fp16=fp16, int8=int8, int4=int4) or "fp32"
     options = {}
     if precision in ("int8", "int4"):
         options = _gate_kwargs(max_ppl_increase, allow_degraded, eval_text)
         if compute:
             options["compute"] = compute
-    elif max_ppl_increase is not None or allow_degraded or eval_text or compute:
+    elif max_ppl_increase is not None or allow_degraded or eval_text is not None or compute:
         raise _Fail("--max-ppl-increase, --allow-degraded, --eval-text and --compute apply to --int8 / --int4 only")
+    try:
+        from .export import export_model
+    except ImportError as e:
+        raise _Fail(f"export needs the export extra: pip install 'lmrt[export]' ({e})") from None
     export_model(source, output, force=force, tolerance=tolerance, precision=precision, **options)
 
 
 @main.command()
 @click.argument("model_dir", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-@click.option("--int8", "scheme", flag_value="int8", help="8-bit block-quantized weights.")
-@click.option("--int4", "scheme", flag_value="int4", help="4-bit block-quantized weights (8-bit embeddings).")
-@click.option("--gguf", type=click.Path(dir_okay=False), help="Take Q4_0/Q4_1/Q8_0 blocks from this GGUF file where they fit.")
+@_OUTPUT
+@click.option("--int8", is_flag=True, help="8-bit block-quantized weights.")
+@click.option("--int4", is_flag=True, help="4-bit block-quantized weights (8-bit embeddings).")
+@click.option("--gguf", type=click.Path(), help="Take Q4_0/Q4_1/Q8_0 blocks from this GGUF file where they fit.")
 @click.option("--no-gguf-blocks", is_flag=True, help="Quantize from the float weights even if the source was a GGUF file.")
 @_quality_gate_options
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@_FORCE
 @_errors_to_one_line
-def quantize(model_dir, output, scheme, gguf, no_gguf_blocks, max_ppl_increase, allow_degraded, eval_text, compute, force):
+@_writes_a_directory
+def quantize(model_dir, output, int8, int4, gguf, no_gguf_blocks, max_ppl_increase, allow_degraded, eval_text, compute, force):
     """Quantize the fp32 model in MODEL_DIR (written by `lmrt export`) into OUTPUT.
 
     The result must pass the quality gate (see `lmrt export --help`). When MODEL_DIR was exported
@@ -144,29 +291,29 @@ def quantize(model_dir, output, scheme, gguf, no_gguf_blocks, max_ppl_increase, 
     """
     import dataclasses
 
-    from .quantize import quantize_directory, scheme_for
-
+    scheme = _one_of(int8=int8, int4=int4)
     if not scheme:
         raise _Fail("choose --int8 or --int4")
-    if gguf and no_gguf_blocks:
+    if gguf is not None and no_gguf_blocks:
         raise _Fail("--gguf and --no-gguf-blocks contradict each other")
+    gate = _gate_kwargs(max_ppl_increase, allow_degraded, eval_text)
+    from .quantize import quantize_directory, scheme_for
+
     chosen = scheme_for(scheme)
     if compute:
         chosen = dataclasses.replace(chosen, compute=compute)
-    source = None if no_gguf_blocks else (gguf or "auto")
-    quantize_directory(
-        model_dir, output, chosen, gguf=source, force=force, **_gate_kwargs(max_ppl_increase, allow_degraded, eval_text)
-    )
+    source = None if no_gguf_blocks else (gguf if gguf is not None else "auto")
+    quantize_directory(model_dir, output, chosen, gguf=source, force=force, **gate)
 
 
 @main.command("eval")
 @click.argument("model_dir", type=click.Path())
-@click.option("--text", "text_file", type=click.Path(dir_okay=False), help="UTF-8 text file (default: Python's reference manual).")
-@click.option("--max-tokens", type=int, help="Score only the first N tokens.")
+@click.option("--text", "text_file", type=click.Path(), help="UTF-8 text file (default: Python's reference manual).")
+@click.option("--max-tokens", type=int, callback=_at_least(2), help="Score only the first N tokens.")
 @click.option("--window", type=int, help="Tokens per window (default: the model's context).")
 @click.option("--stride", type=int, help="Tokens between window starts (default: half a window).")
 @click.option("--provider", default="auto", show_default=True, help="auto, tensorrt, cuda or cpu.")
-@click.option("--threads", type=int, help="CPU threads.")
+@click.option("--threads", type=int, callback=_threads, help="CPU threads.")
 @_errors_to_one_line
 def eval_(model_dir, text_file, max_tokens, window, stride, provider, threads) -> None:
     """Print the perplexity of the model in MODEL_DIR on a text.
@@ -176,22 +323,21 @@ def eval_(model_dir, text_file, max_tokens, window, stride, provider, threads) -
       lmrt eval models/smollm2-int4 --text article.txt
       lmrt eval models/smollm2 --max-tokens 2048
     """
+    from .quantize.evaltext import read_text, reference_text
     from .runtime import Generator
+    from .runtime.scoring import resolve_windows
 
-    if max_tokens is not None and max_tokens < 2:
-        raise _Fail("--max-tokens must be at least 2")
-    if text_file:
-        try:
-            with open(text_file, encoding="utf-8") as f:
-                text, name = f.read(), text_file
-        except UnicodeDecodeError as e:
-            raise _Fail(f"{text_file} is not UTF-8 text ({e.reason})") from None
+    flags = ("--window", "--stride")
+    resolve_windows(window, stride, sys.maxsize, names=flags)  # before loading; the context is checked after
+    if text_file is not None:
+        text, name = read_text(text_file, "--text"), text_file
     else:
-        from .quantize.evaltext import reference_text
-
         text, name = reference_text(), "Python reference manual"
     gen = Generator(model_dir, provider=provider, threads=threads)
+    window, stride = resolve_windows(window, stride, gen.context_length, names=flags)
     ids = gen.encode(text)[:max_tokens]
+    if len(ids) < 2:
+        raise _Fail(f"{name} has {len(ids)} token{'s' if len(ids) != 1 else ''}; scoring needs at least 2")
     start = time.perf_counter()
     score = gen.score(ids, window=window, stride=stride)
     elapsed = time.perf_counter() - start
@@ -243,7 +389,9 @@ def _runtime_options(fn):
     for option in reversed(
         [
             click.option("--provider", default="auto", show_default=True, help="auto, tensorrt, cuda or cpu."),
-            click.option("--threads", type=int, help="CPU threads (default: onnxruntime's choice, the physical cores)."),
+            click.option(
+                "--threads", type=int, callback=_threads, help="CPU threads (default: onnxruntime's choice, the physical cores)."
+            ),
         ]
     ):
         fn = option(fn)
@@ -280,7 +428,11 @@ def generate(model_dir, prompts, chat, system, provider, threads, as_json, stats
 
     from .runtime import Generator
 
-    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    if system is not None and not chat:
+        raise _Fail("--system applies to --chat only; add --chat or drop --system")
+    if prompts.count("-") > 1:
+        raise _Fail('PROMPT "-" (stdin) may be given once')
+    prompts = [_read_stdin() if p == "-" else p for p in prompts]
     options = _given(options)
     gen = Generator(model_dir, provider=provider, threads=threads)
     config = gen.config(**options)  # reject bad options before rendering or encoding the prompt
@@ -315,6 +467,15 @@ def generate(model_dir, prompts, chat, system, provider, threads, as_json, stats
         )
 
 
+def _read_stdin() -> str:
+    """All of stdin as UTF-8 text."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Fail(f'stdin (PROMPT "-") is not UTF-8 text ({e.reason} at byte {e.start})') from None
+
+
 @main.command("chat")
 @click.argument("model_dir", type=click.Path())
 @_generation_options
@@ -337,6 +498,8 @@ def chat_(model_dir, system, provider, threads, **options) -> None:
     from .runtime import Generator
 
     options = _given(options)
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused alone, not with the rest of stdin
+        sys.stdin.reconfigure(errors="surrogateescape")
     terminal_chat.run(Generator(model_dir, provider=provider, threads=threads), system, options)
 
 
@@ -444,33 +607,34 @@ def info(model_dir: str) -> None:
         ("defaults", ", ".join(f"{k}={val}" for k, val in m.generation_defaults.items()) or "none"),
         ("source", f"{p.get('source', '?')} ({p.get('source_kind', '?')}), lmrt {p.get('lmrt_version', '?')}"),
     ]
-    if v:
-        rows.append(
-            (
-                "validation",
-                f"max |Δlogit| {v['max_abs_diff']:.2e} (relative {v['max_rel_diff']:.2e}), "
-                f"greedy agreement {v['greedy_agreement']:.1%}, {'passed' if v.get('passed') else 'FAILED'}",
-            )
+
+    def validation() -> str:
+        return (
+            f"max |Δlogit| {v['max_abs_diff']:.2e} (relative {v['max_rel_diff']:.2e}), "
+            f"greedy agreement {v['greedy_agreement']:.1%}, {'passed' if v.get('passed') else 'FAILED'}"
         )
-    q, g = m.quantization, m.quality
-    if q:
+
+    def quantization() -> str:
         kept = ", ".join(f"{n} {k}" for k, n in q.get("gguf_blocks_kept", {}).items())
-        rows.append(
-            (
-                "quantization",
-                f"{q['name']}: {q['bits']}-bit {q['method']} blocks of {q['block_size']}, lm_head/embeddings "
-                f"{q['head_bits']}-bit, compute {q.get('compute', 'int8')}" + (f"; kept from GGUF: {kept}" if kept else ""),
-            )
+        return (
+            f"{q['name']}: {q['bits']}-bit {q['method']} blocks of {q['block_size']}, lm_head/embeddings "
+            f"{q['head_bits']}-bit, compute {q.get('compute', 'int8')}" + (f"; kept from GGUF: {kept}" if kept else "")
         )
-    if g:
-        rows.append(
-            (
-                "quality",
-                f"perplexity {g['perplexity']:.3f} vs fp32 {g['perplexity_reference']:.3f} ({g['increase']:+.2%}, "
-                f"allowed +{g['max_increase']:.0%}), top-1 agreement {g['top1_agreement']:.1%}"
-                + (" (kept with --allow-degraded)" if g.get("allowed_degraded") else ""),
-            )
+
+    def quality() -> str:
+        return (
+            f"perplexity {g['perplexity']:.3f} vs fp32 {g['perplexity_reference']:.3f} ({g['increase']:+.2%}, "
+            f"allowed +{g['max_increase']:.0%}), top-1 agreement {g['top1_agreement']:.1%}"
+            + (" (kept with --allow-degraded)" if g.get("allowed_degraded") else "")
         )
+
+    q, g = m.quantization, m.quality
+    for name, record, describe in (("validation", v, validation), ("quantization", q, quantization), ("quality", g, quality)):
+        if record:
+            try:
+                rows.append((name, describe()))
+            except (KeyError, TypeError, ValueError, AttributeError):  # a hand-edited record: show the rest
+                rows.append((name, "unreadable in lmrt.json"))
     rows.append(("providers", ", ".join(available_providers()) or "none"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

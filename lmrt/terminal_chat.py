@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import click
 
+from .cli import is_utf8
+
 try:  # line editing and history for input() in a terminal
     import readline  # noqa: F401
 except ImportError:  # Windows
@@ -71,6 +73,9 @@ def run(gen, system: str | None, options: dict[str, Any], read: Callable[[str], 
             return
         except KeyboardInterrupt:
             click.echo()
+            continue
+        if not is_utf8(line):
+            click.echo("[that line is not UTF-8 text; type it again]", err=True)
             continue
         text = line.strip()
         if not text:

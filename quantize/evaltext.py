@@ -8,7 +8,11 @@ rules and code examples say little about a language model's quality.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+
+from .errors import QuantizeError
 
 # Topics in a fixed order; each is a few hundred words of English technical prose.
 TOPICS = (
@@ -20,8 +24,29 @@ TOPICS = (
 )  # fmt: skip
 
 
-class EvalTextError(RuntimeError):
-    """The Python reference manual is not installed with this Python."""
+class EvalTextError(QuantizeError):
+    """An evaluation text that cannot be read, or no Python reference manual to fall back on."""
+
+
+def read_text(path: str, what: str) -> str:
+    """The UTF-8 text of the file ``path``; ``what`` names it in errors (an option, "the evaluation
+    text")."""
+    if not os.fspath(path).strip():
+        raise EvalTextError(f"{what} is an empty path; name a UTF-8 text file")
+    if os.path.isdir(path):
+        raise EvalTextError(f"{what} {path} is a directory; name a UTF-8 text file")
+    mode = os.stat(path).st_mode if os.path.exists(path) else 0
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise EvalTextError(f"{what} {path} is a device, not a text file")  # /dev/zero would never end
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise EvalTextError(f"cannot read {what} {path} ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalTextError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _paragraphs(text: str) -> list[str]:

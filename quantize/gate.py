@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from tokenizers import Tokenizer
 
-from ..runtime.manifest import Manifest, load_manifest
+from ..runtime.manifest import Manifest, load_manifest, load_tokenizer
 from ..runtime.model import OnnxCausalLM
 from ..runtime.scoring import score_ids
-from .evaltext import reference_text
+from .evaltext import read_text, reference_text
 from .errors import QuantizeError
 
 MIN_TOKENS = 64
@@ -19,15 +18,11 @@ MIN_TOKENS = 64
 
 def eval_ids(model_dir: str, manifest: Manifest, text_file: str | None, max_tokens: int) -> tuple[list[int], str]:
     """Token ids of the evaluation text (a file, or the built-in reference text) and its name."""
-    if text_file:
-        try:
-            with open(text_file, encoding="utf-8") as f:
-                text, name = f.read(), os.path.basename(text_file)
-        except (OSError, UnicodeDecodeError) as e:
-            raise QuantizeError(f"cannot read the evaluation text {text_file}: {e}") from None
+    if text_file is not None:
+        text, name = read_text(text_file, "the evaluation text"), os.path.basename(text_file)
     else:
         text, name = reference_text(), "Python reference manual (pydoc_data.topics)"
-    tokenizer = Tokenizer.from_file(os.path.join(model_dir, manifest.tokenizer.file))
+    tokenizer = load_tokenizer(model_dir, manifest)
     ids = tokenizer.encode(text).ids[:max_tokens]
     if len(ids) < MIN_TOKENS:
         raise QuantizeError(f"the evaluation text has {len(ids)} tokens; the gate needs at least {MIN_TOKENS}")

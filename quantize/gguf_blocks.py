@@ -25,7 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..runtime.errors import first_line
 from .blocks import BlockQuantized
+from .errors import QuantizeError
+from .gguf_file import gguf_problem
 
 BLOCK_BYTES = {  # GGUF type -> (weights per block, bytes per block)
     "Q4_0": (32, 18),
@@ -37,6 +40,22 @@ BLOCK_BYTES = {  # GGUF type -> (weights per block, bytes per block)
     "Q5_K": (256, 176),
     "Q6_K": (256, 210),
 }
+
+
+def read_gguf(path: str):
+    """A ``gguf.GGUFReader`` of ``path``, or QuantizeError naming the file: a file cut short or
+    damaged fails here, not halfway through quantizing."""
+    import struct
+
+    from gguf import GGUFReader
+
+    problem = gguf_problem(path)
+    if problem:
+        raise QuantizeError(problem)
+    try:
+        return GGUFReader(path)
+    except (ValueError, struct.error, IndexError, KeyError, EOFError, OSError) as e:
+        raise QuantizeError(f"cannot read the GGUF file {path}: it is truncated or damaged ({first_line(e)})") from None
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -198,13 +217,12 @@ class GGUFBlocks:
     only for the rows a weight takes."""
 
     def __init__(self, path: str):
-        from gguf import GGUFReader
         from gguf.quants import dequantize
 
         self.path = path
         self._tensors: list[tuple[str, np.ndarray]] = []  # (GGUF type, raw rows: memory-mapped)
         self._rows: dict[bytes, tuple[int, int]] = {}
-        for t in GGUFReader(path).tensors:
+        for t in read_gguf(path).tensors:
             if len(t.data.shape) != 2:
                 continue
             raw = np.asarray(t.data)

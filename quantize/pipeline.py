@@ -9,22 +9,21 @@ the gate allows. The output is written beside its target and renamed into place 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from typing import Callable
 
-from ..atomic import check_target, save_graph, staged_directory
+from ..atomic import check_target, remove_leftovers, save_graph, staged_directory
+from ..progress import to_stderr
 from ..runtime.manifest import Manifest, load_manifest
 from .errors import QualityGateError, QuantizeError
+from .evaltext import read_text
 from .gate import eval_ids, measure_quality
+from .gguf_file import gguf_problem
 from .schemes import Scheme
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def quantize_directory(
@@ -37,27 +36,28 @@ def quantize_directory(
     max_increase: float | None = None,
     allow_degraded: bool = False,
     force: bool = False,
-    progress: Callable[[str], None] = _stderr,
+    progress: Callable[[str], None] = to_stderr,
 ) -> Manifest:
     """Quantize the fp32 model in ``source_dir`` into ``output``.
 
     ``gguf``: a GGUF file whose blocks are carried over where they fit (see ``gguf_blocks``); "auto" uses
     the directory's own source when it was exported from a GGUF file that still exists; None never.
     ``max_increase``: the gate, as a fraction (0.02 = +2 % perplexity); defaults to the scheme's.
+    Every option is checked before any weight is read; what an interrupted run for the same
+    ``output`` left behind is removed.
     """
     manifest = load_manifest(source_dir)
     if manifest.quantization:
         raise QuantizeError(f"{source_dir} is already quantized ({manifest.quantization.get('name')}); start from an fp32 export")
     if manifest.graph.dtype != "float32":
         raise QuantizeError(f"{source_dir} holds a {manifest.graph.dtype} graph; quantization starts from float32")
-    output = check_target(output, force)
-    if os.path.abspath(source_dir) == output:
+    if os.path.realpath(source_dir) == os.path.realpath(output):
         raise QuantizeError("the output must be a different directory from the source")
-    limit = scheme.max_increase if max_increase is None else max_increase
-    if not limit >= 0:
-        raise QuantizeError(f"the allowed perplexity increase must be 0 or more, got {limit}")
+    output = check_target(output, force, sources=[source_dir])
+    limit = check_gate(scheme, max_increase, eval_text)
     gguf_path = _gguf_path(gguf, manifest)
     ids, text_name = eval_ids(source_dir, manifest, eval_text, eval_tokens)  # a bad text fails here, early
+    remove_leftovers(output, progress)
 
     with staged_directory(output) as tmp:
         record = _write_quantized(source_dir, tmp, manifest, scheme, gguf_path, progress)
@@ -86,15 +86,30 @@ def quantize_directory(
     return quantized
 
 
+def check_gate(scheme: Scheme, max_increase: float | None, eval_text: str | None) -> float:
+    """The gate's limit (``max_increase``, or the scheme's), once it and the evaluation text are
+    known to be usable; export checks these too, before it loads anything."""
+    limit = scheme.max_increase if max_increase is None else max_increase
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not (math.isfinite(limit) and limit >= 0):
+        raise QuantizeError(f"the allowed perplexity increase must be a finite fraction, 0 or more; got {limit!r}")
+    if eval_text is not None:
+        read_text(eval_text, "the evaluation text")
+    return float(limit)
+
+
 def _gguf_path(gguf: str | None, manifest: Manifest) -> str | None:
     if gguf == "auto":
         p = manifest.provenance
         source = p.get("source")
-        if p.get("source_kind") == "gguf" and source and os.path.isfile(source):
+        if p.get("source_kind") == "gguf" and isinstance(source, str) and os.path.isfile(source):
+            problem = gguf_problem(source)
+            if problem:
+                raise QuantizeError(f"{problem}; pass --no-gguf-blocks to quantize from the float weights")
             return source
         return None
-    if gguf is not None and not os.path.isfile(gguf):
-        raise QuantizeError(f"GGUF file not found: {gguf}")
+    problem = gguf and gguf_problem(gguf)
+    if problem:
+        raise QuantizeError(problem)
     return gguf
 
 

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generator as PyGenerator, Iterator, Mapping, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from .beam import beam_search
 from .chat import render_chat
 from .config import ConfigError, GenerationConfig
 from .decoding import DecodeLoop, Event, LoopStats, Request, TokenLogprob
-from .manifest import load_manifest
+from .manifest import load_manifest, load_tokenizer
 from .model import OnnxCausalLM
 from .scoring import Score, score_ids
 from .stopping import StopCriteria
@@ -94,7 +93,7 @@ class Generator:
         self.model_dir = os.fspath(model_dir)
         self.manifest = load_manifest(self.model_dir)
         self.model = OnnxCausalLM(self.model_dir, self.manifest, provider, threads)
-        self.tokenizer = Tokenizer.from_file(os.path.join(self.model_dir, self.manifest.tokenizer.file))
+        self.tokenizer = load_tokenizer(self.model_dir, self.manifest)
         self._loop = DecodeLoop(self.model, self.model.new_cache(), prefill_chunk)
         self._lock = threading.Lock()
 

@@ -2,14 +2,21 @@
 
 Export writes it; the runtime reads nothing else about the model (never transformers' config files,
 never a pickle). Everything is plain JSON so another language's runtime can read it too.
+
+Every file the manifest names (fields marked ``FILE``) and every file the graph keeps weights in
+must lie inside the model directory: ``load_manifest`` refuses absolute paths, ``..`` and links that
+lead out, before anything is opened.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
+
+from .errors import first_line
+from .onnx_wire import OnnxFileError, external_data
 
 MANIFEST_FILE = "lmrt.json"
 FORMAT_NAME = "lmrt-model"
@@ -17,7 +24,11 @@ FORMAT_VERSION = 2  # 2: in-place cache, logits_to_keep
 
 
 class ManifestError(ValueError):
-    """The model directory is missing, incomplete or of an unsupported format."""
+    """The model directory is missing, incomplete, of an unsupported format, or names files outside
+    itself."""
+
+
+FILE = {"file": True}  # metadata of a field holding a path inside the model directory
 
 
 @dataclass(frozen=True)
@@ -69,8 +80,8 @@ class GraphIO:
 
 @dataclass(frozen=True)
 class Graph:
-    file: str
-    data_file: str | None
+    file: str = field(metadata=FILE)
+    data_file: str | None = field(metadata=FILE)
     opset: int
     dtype: str
     io: GraphIO = field(default_factory=GraphIO)
@@ -78,7 +89,7 @@ class Graph:
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    file: str
+    file: str = field(metadata=FILE)
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
@@ -108,6 +119,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        if not isinstance(d, dict):
+            raise ManifestError(f"not an lmrt manifest (a JSON {type(d).__name__}, not an object)")
         if d.get("format") != FORMAT_NAME:
             raise ManifestError(f"not an lmrt manifest (format is {d.get('format')!r})")
         version = d.get("format_version")
@@ -116,23 +129,28 @@ class Manifest:
                 f"manifest format version {version} is not supported by this lmrt "
                 f"(it reads version {FORMAT_VERSION}); re-export the model or upgrade lmrt"
             )
-        try:
-            graph = dict(d["graph"])
-            io = GraphIO(**graph.pop("io", {}))
-            tok = dict(d["tokenizer"])
-            tok["eos_token_ids"] = tuple(tok.get("eos_token_ids") or ())
-            return cls(
-                architecture=Architecture(**d["architecture"]),
-                graph=Graph(io=io, **graph),
-                tokenizer=TokenizerInfo(**tok),
-                generation_defaults=dict(d.get("generation_defaults") or {}),
-                provenance=dict(d.get("provenance") or {}),
-                validation=dict(d.get("validation") or {}),
-                quantization=dict(d.get("quantization") or {}),
-                quality=dict(d.get("quality") or {}),
-            )
-        except (KeyError, TypeError) as e:
-            raise ManifestError(f"malformed manifest: {e}") from None
+        graph = dict(_section(d, "graph"))
+        io = _typed(GraphIO, graph.pop("io", {}), "graph.io")
+        tok = dict(_section(d, "tokenizer"))
+        if isinstance(tok.get("eos_token_ids"), list):
+            tok["eos_token_ids"] = tuple(tok["eos_token_ids"])
+        architecture = _typed(Architecture, _section(d, "architecture"), "architecture")
+        for f in fields(Architecture):
+            value, least = getattr(architecture, f.name), 0 if f.default == 0 else 1  # 0 is "none" where it is the default
+            if isinstance(value, int) and value < least:
+                raise ManifestError(f"malformed manifest: architecture.{f.name} must be at least {least}, got {value}")
+        extra = {}
+        for name in ("generation_defaults", "provenance", "validation", "quantization", "quality"):
+            value = d.get(name) or {}
+            if not isinstance(value, dict):
+                raise ManifestError(f"malformed manifest: {name} must be an object")
+            extra[name] = dict(value)
+        return cls(
+            architecture=architecture,
+            graph=_typed(Graph, {**graph, "io": io}, "graph"),
+            tokenizer=_typed(TokenizerInfo, tok, "tokenizer"),
+            **extra,
+        )
 
     def write(self, model_dir: str) -> str:
         path = os.path.join(model_dir, MANIFEST_FILE)
@@ -142,9 +160,117 @@ class Manifest:
         return path
 
 
+_TYPES = {  # a field's annotation -> the JSON values it takes
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "int | None": lambda v: v is None or _TYPES["int"](v),
+    "str | None": lambda v: v is None or isinstance(v, str),
+    "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(_TYPES["int"](x) for x in v),
+}
+
+
+def _section(d: dict[str, Any], name: str) -> dict[str, Any]:
+    value = d.get(name)
+    if not isinstance(value, dict):
+        raise ManifestError(f"malformed manifest: {name} is {'missing' if value is None else 'not an object'}")
+    return value
+
+
+def _typed(cls, data: Any, section: str):
+    """``cls(**data)`` once every field is known, present (or defaulted) and of its declared type."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"malformed manifest: {section} is not an object")
+    known = {f.name: f for f in fields(cls)}
+    for name, value in data.items():
+        if name not in known:
+            raise ManifestError(f"malformed manifest: {section} has an unknown field {name!r}")
+        check = _TYPES.get(known[name].type)
+        if check is not None and not check(value):
+            raise ManifestError(f"malformed manifest: {section}.{name} must be {known[name].type}, got {value!r}")
+    try:
+        return cls(**data)
+    except TypeError as e:  # a required field is missing
+        raise ManifestError(f"malformed manifest: {section}: {e}") from None
+
+
+def file_fields(manifest: Manifest) -> list[tuple[str, str]]:
+    """(dotted field name, path) of every file the manifest names."""
+    out = []
+
+    def walk(obj, prefix: str) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("file") and value is not None:
+                out.append((f"{prefix}{f.name}", value))
+            elif is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+
+    walk(manifest, "")
+    return out
+
+
+def contained_path(model_dir: str, relative: str, what: str) -> str:
+    """``model_dir/relative`` once it is known to stay inside ``model_dir`` (no absolute path, no
+    ``..``, no link leading out); ``what`` names the path in errors ("graph.file in lmrt.json")."""
+    refuse = f"{model_dir}: {what} is {{}}; lmrt reads files inside the model directory only"
+    if not relative:
+        raise ManifestError(f"{model_dir}: {what} is empty")
+    if os.path.isabs(relative) or relative.startswith(("/", "\\")) or os.path.splitdrive(relative)[0]:
+        raise ManifestError(refuse.format(f"an absolute path ({relative})"))
+    if ".." in relative.replace("\\", "/").split("/"):
+        raise ManifestError(refuse.format(f"{relative}, which leads out with '..'"))
+    root = os.path.realpath(model_dir)
+    path = os.path.join(model_dir, relative)
+    real = os.path.realpath(path)
+    if real == root:
+        raise ManifestError(refuse.format(f"{relative}, the model directory itself"))
+    if not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise ManifestError(refuse.format(f"{relative}, which resolves (through a link) to {real}"))
+    return path
+
+
+def _check_file(model_dir: str, relative: str, what: str) -> str:
+    path = contained_path(model_dir, relative, what)
+    if not os.path.exists(path):
+        raise ManifestError(f"{model_dir} is incomplete: {relative} is missing ({what})")
+    if not os.path.isfile(path):
+        raise ManifestError(f"{model_dir} is damaged: {relative} is not a file ({what})")
+    return path
+
+
+def _check_external_data(model_dir: str, graph_relative: str) -> None:
+    """The graph's weight files: inside the model directory, present, and long enough."""
+    graph_path = os.path.join(model_dir, graph_relative)
+    try:
+        refs = external_data(graph_path)
+    except OnnxFileError as e:
+        raise ManifestError(f"{graph_path} is {e}: not a complete ONNX graph; export the model again") from None
+    except OSError as e:
+        raise ManifestError(f"cannot read {graph_path} ({e.strerror})") from None
+    needed: dict[str, tuple[int, str]] = {}  # location -> (bytes needed, a tensor stored there)
+    for ref in refs:
+        end = ref.offset + (ref.length or 0)
+        needed[ref.location] = max(needed.get(ref.location, (0, ref.tensor)), (end, ref.tensor))
+    base = os.path.dirname(graph_relative)
+    for location, (end, tensor) in needed.items():
+        what = f"the external data of tensor {tensor!r} in {graph_relative}"
+        path = _check_file(model_dir, os.path.join(base, location) if base else location, what)
+        size = os.path.getsize(path)
+        if size < end:
+            raise ManifestError(
+                f"{path} is truncated: {graph_relative} needs {end} bytes of it, it has {size}; export the model again"
+            )
+
+
 def load_manifest(model_dir: str) -> Manifest:
-    """Read ``model_dir/lmrt.json``, raising ManifestError with a one-line reason."""
+    """Read ``model_dir/lmrt.json`` and check the files it names, raising ManifestError with a
+    one-line reason: a missing, damaged or truncated file, or one outside the model directory."""
+    model_dir = os.fspath(model_dir)
+    if not model_dir:
+        raise ManifestError("the model directory is an empty path")
     if not os.path.isdir(model_dir):
+        if os.path.exists(model_dir):
+            raise ManifestError(f"{model_dir} is a file; give the model directory that holds {MANIFEST_FILE}")
         raise ManifestError(f"model directory not found: {model_dir}")
     path = os.path.join(model_dir, MANIFEST_FILE)
     if not os.path.isfile(path):
@@ -152,10 +278,28 @@ def load_manifest(model_dir: str) -> Manifest:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ManifestError(f"cannot read {path}: {e}") from None
-    manifest = Manifest.from_dict(data)
-    for name in (manifest.graph.file, manifest.tokenizer.file):
-        if not os.path.isfile(os.path.join(model_dir, name)):
-            raise ManifestError(f"{model_dir} is incomplete: {name} is missing")
+    except OSError as e:
+        raise ManifestError(f"cannot read {path} ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path} is not valid JSON ({e}); export the model again") from None
+    try:
+        manifest = Manifest.from_dict(data)
+    except ManifestError as e:
+        raise ManifestError(f"{path}: {e}") from None
+    for name, relative in file_fields(manifest):
+        _check_file(model_dir, relative, f"{name} in {MANIFEST_FILE}")
+    _check_external_data(model_dir, manifest.graph.file)
     return manifest
+
+
+def load_tokenizer(model_dir: str, manifest: Manifest):
+    """The model's ``tokenizers.Tokenizer``, or ManifestError naming the file when it cannot be read."""
+    from tokenizers import Tokenizer
+
+    path = contained_path(model_dir, manifest.tokenizer.file, f"tokenizer.file in {MANIFEST_FILE}")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises plain Exception for a file it cannot parse
+        raise ManifestError(
+            f"{path} is not a tokenizer the tokenizers library can read ({first_line(e)}); export the model again"
+        ) from None

@@ -9,7 +9,7 @@ import numpy as np
 
 from .kv_cache import CacheFullError, KVCache
 from .manifest import Manifest
-from .session import available_providers, create_session, resolve_provider
+from .session import available_providers, check_graph_io, create_session, resolve_provider
 
 
 class OnnxCausalLM:
@@ -24,6 +24,7 @@ class OnnxCausalLM:
         chosen = resolve_provider(provider, available_providers())
         path = os.path.join(model_dir, manifest.graph.file)
         self.session, self.provider = create_session(path, chosen, model_dir, threads)
+        check_graph_io(self.session, manifest, path)
         self._io = manifest.graph.io
         self._logits_dtype = np.dtype(self._io.logits_dtype)
         self._binding = self.session.io_binding()

@@ -40,11 +40,36 @@ class Score:
         return math.exp(self.mean_nll)
 
 
+def _count(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def resolve_windows(
+    window: int | None, stride: int | None, context: int, names: tuple[str, str] = ("window", "stride")
+) -> tuple[int, int]:
+    """(window, stride) for scoring with a model of ``context`` positions: ``window`` defaults to
+    the context and ``stride`` to half the window. ValueError, naming the value as ``names`` spell it
+    (the CLI passes its flags), unless 2 <= window <= context and 1 <= stride <= window."""
+    window_name, stride_name = names
+    if window is None:
+        window = context
+    elif not _count(window) or window < 2:
+        raise ValueError(f"{window_name} must be a whole number of tokens, at least 2; got {window!r}")
+    elif window > context:
+        raise ValueError(f"{window_name} is {window} tokens, more than the model's context ({context})")
+    if stride is None:
+        stride = max(1, window // 2)
+    elif not _count(stride) or not 1 <= stride <= window:
+        raise ValueError(f"{stride_name} must be a whole number of tokens from 1 to the window ({window}); got {stride!r}")
+    return int(window), int(stride)
+
+
 def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first_scored) per window over ``n`` tokens: the window feeds tokens
-    [begin, end) and scores the predictions of tokens [first_scored, end)."""
-    if not 0 < stride <= window:
-        raise ValueError(f"stride must be in 1..window ({window}), got {stride}")
+    [begin, end) and scores the predictions of tokens [first_scored, end). Each window ends at
+    least one token after the one before, so the list is finite."""
+    if window < 2 or not 0 < stride <= window:
+        raise ValueError(f"windows need window >= 2 and stride in 1..window, got window {window}, stride {stride}")
     out, scored_to, begin = [], 1, 0
     while scored_to < n:
         end = min(begin + window, n)
@@ -63,13 +88,12 @@ def score_ids(
     progress: Callable[[int, int], None] | None = None,
 ) -> Score:
     """Score ``token_ids`` (at least two) with ``model``; ``window`` defaults to the context length
-    and ``stride`` to half the window."""
+    and ``stride`` to half the window (see ``resolve_windows``)."""
+    window, stride = resolve_windows(window, stride, model.context_length)
     ids = np.asarray(token_ids, dtype=np.int64)  # [n]
     n = ids.shape[0]
     if n < 2:
         raise ValueError("scoring needs at least two tokens")
-    window = min(window or model.context_length, model.context_length)
-    stride = stride or max(1, window // 2)
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
     logprobs = np.empty(n - 1, dtype=np.float64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .manifest import MANIFEST_FILE
+
 # Short names users type, mapped to ONNX Runtime's provider names. "auto" tries them in this order.
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -16,6 +18,10 @@ _SHORT = {v: k for k, v in PROVIDERS.items()}
 
 class ProviderError(ValueError):
     """The requested execution provider is unknown or not offered by the installed onnxruntime."""
+
+
+class GraphError(ValueError):
+    """onnxruntime cannot load the graph, or the graph does not take and give what the manifest says."""
 
 
 def import_onnxruntime():
@@ -91,14 +97,82 @@ def create_session(model_path: str, provider: str, model_dir: str, threads: int 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= max_threads():
+            raise ValueError(f"threads must be a positive integer, at most {max_threads()} (this machine's CPUs); got {threads!r}")
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     chain = provider_chain(provider, model_dir)
     if provider == "tensorrt":
         os.makedirs(trt_cache_dir(model_dir), exist_ok=True)
-    session = ort.InferenceSession(model_path, sess_options=opts, providers=chain)
+    try:
+        session = ort.InferenceSession(model_path, sess_options=opts, providers=chain)
+    except Exception as e:  # onnxruntime's own exception types (Fail, InvalidProtobuf, ...) derive from Exception
+        raise GraphError(f"onnxruntime cannot load {model_path}: {_reason(e)}") from None
     # onnxruntime falls back silently when a GPU provider fails to load: report what it really uses.
     used = _SHORT.get(session.get_providers()[0], session.get_providers()[0])
     return session, used
+
+
+def max_threads() -> int:
+    """The most intra-op threads lmrt lets onnxruntime start: one per logical CPU."""
+    return os.cpu_count() or 1
+
+
+def _reason(e: Exception) -> str:
+    """onnxruntime's message in one line, with the likely cause."""
+    text = " ".join(str(e).split())
+    if text.startswith("[ONNXRuntimeError]"):  # "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : message"
+        text = text.split(" : ", 3)[-1]
+    if "INVALID_PROTOBUF" in str(e):
+        return f"{text} (the file is truncated or not an ONNX graph; export the model again)"
+    if "External data" in text or "external data" in text:
+        return f"{text} (its weights file is missing, truncated or outside the model directory)"
+    return text
+
+
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
+
+
+def expected_io(manifest) -> tuple[dict[str, tuple[str, dict[int, int]]], dict[str, tuple[str, dict[int, int]]]]:
+    """The inputs and outputs the manifest promises: name -> (onnxruntime type, {axis: size})."""
+    io, a = manifest.graph.io, manifest.architecture
+    ids, kv, logits = _ORT_TYPES["int64"], _ORT_TYPES.get(io.kv_dtype, io.kv_dtype), _ORT_TYPES.get(io.logits_dtype, io.logits_dtype)
+    cache = {1: a.num_kv_heads, 3: a.head_size}
+    inputs = {io.input_ids: (ids, {}), io.attention_mask: (ids, {}), io.logits_to_keep: (ids, {})}
+    if io.position_ids:
+        inputs[io.position_ids] = (ids, {})
+    outputs = {io.logits: (logits, {2: a.vocab_size})}
+    for layer in range(a.num_layers):
+        for names, side in (((io.past_key, io.past_value), inputs), ((io.present_key, io.present_value), outputs)):
+            for name in names:
+                side[name.format(layer=layer)] = (kv, cache)
+    return inputs, outputs
+
+
+def check_graph_io(session, manifest, model_path: str) -> None:
+    """GraphError unless the session's graph takes exactly the inputs the manifest names and gives
+    its outputs, with the manifest's types and sizes: a graph copied in from another model fails
+    here, not halfway through generating."""
+    inputs, outputs = expected_io(manifest)
+    problems = []
+    for kind, expected, actual in (("input", inputs, session.get_inputs()), ("output", outputs, session.get_outputs())):
+        found = {arg.name: arg for arg in actual}
+        problems += [f"{kind} {name!r} is missing" for name in expected if name not in found]
+        if kind == "input":
+            problems += [f"it takes an input {name!r} the manifest does not name" for name in found if name not in expected]
+        for name, (dtype, sizes) in expected.items():
+            arg = found.get(name)
+            if arg is None:
+                continue
+            if arg.type != dtype:
+                problems.append(f"{kind} {name!r} is {arg.type}, not {dtype}")
+            shape = arg.shape if isinstance(arg.shape, (list, tuple)) else []
+            for axis, size in sizes.items():
+                if axis < len(shape) and isinstance(shape[axis], int) and shape[axis] != size:
+                    problems.append(f"{kind} {name!r} has size {shape[axis]} on axis {axis}, not {size}")
+    if problems:
+        more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
+        raise GraphError(
+            f"{model_path} does not match {MANIFEST_FILE}: {problems[0]}{more}; the graph and the manifest do not "
+            "belong together (not one lmrt export), export the model again"
+        )

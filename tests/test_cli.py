@@ -48,7 +48,7 @@ def test_generate_reads_stdin_and_reports_stats(run, tiny_models):
         (["generate", "{m}", "hi", "--provider", "npu"], "error: unknown provider 'npu'"),
         (["generate", "/no/such/model", "hi"], "error: model directory not found"),
         (["generate", "{m}", "hi", "--chat"], "error: this model has no chat template"),
-        (["generate", "{m}", "hi", "--threads", "0"], "error: threads must be a positive integer"),
+        (["generate", "{m}", "hi", "--threads", "0"], "error: --threads must be a positive integer"),
         (["info", "/no/such/model"], "error: model directory not found"),
         (["export", "/no/such/file.gguf", "-o", "/tmp/lmrt-never"], "error: GGUF file not found"),
         (["export", "{m}", "-o", "{m}"], "already exists; pass --force"),

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from lmrt import runtime
+from lmrt.atomic import OutputError
 from lmrt.export import ExportError, export_model
 from lmrt.export import architectures
 from lmrt.export.source import locate
@@ -27,9 +28,12 @@ def test_refuses_to_overwrite_without_force(tiny_models, tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match="already exists; pass --force"):
+    with pytest.raises(OutputError, match="already exists; pass --force"):
         export_model(hf_dir, str(out), **quiet)
+    with pytest.raises(OutputError, match="not an lmrt model directory"):
+        export_model(hf_dir, str(out), force=True, **quiet)
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "lmrt.json").write_text("{}")  # an lmrt model directory, however damaged, may be replaced
     export_model(hf_dir, str(out), force=True, **quiet)
     assert not (out / "keep.txt").exists()
     assert runtime.Generator(str(out)).generate("The", max_new_tokens=3, stop_token_ids=[])
@@ -57,10 +61,10 @@ def test_failure_midway_leaves_nothing_and_keeps_the_old_directory(tiny_models, 
         export_model(tiny_models["gpt2"][0], str(out), **quiet)
     assert not out.exists()
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "lmrt.json").write_text("old")
     with pytest.raises(RuntimeError):
         export_model(tiny_models["gpt2"][0], str(out), force=True, **quiet)
-    assert (out / "old.txt").read_text() == "old"
+    assert (out / "lmrt.json").read_text() == "old"
     assert leftovers(tmp_path) == []
 
 

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from lmrt import runtime
+from lmrt.atomic import OutputError
 from lmrt.cli import main
 from lmrt.export import export_model
 from lmrt.quantize import QualityGateError, QuantizeError, quantize_directory, scheme_for
@@ -183,7 +184,7 @@ def test_quantize_refuses_bad_input(tiny_models, tmp_path):
     assert done.quantization
     with pytest.raises(QuantizeError, match="already quantized"):
         quantize_directory(str(tmp_path / "a"), str(tmp_path / "b"), scheme_for("int4"), **quiet)
-    with pytest.raises(FileExistsError, match="pass --force"):
+    with pytest.raises(OutputError, match="pass --force"):
         quantize_directory(exported, str(tmp_path / "a"), scheme_for("int8"), **quiet)
     short = tmp_path / "short.txt"
     short.write_text("too short")
