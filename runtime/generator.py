@@ -23,7 +23,7 @@ from .chat import render_chat
 from .config import GenerationConfig
 from .decoding import Sequence as _Sequence, decode
 from .detokenizer import StreamingDetokenizer
-from .manifest import load_manifest
+from .manifest import load_manifest, require_task
 from .model import OnnxCausalLM
 from .scoring import Score, score_ids
 
@@ -118,6 +118,7 @@ class Generator:
     def __init__(self, model_dir: str | os.PathLike, provider: str = "auto", threads: int | None = None):
         self.model_dir = os.fspath(model_dir)
         self.manifest = load_manifest(self.model_dir)
+        require_task(self.manifest, ("generate",), self.model_dir)
         self.model = OnnxCausalLM(self.model_dir, self.manifest, provider, threads)
         self.tokenizer = Tokenizer.from_file(os.path.join(self.model_dir, self.manifest.tokenizer.file))
 
