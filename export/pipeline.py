@@ -16,6 +16,7 @@ from .. import __version__
 from ..atomic import DATA_FILE, GRAPH_FILE, save_graph, staged_directory
 from ..runtime.manifest import Graph, GraphIO, Manifest, TokenizerInfo
 from .architectures import Weights, spec_for
+from .encoders.task import detect_task
 from .errors import ExportError
 from .graph import OPSET, DecoderGraph, GraphBuilder
 from .source import Source, load_source, locate
@@ -57,6 +58,7 @@ def export_model(
     tolerance: float | None = None,
     progress: Callable[[str], None] = _stderr,
     precision: str = "fp32",
+    task: str | None = None,
     **quantize_options: Any,
 ) -> Manifest:
     """Export ``source`` (hub id, Hugging Face directory or .gguf file, or a ``Source`` already
@@ -65,6 +67,7 @@ def export_model(
     ``precision``: "fp32"; "fp16" (a float16 graph, for GPU providers); "int8" or "int4" (the fp32
     export, validated, then quantized behind the quality gate; ``quantize_options`` go to
     ``lmrt.quantize.quantize_directory``: max_increase, allow_degraded, eval_text, compute).
+    ``task``: "generate", "embed" or "classify" (``lmrt.export.encoders``); detected when None.
 
     Nothing is left at ``output`` unless the whole export, validation included, succeeds; an existing
     ``output`` is replaced only with ``force``."""
@@ -86,6 +89,12 @@ def export_model(
         scheme = scheme_for(precision)
         if "compute" in quantize_options:
             scheme = dataclasses.replace(scheme, compute=quantize_options.pop("compute"))
+    name = source if isinstance(source, str) else source.source
+    task = detect_task(name, task)
+    if task != "generate":
+        from .encoders.pipeline import export_encoder
+
+        return export_encoder(name, output, task, force, tolerance, progress, precision, scheme, **quantize_options)
     step = _Steps(progress)
     if isinstance(source, Source):
         src = source
