@@ -3,7 +3,9 @@
 Steps: rewrite the graph's weights (``rewrite``) with a scheme (``schemes``), taking a GGUF file's
 own blocks where they fit (``gguf_blocks``); score the evaluation text with the fp32 directory and
 with the new graph, both through lmrt's runtime; refuse the result when perplexity rose more than
-the gate allows. The output is written beside its target and renamed into place only at the end.
+the gate allows. An encoder (task "embed" or "classify") is quantized by ``token_int8`` instead and
+measured by ``encoder_gate``. The output is written beside its target and renamed into place only
+at the end.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Callable
 from ..atomic import check_target, save_graph, staged_directory
 from ..runtime.manifest import Manifest, load_manifest
 from .errors import QualityGateError, QuantizeError
-from .gate import eval_ids, measure_quality
+from .encoder_gate import EncoderGate
+from .gate import PerplexityGate
 from .schemes import Scheme
+from .token_int8 import write_encoder_int8
 
 
 def _stderr(message: str) -> None:
@@ -53,37 +57,54 @@ def quantize_directory(
     output = check_target(output, force)
     if os.path.abspath(source_dir) == output:
         raise QuantizeError("the output must be a different directory from the source")
-    limit = scheme.max_increase if max_increase is None else max_increase
-    if not limit >= 0:
-        raise QuantizeError(f"the allowed perplexity increase must be 0 or more, got {limit}")
-    gguf_path = _gguf_path(gguf, manifest)
-    ids, text_name = eval_ids(source_dir, manifest, eval_text, eval_tokens)  # a bad text fails here, early
+    if manifest.task == "generate":
+        limit = scheme.max_increase if max_increase is None else max_increase
+        gguf_path = _gguf_path(gguf, manifest)
+        gate = PerplexityGate(source_dir, manifest, eval_text, eval_tokens, limit)
+
+        def write(out_dir: str) -> dict:
+            return _write_quantized(source_dir, out_dir, manifest, scheme, gguf_path, progress)
+    else:
+        check_encoder_options(scheme, gguf, max_increase)
+        gate = EncoderGate(source_dir, manifest, eval_text)
+
+        def write(out_dir: str) -> dict:
+            return write_encoder_int8(source_dir, out_dir, manifest, progress)
 
     with staged_directory(output) as tmp:
-        record = _write_quantized(source_dir, tmp, manifest, scheme, gguf_path, progress)
+        record = write(tmp)
         quantized = dataclasses.replace(manifest, quantization=record)
         quantized.write(tmp)
-        progress(f"… measuring quality (perplexity, fp32 vs {scheme.name})")
+        progress(f"… measuring quality ({gate.what}, fp32 vs {scheme.name})")
         started = time.perf_counter()
-        quality = measure_quality(source_dir, tmp, quantized, ids, text_name)
-        quality.update(max_increase=limit, passed=quality["increase"] <= limit, allowed_degraded=False)
+        quality = gate.measure(tmp, quantized)
+        quality["allowed_degraded"] = False
         progress(f"  {time.perf_counter() - started:.1f}s")
-        summary = (
-            f"perplexity {quality['perplexity_reference']:.3f} (fp32) -> {quality['perplexity']:.3f} ({scheme.name}), "
-            f"{quality['increase']:+.2%}; top-1 agreement {quality['top1_agreement']:.1%} over {quality['positions']} positions"
-        )
+        summary = gate.summary(quality, scheme.name)
         if not quality["passed"]:
             if not allow_degraded:
                 raise QualityGateError(
-                    f"quality gate failed: {summary}, above the allowed +{limit:.1%}; nothing was written "
+                    f"quality gate failed: {summary}, {gate.limit_text}; nothing was written "
                     "(--allow-degraded keeps it anyway)"
                 )
             quality["allowed_degraded"] = True
-            progress(f"warning: {summary} is above the allowed +{limit:.1%}; kept because of --allow-degraded")
+            progress(f"warning: {summary} is {gate.limit_text}; kept because of --allow-degraded")
         quantized = dataclasses.replace(quantized, quality=quality)
         quantized.write(tmp)
     progress(f"quantized to {output}: {summary}")
     return quantized
+
+
+def check_encoder_options(scheme: Scheme, gguf: str | None, max_increase: float | None) -> None:
+    """Encoders take int8 with integer compute and the encoder gate; refuse what does not apply."""
+    if scheme.name != "int8" or scheme.compute != "int8":
+        raise QuantizeError("encoders are quantized with --int8 only (integer compute)")
+    if gguf not in (None, "auto"):
+        raise QuantizeError("GGUF blocks apply to decoders; an encoder takes no --gguf")
+    if max_increase is not None:
+        raise QuantizeError(
+            "--max-ppl-increase applies to decoders; an encoder's gate is cosine similarity or label agreement"
+        )
 
 
 def _gguf_path(gguf: str | None, manifest: Manifest) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...quantize.encoder_gate import cosines
 from ...runtime.encoder import Encoder
 from .source import EncoderSource
 
@@ -56,8 +57,3 @@ def validate_encoder(model_dir: str, src: EncoderSource) -> dict:
         result["min_cosine"] = float(np.min(cosines(got, ref)))
     return result
 
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row of ``a`` [n, d] with the same row of ``b``, in float64."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
