@@ -82,6 +82,11 @@ def _gate_kwargs(max_ppl_increase, allow_degraded, eval_text) -> dict:
 @click.option("--int8", "precision", flag_value="int8", help="8-bit block-quantized weights.")
 @click.option("--int4", "precision", flag_value="int4", help="4-bit block-quantized weights (8-bit embeddings).")
 @_quality_gate_options
+@click.option(
+    "--task",
+    type=click.Choice(["generate", "embed", "classify"]),
+    help="generate (decoders), embed or classify (encoders) [default: detected from the model].",
+)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option(
     "--tolerance",
@@ -89,19 +94,22 @@ def _gate_kwargs(max_ppl_increase, allow_degraded, eval_text) -> dict:
     help="Largest logit difference from PyTorch allowed, relative to the largest logit [default: 1e-3; fp16 2e-2].",
 )
 @_errors_to_one_line
-def export(source, output, precision, force, tolerance, max_ppl_increase, allow_degraded, eval_text, compute) -> None:
+def export(source, output, precision, task, force, tolerance, max_ppl_increase, allow_degraded, eval_text, compute) -> None:
     """Export SOURCE to an ONNX model directory, validated against PyTorch.
 
     SOURCE is a Hugging Face Hub id, a local Hugging Face model directory, or a .gguf file.
     With --int8 / --int4 the validated fp32 graph is quantized and must pass the quality gate:
     perplexity on an evaluation text may not rise more than --max-ppl-increase over fp32. From a
-    Q4_0 / Q4_1 / Q8_0 GGUF file, the file's own blocks are kept where they fit.
+    Q4_0 / Q4_1 / Q8_0 GGUF file, the file's own blocks are kept where they fit. BERT-family
+    encoders are exported for `lmrt embed` (a sentence-transformers model) or `lmrt classify` (a
+    *ForSequenceClassification model); --int8 gates them on cosine similarity / label agreement.
 
     \b
     Examples:
       lmrt export SmolLM2-135M-Instruct.Q4_1.gguf -o models/smollm2 --int4
       lmrt export ./my-finetuned-llama -o models/mine --int8 --force
       lmrt export gpt2 -o models/gpt2
+      lmrt export ./all-MiniLM-L6-v2 -o models/minilm --int8
     """
     try:
         from .export import export_model
@@ -115,7 +123,7 @@ def export(source, output, precision, force, tolerance, max_ppl_increase, allow_
             options["compute"] = compute
     elif max_ppl_increase is not None or allow_degraded or eval_text or compute:
         raise _Fail("--max-ppl-increase, --allow-degraded, --eval-text and --compute apply to --int8 / --int4 only")
-    export_model(source, output, force=force, tolerance=tolerance, precision=precision, **options)
+    export_model(source, output, force=force, tolerance=tolerance, precision=precision, task=task, **options)
 
 
 @main.command()
@@ -375,6 +383,11 @@ def info(model_dir: str) -> None:
     from .runtime.session import available_providers
 
     m = load_manifest(model_dir)
+    if m.task != "generate":
+        from .encoder_output import encoder_rows
+
+        _print_rows(encoder_rows(m, directory_size(model_dir)) + [("providers", ", ".join(available_providers()) or "none")])
+        return
     a, t, p, v = m.architecture, m.tokenizer, m.provenance, m.validation
     size = directory_size(model_dir)
     rows = [
@@ -416,9 +429,83 @@ def info(model_dir: str) -> None:
             )
         )
     rows.append(("providers", ", ".join(available_providers()) or "none"))
+    _print_rows(rows)
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _encoder_options(fn):
+    """Options shared by embed and classify."""
+    for option in reversed(
+        [
+            click.option("--batch-size", type=int, default=32, show_default=True,
+                         help="Texts per run; texts are sorted by length, so each batch is padded only to its longest."),
+            click.option("--no-truncate", is_flag=True,
+                         help="Refuse a text longer than the model's maximum length instead of cutting it."),
+            click.option("--json", "as_json", is_flag=True, help="Print one JSON object per text."),
+        ]
+    ):  # fmt: skip
+        fn = option(fn)
+    return _runtime_options(fn)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@click.argument("texts", metavar="TEXT...", nargs=-1, required=True)
+@_encoder_options
+@_errors_to_one_line
+def embed(model_dir, texts, batch_size, no_truncate, as_json, provider, threads) -> None:
+    """Print the sentence embedding of each TEXT, computed by the embedding model in MODEL_DIR.
+
+    One line per text, in order: the numbers separated by spaces, or with --json an object with
+    "index" and "embedding". TEXT "-" reads one text per line from stdin. Pooling and
+    normalization are the model's own (see `lmrt info`). Export a sentence-transformers model with
+    `lmrt export DIR -o OUT` (the task is detected) or `--task embed`.
+
+    \b
+    Examples:
+      lmrt embed models/minilm "A cat sits on the mat." "Ein Hund spielt im Garten."
+      lmrt embed models/minilm - --json < sentences.txt
+    """
+    from .encoder_output import embedding_line, read_texts
+    from .runtime import Encoder
+
+    encoder = Encoder(model_dir, provider=provider, threads=threads, truncate=not no_truncate)
+    vectors = encoder.embed(read_texts(texts, sys.stdin), batch_size=batch_size)
+    for i, vector in enumerate(vectors):
+        click.echo(embedding_line(i, vector, as_json))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@click.argument("texts", metavar="TEXT...", nargs=-1, required=True)
+@click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Labels per text, best first.")
+@_encoder_options
+@_errors_to_one_line
+def classify(model_dir, texts, top_k, batch_size, no_truncate, as_json, provider, threads) -> None:
+    """Print the labels of each TEXT, given by the classification model in MODEL_DIR.
+
+    One line per text, in order: label and score pairs separated by tabs, best first, or with
+    --json an object with "index" and "labels". Scores are the softmax of the logits (the sigmoid
+    for a multi-label model). TEXT "-" reads one text per line from stdin. Export a
+    *ForSequenceClassification model with `lmrt export DIR -o OUT` (the task is detected).
+
+    \b
+    Examples:
+      lmrt classify models/sentiment "What a lovely day." "This is terrible."
+      lmrt classify models/sentiment - -k 2 --json < reviews.txt
+    """
+    from .encoder_output import labels_line, read_texts
+    from .runtime import Encoder
+
+    encoder = Encoder(model_dir, provider=provider, threads=threads, truncate=not no_truncate)
+    results = encoder.classify(read_texts(texts, sys.stdin), top_k=top_k, batch_size=batch_size)
+    for i, labels in enumerate(results):
+        click.echo(labels_line(i, labels, as_json))
 
 
 if __name__ == "__main__":
