@@ -68,7 +68,10 @@ def encoder_rows(m: Manifest, size: int) -> list[tuple[str, str]]:
     if q:
         rows.append(("quantization", f"{q['name']}: weights {q['method']}; activations {q['activations']}"))
     if g and "label_agreement" in g:
-        quality = f"label agreement with fp32 {g['label_agreement']:.1%} over {g['texts']} texts, largest score difference {g['max_score_diff']:.3f}"
+        quality = (
+            f"label agreement with fp32 {g['label_agreement']:.1%} over {g['texts']} texts, "
+            f"largest score difference {g['max_score_diff']:.3f}"
+        )
     elif g:
         quality = f"cosine to fp32 mean {g['mean_cosine']:.4f}, min {g['min_cosine']:.4f} over {g['texts']} texts"
     if g:

@@ -79,7 +79,7 @@ def _write_directory(src: EncoderSource, out_dir: str, tolerance: float, step: _
     manifest = Manifest(
         architecture=_architecture(src),
         graph=Graph(file=GRAPH_FILE, data_file=DATA_FILE, opset=OPSET, dtype="float32", io=io),
-        tokenizer=TokenizerInfo(file=TOKENIZER_FILE, bos_token_id=None, eos_token_ids=(), pad_token_id=src.tokenizer.pad_token_id),
+        tokenizer=TokenizerInfo(TOKENIZER_FILE, bos_token_id=None, eos_token_ids=(), pad_token_id=src.tokenizer.pad_token_id),
         provenance=record,
         task=src.task,
         encoder=_encoder_info(src),
