@@ -79,13 +79,15 @@ def available(python: str, module: str) -> str | None:
 
 
 def measure(python: str, system: str, model: str, ids_file: str, new_tokens: int) -> dict:
+    return run_worker(python, "bench_worker.py", system, model, ids_file, str(new_tokens))
+
+
+def run_worker(python: str, worker: str, *args: str) -> dict:
+    """Run ``worker`` (a script beside this one) with ``python``; its last line of output, as JSON."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(
-        [python, os.path.join(HERE, "bench_worker.py"), system, model, ids_file, str(new_tokens)],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
+    done = subprocess.run([python, os.path.join(HERE, worker), *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{system} {model}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
+        raise RuntimeError(f"{' '.join(args[:2])}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -16,6 +16,7 @@ from ..atomic import DATA_FILE, GRAPH_FILE, check_target, remove_leftovers, save
 from ..progress import to_stderr
 from ..runtime.manifest import Graph, GraphIO, Manifest, TokenizerInfo
 from .architectures import Weights, spec_for
+from .encoders.task import detect_task
 from .errors import ExportError
 from .graph import OPSET, DecoderGraph, GraphBuilder
 from .source import Source, load_source, locate
@@ -53,6 +54,7 @@ def export_model(
     tolerance: float | None = None,
     progress: Callable[[str], None] = to_stderr,
     precision: str = "fp32",
+    task: str | None = None,
     **quantize_options: Any,
 ) -> Manifest:
     """Export ``source`` (hub id, Hugging Face directory or .gguf file, or a ``Source`` already
@@ -61,6 +63,7 @@ def export_model(
     ``precision``: "fp32"; "fp16" (a float16 graph, for GPU providers); "int8" or "int4" (the fp32
     export, validated, then quantized behind the quality gate; ``quantize_options`` go to
     ``lmrt.quantize.quantize_directory``: max_increase, allow_degraded, eval_text, compute).
+    ``task``: "generate", "embed" or "classify" (``lmrt.export.encoders``); detected when None.
 
     Nothing is left at ``output`` unless the whole export, validation included, succeeds; an existing
     ``output`` is replaced only with ``force``, and only when it is an lmrt model directory. Every
@@ -87,7 +90,12 @@ def export_model(
         check_gate(scheme, quantize_options.get("max_increase"), quantize_options.get("eval_text"))
     elif quantize_options:
         raise ExportError(f"{', '.join(sorted(quantize_options))} apply to int8 / int4 exports only")
+    task = detect_task(source_path, task)
     remove_leftovers(output, progress)
+    if task != "generate":
+        from .encoders.pipeline import export_encoder
+
+        return export_encoder(source_path, output, task, force, tolerance, progress, precision, scheme, **quantize_options)
     step = _Steps(progress)
     if isinstance(source, Source):
         src = source

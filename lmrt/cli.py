@@ -229,6 +229,11 @@ _FORCE = click.option("--force", is_flag=True, help="Replace OUTPUT if it is an 
 @click.option("--int8", is_flag=True, help="8-bit block-quantized weights.")
 @click.option("--int4", is_flag=True, help="4-bit block-quantized weights (8-bit embeddings).")
 @_quality_gate_options
+@click.option(
+    "--task",
+    type=click.Choice(["generate", "embed", "classify"]),
+    help="generate (decoders), embed or classify (encoders) [default: detected from the model].",
+)
 @_FORCE
 @click.option(
     "--tolerance",
@@ -238,19 +243,23 @@ _FORCE = click.option("--force", is_flag=True, help="Replace OUTPUT if it is an 
 )
 @_errors_to_one_line
 @_writes_a_directory
-def export(source, output, fp16, int8, int4, force, tolerance, max_ppl_increase, allow_degraded, eval_text, compute) -> None:
+def export(source, output, fp16, int8, int4, task, force, tolerance, max_ppl_increase, allow_degraded, eval_text, compute) -> None:
     """Export SOURCE to an ONNX model directory, validated against PyTorch.
 
     SOURCE is a Hugging Face Hub id, a local Hugging Face model directory, or a .gguf file.
     With --int8 / --int4 the validated fp32 graph is quantized and must pass the quality gate:
     perplexity on an evaluation text may not rise more than --max-ppl-increase over fp32. From a
-    Q4_0 / Q4_1 / Q8_0 GGUF file, the file's own blocks are kept where they fit.
+    GGUF file (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), the file's own blocks are kept
+    wherever MatMulNBits holds them exactly. BERT-family
+    encoders are exported for `lmrt embed` (a sentence-transformers model) or `lmrt classify` (a
+    *ForSequenceClassification model); --int8 gates them on cosine similarity / label agreement.
 
     \b
     Examples:
       lmrt export SmolLM2-135M-Instruct.Q4_1.gguf -o models/smollm2 --int4
       lmrt export ./my-finetuned-llama -o models/mine --int8 --force
       lmrt export gpt2 -o models/gpt2
+      lmrt export ./all-MiniLM-L6-v2 -o models/minilm --int8
     """
     precision = _one_of(fp16=fp16, int8=int8, int4=int4) or "fp32"
     options = {}
@@ -264,7 +273,7 @@ def export(source, output, fp16, int8, int4, force, tolerance, max_ppl_increase,
         from .export import export_model
     except ImportError as e:
         raise _Fail(f"export needs the export extra: pip install 'lmrt[export]' ({e})") from None
-    export_model(source, output, force=force, tolerance=tolerance, precision=precision, **options)
+    export_model(source, output, force=force, tolerance=tolerance, precision=precision, task=task, **options)
 
 
 @main.command()
@@ -272,7 +281,7 @@ def export(source, output, fp16, int8, int4, force, tolerance, max_ppl_increase,
 @_OUTPUT
 @click.option("--int8", is_flag=True, help="8-bit block-quantized weights.")
 @click.option("--int4", is_flag=True, help="4-bit block-quantized weights (8-bit embeddings).")
-@click.option("--gguf", type=click.Path(), help="Take Q4_0/Q4_1/Q8_0 blocks from this GGUF file where they fit.")
+@click.option("--gguf", type=click.Path(), help="Take the blocks of this GGUF file (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) where they fit.")
 @click.option("--no-gguf-blocks", is_flag=True, help="Quantize from the float weights even if the source was a GGUF file.")
 @_quality_gate_options
 @_FORCE
@@ -594,6 +603,11 @@ def info(model_dir: str) -> None:
     from .runtime.session import available_providers
 
     m = load_manifest(model_dir)
+    if m.task != "generate":
+        from .encoder_output import encoder_rows
+
+        _print_rows(encoder_rows(m, directory_size(model_dir)) + [("providers", ", ".join(available_providers()) or "none")])
+        return
     a, t, p, v = m.architecture, m.tokenizer, m.provenance, m.validation
     size = directory_size(model_dir)
     rows = [
@@ -636,9 +650,83 @@ def info(model_dir: str) -> None:
             except (KeyError, TypeError, ValueError, AttributeError):  # a hand-edited record: show the rest
                 rows.append((name, "unreadable in lmrt.json"))
     rows.append(("providers", ", ".join(available_providers()) or "none"))
+    _print_rows(rows)
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _encoder_options(fn):
+    """Options shared by embed and classify."""
+    for option in reversed(
+        [
+            click.option("--batch-size", type=int, default=32, show_default=True,
+                         help="Texts per run; texts are sorted by length, so each batch is padded only to its longest."),
+            click.option("--no-truncate", is_flag=True,
+                         help="Refuse a text longer than the model's maximum length instead of cutting it."),
+            click.option("--json", "as_json", is_flag=True, help="Print one JSON object per text."),
+        ]
+    ):  # fmt: skip
+        fn = option(fn)
+    return _runtime_options(fn)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@click.argument("texts", metavar="TEXT...", nargs=-1, required=True)
+@_encoder_options
+@_errors_to_one_line
+def embed(model_dir, texts, batch_size, no_truncate, as_json, provider, threads) -> None:
+    """Print the sentence embedding of each TEXT, computed by the embedding model in MODEL_DIR.
+
+    One line per text, in order: the numbers separated by spaces, or with --json an object with
+    "index" and "embedding". TEXT "-" reads one text per line from stdin. Pooling and
+    normalization are the model's own (see `lmrt info`). Export a sentence-transformers model with
+    `lmrt export DIR -o OUT` (the task is detected) or `--task embed`.
+
+    \b
+    Examples:
+      lmrt embed models/minilm "A cat sits on the mat." "Ein Hund spielt im Garten."
+      lmrt embed models/minilm - --json < sentences.txt
+    """
+    from .encoder_output import embedding_line, read_texts
+    from .runtime import Encoder
+
+    encoder = Encoder(model_dir, provider=provider, threads=threads, truncate=not no_truncate)
+    vectors = encoder.embed(read_texts(texts, sys.stdin), batch_size=batch_size)
+    for i, vector in enumerate(vectors):
+        click.echo(embedding_line(i, vector, as_json))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@click.argument("texts", metavar="TEXT...", nargs=-1, required=True)
+@click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Labels per text, best first.")
+@_encoder_options
+@_errors_to_one_line
+def classify(model_dir, texts, top_k, batch_size, no_truncate, as_json, provider, threads) -> None:
+    """Print the labels of each TEXT, given by the classification model in MODEL_DIR.
+
+    One line per text, in order: label and score pairs separated by tabs, best first, or with
+    --json an object with "index" and "labels". Scores are the softmax of the logits (the sigmoid
+    for a multi-label model). TEXT "-" reads one text per line from stdin. Export a
+    *ForSequenceClassification model with `lmrt export DIR -o OUT` (the task is detected).
+
+    \b
+    Examples:
+      lmrt classify models/sentiment "What a lovely day." "This is terrible."
+      lmrt classify models/sentiment - -k 2 --json < reviews.txt
+    """
+    from .encoder_output import labels_line, read_texts
+    from .runtime import Encoder
+
+    encoder = Encoder(model_dir, provider=provider, threads=threads, truncate=not no_truncate)
+    results = encoder.classify(read_texts(texts, sys.stdin), top_k=top_k, batch_size=batch_size)
+    for i, labels in enumerate(results):
+        click.echo(labels_line(i, labels, as_json))
 
 
 if __name__ == "__main__":

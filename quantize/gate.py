@@ -16,12 +16,16 @@ from .errors import QuantizeError
 MIN_TOKENS = 64
 
 
+def read_eval_text(text_file: str | None) -> tuple[str, str]:
+    """The evaluation text (a file, or the built-in reference text) and its name."""
+    if text_file is None:
+        return reference_text(), "Python reference manual (pydoc_data.topics)"
+    return read_text(text_file, "the evaluation text"), os.path.basename(text_file)
+
+
 def eval_ids(model_dir: str, manifest: Manifest, text_file: str | None, max_tokens: int) -> tuple[list[int], str]:
     """Token ids of the evaluation text (a file, or the built-in reference text) and its name."""
-    if text_file is not None:
-        text, name = read_text(text_file, "the evaluation text"), os.path.basename(text_file)
-    else:
-        text, name = reference_text(), "Python reference manual (pydoc_data.topics)"
+    text, name = read_eval_text(text_file)
     tokenizer = load_tokenizer(model_dir, manifest)
     ids = tokenizer.encode(text).ids[:max_tokens]
     if len(ids) < MIN_TOKENS:
@@ -43,3 +47,29 @@ def measure_quality(reference_dir: str, candidate_dir: str, candidate: Manifest,
         "top1_agreement": float(np.mean(ref.argmax == got.argmax)),
         "provider": "cpu",
     }
+
+
+class PerplexityGate:
+    """Measures a quantized decoder directory against its fp32 source: perplexity may rise by at
+    most ``limit`` (a fraction)."""
+
+    what = "perplexity"
+
+    def __init__(self, source_dir: str, manifest: Manifest, text_file: str | None, max_tokens: int, limit: float):
+        self.source_dir, self.limit = source_dir, limit
+        self.ids, self.name = eval_ids(source_dir, manifest, text_file, max_tokens)  # a bad text fails here, early
+
+    def measure(self, candidate_dir: str, candidate: Manifest) -> dict:
+        quality = measure_quality(self.source_dir, candidate_dir, candidate, self.ids, self.name)
+        quality.update(max_increase=self.limit, passed=quality["increase"] <= self.limit)
+        return quality
+
+    def summary(self, quality: dict, scheme: str) -> str:
+        return (
+            f"perplexity {quality['perplexity_reference']:.3f} (fp32) -> {quality['perplexity']:.3f} ({scheme}), "
+            f"{quality['increase']:+.2%}; top-1 agreement {quality['top1_agreement']:.1%} over {quality['positions']} positions"
+        )
+
+    @property
+    def limit_text(self) -> str:
+        return f"above the allowed +{self.limit:.1%}"

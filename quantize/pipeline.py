@@ -3,7 +3,9 @@
 Steps: rewrite the graph's weights (``rewrite``) with a scheme (``schemes``), taking a GGUF file's
 own blocks where they fit (``gguf_blocks``); score the evaluation text with the fp32 directory and
 with the new graph, both through lmrt's runtime; refuse the result when perplexity rose more than
-the gate allows. The output is written beside its target and renamed into place only at the end.
+the gate allows. An encoder (task "embed" or "classify") is quantized by ``token_int8`` instead and
+measured by ``encoder_gate``. The output is written beside its target and renamed into place only
+at the end.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from ..atomic import check_target, remove_leftovers, save_graph, staged_director
 from ..progress import to_stderr
 from ..runtime.manifest import Manifest, load_manifest
 from .errors import QualityGateError, QuantizeError
+from .encoder_gate import EncoderGate
 from .evaltext import read_text
-from .gate import eval_ids, measure_quality
+from .gate import PerplexityGate
 from .gguf_file import gguf_problem
 from .schemes import Scheme
+from .token_int8 import write_encoder_int8
 
 
 def quantize_directory(
@@ -54,32 +58,39 @@ def quantize_directory(
     if os.path.realpath(source_dir) == os.path.realpath(output):
         raise QuantizeError("the output must be a different directory from the source")
     output = check_target(output, force, sources=[source_dir])
-    limit = check_gate(scheme, max_increase, eval_text)
-    gguf_path = _gguf_path(gguf, manifest)
-    ids, text_name = eval_ids(source_dir, manifest, eval_text, eval_tokens)  # a bad text fails here, early
+    if manifest.task == "generate":
+        limit = check_gate(scheme, max_increase, eval_text)
+        gguf_path = _gguf_path(gguf, manifest)
+        gate = PerplexityGate(source_dir, manifest, eval_text, eval_tokens, limit)  # a bad text fails here, early
+
+        def write(out_dir: str) -> dict:
+            return _write_quantized(source_dir, out_dir, manifest, scheme, gguf_path, progress)
+    else:
+        check_encoder_options(scheme, gguf, max_increase)
+        gate = EncoderGate(source_dir, manifest, eval_text)
+
+        def write(out_dir: str) -> dict:
+            return write_encoder_int8(source_dir, out_dir, manifest, progress)
     remove_leftovers(output, progress)
 
     with staged_directory(output) as tmp:
-        record = _write_quantized(source_dir, tmp, manifest, scheme, gguf_path, progress)
+        record = write(tmp)
         quantized = dataclasses.replace(manifest, quantization=record)
         quantized.write(tmp)
-        progress(f"… measuring quality (perplexity, fp32 vs {scheme.name})")
+        progress(f"… measuring quality ({gate.what}, fp32 vs {scheme.name})")
         started = time.perf_counter()
-        quality = measure_quality(source_dir, tmp, quantized, ids, text_name)
-        quality.update(max_increase=limit, passed=quality["increase"] <= limit, allowed_degraded=False)
+        quality = gate.measure(tmp, quantized)
+        quality["allowed_degraded"] = False
         progress(f"  {time.perf_counter() - started:.1f}s")
-        summary = (
-            f"perplexity {quality['perplexity_reference']:.3f} (fp32) -> {quality['perplexity']:.3f} ({scheme.name}), "
-            f"{quality['increase']:+.2%}; top-1 agreement {quality['top1_agreement']:.1%} over {quality['positions']} positions"
-        )
+        summary = gate.summary(quality, scheme.name)
         if not quality["passed"]:
             if not allow_degraded:
                 raise QualityGateError(
-                    f"quality gate failed: {summary}, above the allowed +{limit:.1%}; nothing was written "
+                    f"quality gate failed: {summary}, {gate.limit_text}; nothing was written "
                     "(--allow-degraded keeps it anyway)"
                 )
             quality["allowed_degraded"] = True
-            progress(f"warning: {summary} is above the allowed +{limit:.1%}; kept because of --allow-degraded")
+            progress(f"warning: {summary} is {gate.limit_text}; kept because of --allow-degraded")
         quantized = dataclasses.replace(quantized, quality=quality)
         quantized.write(tmp)
     progress(f"quantized to {output}: {summary}")
@@ -95,6 +106,18 @@ def check_gate(scheme: Scheme, max_increase: float | None, eval_text: str | None
     if eval_text is not None:
         read_text(eval_text, "the evaluation text")
     return float(limit)
+
+
+def check_encoder_options(scheme: Scheme, gguf: str | None, max_increase: float | None) -> None:
+    """Encoders take int8 with integer compute and the encoder gate; refuse what does not apply."""
+    if scheme.name != "int8" or scheme.compute != "int8":
+        raise QuantizeError("encoders are quantized with --int8 only (integer compute)")
+    if gguf not in (None, "auto"):
+        raise QuantizeError("GGUF blocks apply to decoders; an encoder takes no --gguf")
+    if max_increase is not None:
+        raise QuantizeError(
+            "--max-ppl-increase applies to decoders; an encoder's gate is cosine similarity or label agreement"
+        )
 
 
 def _gguf_path(gguf: str | None, manifest: Manifest) -> str | None:

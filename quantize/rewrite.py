@@ -136,6 +136,7 @@ def quantize_graph(model: onnx.ModelProto, choose: Choose, accuracy_level: int, 
 
     still_used = Counter(name for node in out for name in node.input)
     kept = [t for t in graph.initializer if still_used[t.name] or t.name not in uses]
+    new_inits = [t for t in new_inits if still_used[t.name]]  # a table that is only gathered leaves its MatMulNBits scales unused
     del graph.node[:]
     graph.node.extend(out)
     del graph.initializer[:]

