@@ -24,7 +24,9 @@ from .beam import beam_search
 from .chat import render_chat
 from .config import ConfigError, GenerationConfig
 from .decoding import DecodeLoop, Event, LoopStats, Request, TokenLogprob
+from .kv_cache import KVCache
 from .manifest import load_manifest, load_tokenizer, require_task
+from .memory import check_fits
 from .model import OnnxCausalLM
 from .scoring import Score, score_ids
 from .stopping import StopCriteria
@@ -153,6 +155,7 @@ class Generator:
         events go to ``on_event``, or collect in ``request.events``."""
         budget = self._budget(prompt_ids, config)
         stop_ids = self._stop_ids(config)
+        self._check_memory(config, config.num_return_sequences, len(prompt_ids) + budget)
         return Request(
             prompt_ids, config, budget, stop_ids, lambda: StopCriteria(self.decode, stop_ids, config.stop),
             on_event, logprobs,
@@ -165,6 +168,12 @@ class Generator:
             for request in requests:
                 self._loop.submit(request)
             self._loop.scheduler.admit()
+
+    def _check_memory(self, config: GenerationConfig, rows: int, capacity: int) -> None:
+        """Refuse a batch of ``rows`` sequences the machine cannot hold, naming the option to lower."""
+        field = "num_beams" if config.num_beams > 1 else "num_return_sequences"
+        a, io = self.manifest.architecture, self.manifest.graph.io
+        check_fits(field, getattr(config, field), rows, capacity, KVCache.bytes_per_position(a, io), a.vocab_size)
 
     def _make_room(self, requests: list[Request]) -> None:
         """Grow the loop's cache so the requests fit beside those running. Rows in use stay; so do
@@ -238,6 +247,8 @@ class Generator:
         yield from _replay(best.tokens, best.finish_reason, StopCriteria(self.decode, (), config.stop))
 
     def _beam_search(self, prompts, budgets, config, stop_ids):
+        capacity = max(len(p) + b for p, b in zip(prompts, budgets))
+        self._check_memory(config, len(prompts) * config.num_beams, capacity)
         with self._lock:
             try:
                 return beam_search(self.model, prompts, budgets, config, stop_ids)
