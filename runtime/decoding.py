@@ -210,9 +210,16 @@ class DecodeLoop:
 
     def _decode(self) -> None:
         batch = list(self.cache.owners())
+        crossing = [c for c in batch if self.model.crosses_switch(int(self.cache.lengths[self.cache.row_of(c)]), 1)]
+        if crossing:  # LongRoPE: these rows are fed again from their start, one by one; the rest wait a step
+            return self._refeed(crossing)
         if len(batch) == 1 and batch[0].drafter is not None:  # alone: speculation costs no one else a thing
             choice = batch[0]
-            draft = choice.drafter.propose(choice.history, choice.request.budget - len(choice.tokens) - 1)
+            room = choice.request.budget - len(choice.tokens) - 1
+            length, switch = int(self.cache.lengths[self.cache.row_of(choice)]), self.model.rotary_switch_after
+            if length < switch:
+                room = min(room, switch - length - 1)  # a draft never carries a row past the switch
+            draft = choice.drafter.propose(choice.history, room)
             if draft.size:
                 return self._check_draft(choice, draft)
         tokens = np.fromiter((c.pending for c in batch), dtype=np.int64, count=len(batch))
@@ -224,6 +231,17 @@ class DecodeLoop:
         self._publish(events)
         for request in {c.request: None for c in ended}:
             self._settle(request)
+
+    def _refeed(self, choices: list[Choice]) -> None:
+        for choice in choices:
+            row = self.cache.row_of(choice)
+            logits = self.model.forward(np.array([[choice.pending]]), keep=1, row=row, cache=self.cache)[0, -1]
+            event = self._next_token(choice, logits)
+            if event.finish_reason is not None:
+                self.cache.release(choice)
+            self._publish([(choice, event)])
+            if event.finish_reason is not None:
+                self._settle(choice.request)
 
     def _check_draft(self, choice: Choice, draft: np.ndarray) -> None:
         """Run ``choice``'s newest token and the proposed ``draft`` in one pass, then take tokens

@@ -31,6 +31,8 @@ class OnnxCausalLM:
         self._bound: tuple = ()  # (cache, version, rows) bound to self._binding
         self._logits = np.empty((0, 0, 0), self._logits_dtype)  # bound to self._binding, reused while the shape holds
         self.session_seconds = 0.0  # time spent inside onnxruntime, for measuring Python's share
+        # LongRoPE: past this many positions the graph rotates with its long table (0: never)
+        self.rotary_switch_after = manifest.architecture.rotary_switch_after
         self.cache = self.new_cache()
 
     def new_cache(self) -> KVCache:
@@ -55,12 +57,17 @@ class OnnxCausalLM:
     ) -> np.ndarray:
         """Append ``input_ids`` int64 [batch, seq] to every row of the decode batch (or only to row
         ``row``, then batch 1) and return float32 logits [batch, keep, vocab] for the last ``keep``
-        positions (all by default).
+        positions (all by default). A row that passes a LongRoPE switch is fed again from its start,
+        as transformers does, so that every cached key is rotated with the long table.
 
         For fp32 graphs the logits of a whole-batch call are onnxruntime's output buffer itself, reused
         by the next call of the same shape: copy them to keep them longer."""
         cache = self.cache if cache is None else cache
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if row is not None and self.crosses_switch(int(cache.lengths[row]), ids.shape[1]):
+            # keys cached so far were rotated with the short table: feed the row again from its start
+            ids = np.concatenate([cache.tokens(row), ids[0]])[None, :]
+            cache.truncate(row, 0)
         count, seq = ids.shape
         keep = seq if keep is None else keep
         start = 0 if row is None else row
@@ -99,6 +106,11 @@ class OnnxCausalLM:
         self.session_seconds += time.perf_counter() - began
         cache.advance(start, ids)  # the rows now hold the new positions
         return logits.astype(np.float32, copy=False)  # fp16 graphs: sampling and scoring work in fp32
+
+    def crosses_switch(self, length: int, seq: int) -> bool:
+        """Whether a row holding ``length`` positions (rotated with the short table) would pass the
+        LongRoPE switch by taking ``seq`` more, so that it must be fed again from its start."""
+        return 0 < length <= self.rotary_switch_after < length + seq
 
     def prefill(self, prompts: list[np.ndarray], capacity: int | None = None) -> np.ndarray:
         """Reset to one row per prompt (int64 [n_i] each) and run each prompt into its row; returns

@@ -40,14 +40,14 @@ def test_prefill_and_cached_decode_match_pytorch(family):
         np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
-def assert_greedy_equals_transformers(model, exported, ids: list[int], new_tokens: int) -> None:
+def assert_greedy_equals_transformers(model, exported, ids: list[int], new_tokens: int, gen=None) -> None:
     """With a repetition penalty, so the tokens vary."""
     with torch.no_grad():
         ref = model.generate(
             torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=new_tokens,
             eos_token_id=None, do_sample=False, pad_token_id=0, repetition_penalty=3.0,
         )[0, len(ids) :].tolist()  # fmt: skip
-    stream = runtime.Generator(exported, provider="cpu").stream(
+    stream = (gen or runtime.Generator(exported, provider="cpu")).stream(
         ids, max_new_tokens=new_tokens, stop_token_ids=[], repetition_penalty=3.0
     )
     "".join(stream)
@@ -178,6 +178,19 @@ def test_longrope_generation_past_the_original_context_equals_transformers(famil
     ids = runtime.Generator(exported, provider="cpu").encode(" ".join(PROMPTS * 6))
     assert len(ids) > LONGROPE_ORIGINAL
     assert_greedy_equals_transformers(model, exported, ids, 24)
+
+
+def test_longrope_generation_across_the_original_context_equals_transformers(family_models):
+    """A prompt inside the original context whose generation crosses it: the row is fed again from
+    its start when it crosses (alone, speculating or not, and from a chunked prefill)."""
+    _, model, exported = family_models["phi3"]
+    gen = runtime.Generator(exported, provider="cpu", prefill_chunk=8)
+    text = gen.encode(" ".join(PROMPTS * 6))
+    inside, across = text[: LONGROPE_ORIGINAL - 6], text[: LONGROPE_ORIGINAL + 12]
+    assert_greedy_equals_transformers(model, exported, inside, 24, gen)  # generation crosses
+    assert_greedy_equals_transformers(model, exported, across, 12, gen)  # the chunked prefill crosses
+    expected = gen.generate_batch([inside], max_new_tokens=24, speculation="off")[0][0].token_ids
+    assert gen.generate_batch([inside], max_new_tokens=24)[0][0].token_ids == expected
 
 
 def test_graph_uses_the_attention_node_options(family_models):
