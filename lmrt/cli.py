@@ -560,9 +560,10 @@ def bench(model_dir, prompt_tokens, new_tokens, runs, speculation, provider, thr
 def serve(model_dir, host, port, slots, ctx_size, api_key, api_key_file, max_queue, prefill_chunk, model_name, provider, threads) -> None:
     """Serve the model in MODEL_DIR over HTTP with OpenAI's API.
 
-    Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-    GET /metrics (Prometheus). The KV cache for all slots is reserved at start:
-    slots x ctx-size x (2 x layers x KV heads x head size x bytes per value).
+    Routes: POST /v1/chat/completions, POST /v1/completions (or, for an embedding model, POST
+    /v1/embeddings), GET /v1/models, GET /health, GET /metrics (Prometheus). The KV cache for all
+    slots is reserved at start: slots x ctx-size x (2 x layers x KV heads x head size x bytes per
+    value).
 
     \b
     Examples:

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
-
-from .manifest import EncoderInfo, load_manifest, require_task
+from .manifest import EncoderInfo, load_manifest, load_tokenizer, require_task
 from .session import available_providers, create_session, resolve_provider
 
 DEFAULT_BATCH_SIZE = 32
@@ -59,11 +57,10 @@ class Encoder:
         chosen = resolve_provider(provider, available_providers())
         path = os.path.join(self.model_dir, self.manifest.graph.file)
         self.session, self.provider = create_session(path, chosen, self.model_dir, threads)
-        tokenizer_file = os.path.join(self.model_dir, self.manifest.tokenizer.file)
-        self._tokenizer = Tokenizer.from_file(tokenizer_file)  # cuts texts to max_length
+        self._tokenizer = load_tokenizer(self.model_dir, self.manifest)  # cuts texts to max_length
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.info.max_length)
-        self._counter = Tokenizer.from_file(tokenizer_file)  # counts the tokens of a text it refuses
+        self._counter = load_tokenizer(self.model_dir, self.manifest)  # counts the tokens of a text it refuses
         self._counter.no_padding()
         self._counter.no_truncation()
         pad = self.manifest.tokenizer.pad_token_id
@@ -109,9 +106,15 @@ class Encoder:
     ) -> np.ndarray:
         """The graph's output for each text, float32 [len(texts), dimension]: the embeddings of an
         embedding model, the logits of a classifier."""
+        return self.run_ids(self.tokenize(texts, truncate), batch_size)
+
+    def run_ids(self, ids: Sequence[Sequence[int]], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """``run`` for texts already tokenized (special tokens included, at most ``max_length``
+        each), float32 [len(ids), dimension]."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        ids = self.tokenize(texts, truncate)
+        if any(not 0 < len(one) <= self.max_length for one in ids):
+            raise ValueError(f"each text must have from 1 to {self.max_length} tokens")
         out = np.empty((len(ids), self.dimension), np.float32)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), batch_size):

@@ -418,3 +418,51 @@ def test_smollm2_server_loads_answers_and_refuses_when_full(smollm2):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+# --- embeddings --------------------------------------------------------------------------------
+
+
+def test_embeddings_equal_the_encoder(tmp_path_factory):
+    """An encoder directory is served on /v1/embeddings: floats and base64 equal Encoder.embed, token
+    ids are taken as they are, and the generation routes say what this server is for."""
+    import base64
+
+    from test_encoders import make_sentence_transformer
+
+    from lmrt.export import export_model
+
+    root = tmp_path_factory.mktemp("served-encoder")
+    exported = str(root / "embedder")
+    export_model(make_sentence_transformer("bert", root, "mean", True), exported, progress=lambda _: None)
+    encoder = runtime.Encoder(exported)
+    texts = ["A cat sits on the mat.", "Ein Hund spielt im Garten.", "x", "the capital of France is Paris " * 3]
+    server = Server(exported)
+    try:
+        client = server.client()
+        out = client.embeddings.create(model="embedder", input=texts)
+        got = np.array([d.embedding for d in sorted(out.data, key=lambda d: d.index)], dtype=np.float32)
+        np.testing.assert_allclose(got, encoder.embed(texts), atol=1e-6)
+        assert out.usage.prompt_tokens == sum(len(t) for t in encoder.tokenize(texts))
+        packed = client.embeddings.create(model="embedder", input=texts[:2], encoding_format="base64")
+        raw = server.raw("POST", "/v1/embeddings", json.dumps({"model": "embedder", "input": texts[:2], "encoding_format": "base64"}).encode())[1]
+        decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in raw["data"]])
+        np.testing.assert_allclose(decoded, encoder.embed(texts[:2]), atol=1e-6)
+        assert len(packed.data) == 2
+        ids = encoder.tokenize(texts[:1])[0]
+        by_ids = client.embeddings.create(model="embedder", input=[ids])
+        np.testing.assert_allclose(by_ids.data[0].embedding, encoder.embed(texts[:1])[0], atol=1e-6)
+        for body, status in [({"model": "embedder", "input": []}, 400), ({"model": "embedder", "input": "hi", "dimensions": 3}, 400),
+                             ({"model": "embedder", "input": [[1, 10**9]]}, 400), ({"model": "other", "input": "hi"}, 404),
+                             ({"model": "embedder", "input": "hi", "encoding_format": "int8"}, 400)]:  # fmt: skip
+            got_status, answer = server.raw("POST", "/v1/embeddings", json.dumps(body).encode())
+            assert got_status == status and answer["error"]["message"], body
+        status, answer = server.raw("POST", "/v1/completions", json.dumps({"model": "embedder", "prompt": "hi"}).encode())
+        assert status == 400 and "/v1/embeddings" in answer["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_a_generation_server_gives_no_embeddings(tiny_server):
+    status, answer = tiny_server.raw("POST", "/v1/embeddings", json.dumps({"model": MODEL, "input": "hi"}).encode())
+    assert status == 400 and answer["error"]["code"] == "model_not_embedding"

@@ -65,17 +65,20 @@ def serve(
     model_name: str | None = None,
 ) -> None:
     """Serve ``model_dir`` until interrupted; ``report`` prints a line when the port is bound and
-    one saying where to connect once the model is loaded. Settings are checked, and the port bound, before the model loads; ``/health``
-    answers 503 until it has."""
+    one saying where to connect once the model is loaded. Settings are checked, and the port bound,
+    before the model loads; ``/health`` answers 503 until it has. A generation model is served by an
+    Engine (completions and chat); an encoder (task embed or classify) by an Encoder (embeddings)."""
     try:
         import uvicorn
 
         from .app import ServerState, create_app
     except ImportError as e:
         raise ServeError(f"lmrt serve needs the serve extra: pip install 'lmrt[serve]' ({e})") from None
-    from ..runtime import Engine, Generator, load_manifest
+    from ..runtime import Encoder, Engine, Generator, load_manifest
+    from ..runtime.errors import first_line
 
     manifest = load_manifest(model_dir)
+    generates = manifest.task == "generate"
     context = manifest.architecture.context_length
     ctx_size = min(context, DEFAULT_CTX_SIZE) if ctx_size is None else ctx_size
     if not 2 <= ctx_size <= context:
@@ -96,19 +99,23 @@ def serve(
 
     def load() -> None:
         try:
-            gen = Generator(model_dir, provider=provider, threads=threads)
-            state.engine = Engine(gen, slots=slots, ctx_size=ctx_size, max_queue=max_queue, prefill_chunk=prefill_chunk)
+            if generates:
+                gen = Generator(model_dir, provider=provider, threads=threads)
+                engine = Engine(gen, slots=slots, ctx_size=ctx_size, max_queue=max_queue, prefill_chunk=prefill_chunk)
+                how = f"provider {gen.provider}, {slots} slots x {ctx_size} tokens, KV cache {engine.kv_bytes / 1e6:.0f} MB reserved"
+            else:
+                encoder = Encoder(model_dir, provider=provider, threads=threads)
+                how = f"provider {encoder.provider}, {manifest.task}: POST /v1/embeddings"
         except Exception as e:  # noqa: BLE001 - reported as one line, then the server stops
-            state.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            state.load_error = first_line(e)
             server.should_exit = True
             return
-        finally:
-            state.loaded.set()
-        report(
-            f"lmrt serve: {url}/v1  model {name} ({manifest.architecture.model_type}, {manifest.graph.dtype}"
-            f"{', ' + manifest.quantization['name'] if manifest.quantization else ''}), provider {gen.provider}, "
-            f"{slots} slots x {ctx_size} tokens, KV cache {state.engine.kv_bytes / 1e6:.0f} MB reserved"
-        )
+        if generates:
+            state.engine = engine
+        else:
+            state.encoder = encoder
+        quantized = f", {manifest.quantization['name']}" if manifest.quantization else ""
+        report(f"lmrt serve: {url}/v1  model {name} ({manifest.architecture.model_type}, {manifest.graph.dtype}{quantized}), {how}")
 
     report(f"lmrt serve: loading {model_dir} (listening on {url}; /health answers 503 until it is loaded)")
     threading.Thread(target=load, name="lmrt-load", daemon=True).start()

@@ -10,29 +10,35 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from ..runtime import Engine, Event, Generator, QueueFullError
+from ..runtime import Encoder, Engine, Event, Generator, QueueFullError
 from . import metrics, protocol
 from .protocol import APIError, Parsed
 
 
 @dataclass
 class ServerState:
-    """What the routes share: the engine once the model is loaded, or why loading failed."""
+    """What the routes share: once the model is loaded, the engine (a generation model) or the
+    encoder (an embedding model); or why loading failed."""
 
     model_name: str
     api_key: str | None
     max_body_bytes: int
     engine: Engine | None = None
+    encoder: Encoder | None = None
     load_error: str | None = None
-    loaded: threading.Event = field(default_factory=threading.Event)
+    embedding_requests: int = 0
+    embedded_tokens: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None or self.encoder is not None
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -57,24 +63,47 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.engine is None:
+        if not state.ready:
             return JSONResponse({"status": "loading model"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         _authorize(state, request)
-        engine = _engine(state)
+        _ready(state)
+        length = state.engine.ctx_size if state.engine else state.encoder.max_length
         card = {
             "id": state.model_name, "object": "model", "created": protocol.now(), "owned_by": "lmrt",
-            "max_model_len": engine.ctx_size,
+            "max_model_len": length,
         }  # fmt: skip
         return JSONResponse({"object": "list", "data": [card]})
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> PlainTextResponse:
         _authorize(state, request)
-        return PlainTextResponse(metrics.render(_engine(state).status()), media_type="text/plain; version=0.0.4")
+        _ready(state)
+        if state.engine is not None:
+            text = metrics.render(state.engine.status())
+        else:
+            text = metrics.render_encoder(state.embedding_requests, state.embedded_tokens)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        _authorize(state, request)
+        _ready(state)
+        encoder = state.encoder
+        if encoder is None or encoder.task != "embed":
+            what = "a generation model" if encoder is None else "a classifier"
+            raise APIError(400, f"this server serves {what}, which gives no embeddings", code="model_not_embedding")
+        parsed = protocol.parse_embeddings(await _json_body(state, request), encoder, state.model_name)
+        work = asyncio.ensure_future(asyncio.to_thread(encoder.run_ids, parsed.ids))
+        vectors = await _unless_disconnected(request, work, lambda: None)
+        if vectors is None:
+            return Response(status_code=499)
+        state.embedding_requests += 1
+        state.embedded_tokens += sum(len(p) for p in parsed.ids)
+        return JSONResponse(protocol.embeddings_response(vectors, parsed, state.model_name))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -87,9 +116,16 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-def _engine(state: ServerState) -> Engine:
-    if state.engine is None:
+def _ready(state: ServerState) -> None:
+    if not state.ready:
         raise APIError(503, "the model is still loading", code="model_loading")
+
+
+def _engine(state: ServerState) -> Engine:
+    _ready(state)
+    if state.engine is None:
+        raise APIError(400, "this server serves an embedding or classification model: use POST /v1/embeddings",
+                       code="model_not_generative")  # fmt: skip
     return state.engine
 
 
@@ -181,17 +217,23 @@ async def _complete(state: ServerState, request: Request, parse, answer) -> Resp
     run = _submit(engine, parsed)
     if parsed.stream:
         return _DisconnectAwareStream(_sse(answer.stream(run, state)), on_disconnect=partial(run.cancel, engine))
-    work = asyncio.ensure_future(answer.whole(run, state))
+    result = await _unless_disconnected(request, asyncio.ensure_future(answer.whole(run, state)), partial(run.cancel, engine))
+    return Response(status_code=499) if result is None else JSONResponse(result)
+
+
+async def _unless_disconnected(request: Request, work: asyncio.Future, on_disconnect: Callable[[], None]):
+    """``work``'s result, or None once the client has left (then ``on_disconnect`` runs and the work
+    is cancelled)."""
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if work not in done:  # the client left: stop generating for it
+    if work not in done:
         work.cancel()
-        run.cancel(engine)
-        return Response(status_code=499)
-    return JSONResponse(work.result())
+        on_disconnect()
+        return None
+    return work.result()
 
 
 async def _disconnected(request: Request) -> None:

@@ -33,6 +33,18 @@ def render(s: EngineStatus) -> str:
          st.cached_prompt_tokens),
         ("lmrt:requests_finished_total", "counter", "Requests finished, cancelled or failed.", st.requests_finished),
     ]  # fmt: skip
+    return _text(rows)
+
+
+def render_encoder(requests: int, tokens: int) -> str:
+    """The figures of a server of an embedding model."""
+    return _text([
+        ("lmrt:embedding_requests_total", "counter", "Embedding requests answered.", requests),
+        ("llamacpp:prompt_tokens_total", "counter", "Number of prompt tokens processed.", tokens),
+    ])  # fmt: skip
+
+
+def _text(rows: list[tuple[str, str, str, float | int]]) -> str:
     out = []
     for name, kind, help_text, value in rows:
         out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"]

@@ -328,3 +328,65 @@ def completion_logprobs(gen: Generator, items: list[TokenLogprob], offset: int =
         "top_logprobs": [{gen.decode([t]): lp for t, lp in i.top} for i in items],
         "text_offset": offsets,
     }
+
+
+# --- embeddings -----------------------------------------------------------------------------
+
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user"}
+
+
+@dataclass
+class EmbeddingRequest:
+    ids: list[list[int]]  # token ids per input, special tokens included
+    base64: bool
+
+
+def parse_embeddings(body: Any, encoder, served: str) -> EmbeddingRequest:
+    """An embeddings request: ``input`` a string, strings, token ids or lists of them."""
+    _check_fields(body, EMBEDDING_FIELDS, ("model", "input"))
+    check_model(body, served)
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise APIError(400, "'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    dimensions = _field(body, "dimensions", (int,), "an integer")
+    if dimensions is not None and dimensions != encoder.dimension:
+        raise APIError(400, f"'dimensions' cannot change this model's embedding size ({encoder.dimension})", "dimensions")
+    given = body["input"]
+    vocab = encoder.manifest.architecture.vocab_size
+    bad = APIError(400, "'input' must be a string, a list of strings, or token ids (a list, or a list of lists)", "input")
+    if isinstance(given, str):
+        given = [given]
+    if not isinstance(given, list) or not given:
+        raise bad
+    if all(isinstance(t, str) for t in given):
+        try:
+            ids = encoder.tokenize(given)
+        except ValueError as e:
+            raise APIError(400, str(e), "input") from None
+    else:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in given):
+            given = [given]
+        if not all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in given):
+            raise bad
+        if not all(_is_token(t, vocab) for p in given for t in p):
+            raise APIError(400, f"'input' token ids must be from 0 to {vocab - 1}", "input")
+        too_long = [i for i, p in enumerate(given) if len(p) > encoder.max_length]
+        if too_long:
+            raise APIError(400, f"input {too_long[0]} has {len(given[too_long[0]])} tokens, more than the model's {encoder.max_length}",
+                           "input", "context_length_exceeded")  # fmt: skip
+        ids = [list(p) for p in given]
+    return EmbeddingRequest(ids, fmt == "base64")
+
+
+def embeddings_response(vectors, request: EmbeddingRequest, served: str) -> dict:
+    import base64
+
+    import numpy as np
+
+    data = []
+    for i, v in enumerate(vectors):
+        v = np.asarray(v, dtype="<f4")
+        value = base64.b64encode(v.tobytes()).decode("ascii") if request.base64 else v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = sum(len(p) for p in request.ids)
+    return {"object": "list", "data": data, "model": served, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
