@@ -26,7 +26,7 @@ from .config import ConfigError, GenerationConfig
 from .decoding import DecodeLoop, Event, LoopStats, Request, TokenLogprob
 from .kv_cache import KVCache
 from .manifest import load_manifest, load_tokenizer, require_task
-from .memory import check_fits
+from .memory import check_fits, settle_memory, trim_heap
 from .model import OnnxCausalLM
 from .scoring import Score, score_ids
 from .stopping import StopCriteria
@@ -90,13 +90,15 @@ class Generator:
     """
 
     def __init__(
-        self, model_dir: str | os.PathLike, provider: str = "auto", threads: int | None = None, prefill_chunk: int = 512
+        self, model_dir: str | os.PathLike, provider: str = "auto", threads: int | None = None, prefill_chunk: int = 256
     ):
         self.model_dir = os.fspath(model_dir)
         self.manifest = load_manifest(self.model_dir)
         require_task(self.manifest, ("generate",), self.model_dir)
-        self.model = OnnxCausalLM(self.model_dir, self.manifest, provider, threads)
         self.tokenizer = load_tokenizer(self.model_dir, self.manifest)
+        trim_heap()  # before the session: the tokenizer's parsing leaves temporaries behind
+        self.model = OnnxCausalLM(self.model_dir, self.manifest, provider, threads)
+        settle_memory(self.model_dir, self.manifest)
         self._loop = DecodeLoop(self.model, self.model.new_cache(), prefill_chunk)
         self._lock = threading.Lock()
 
