@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 from .manifest import EncoderInfo, load_manifest, load_tokenizer, require_task
+from .memory import settle_memory
 from .session import available_providers, create_session, resolve_provider
 
 DEFAULT_BATCH_SIZE = 32
@@ -65,6 +66,7 @@ class Encoder:
         self._counter.no_truncation()
         pad = self.manifest.tokenizer.pad_token_id
         self._pad_id = 0 if pad is None else pad
+        settle_memory(self.model_dir, self.manifest)
 
     @property
     def task(self) -> str:
