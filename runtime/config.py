@@ -71,7 +71,8 @@ class GenerationConfig:
     speculation: str = option(
         "auto",
         "Prompt-lookup speculation: propose tokens that repeat earlier text and check several in one step. "
-        "auto: for greedy decoding while one sequence runs; on: for sampling too; off.",
+        "auto: for greedy decoding with float compute, while one sequence runs; on: also for sampling and "
+        "for --compute int8 models (where it may change near-tied greedy choices); off.",
         choices=("auto", "on", "off"),
     )
     stop: tuple[str, ...] = option((), "A string that ends generation; the text stops just before it (repeatable).", multiple=True)

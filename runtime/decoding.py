@@ -90,8 +90,8 @@ class Request:
     """A prompt to complete ``n`` times (``config.num_return_sequences``), at most ``budget`` new
     tokens each. ``stop_callback()`` makes a fresh stop callback per choice; ``on_event`` receives the
     output (from the loop's thread), or without one it collects in ``events``. ``logprobs``: None, or
-    how many alternatives to report with each token's log-probability. ``cancel()`` may be called from
-    any thread."""
+    how many alternatives to report with each token's log-probability. ``speculate``: its choices
+    propose tokens to check while they run alone. ``cancel()`` may be called from any thread."""
 
     def __init__(
         self,
@@ -102,6 +102,7 @@ class Request:
         stop_callback: Callable[[], StopCallback],
         on_event: Callable[[Event], None] | None = None,
         logprobs: int | None = None,
+        speculate: bool = False,
     ):
         self.prompt = np.asarray(prompt_ids, dtype=np.int64)
         self.config = config
@@ -118,7 +119,6 @@ class Request:
         self.first_token_at: float | None = None
         processors = make_processors(config, self.prompt.shape[0], stop_ids)
         seeds = np.random.SeedSequence(config.seed).spawn(config.num_return_sequences)
-        speculate = config.speculation == "on" or (config.speculation == "auto" and not config.samples)
         self.choices = [
             Choice(self, i, Sampler(config, np.random.default_rng(s)), processors, stop_callback(),
                    PromptLookup() if speculate else None)

@@ -160,8 +160,19 @@ class Generator:
         self._check_memory(config, config.num_return_sequences, len(prompt_ids) + budget)
         return Request(
             prompt_ids, config, budget, stop_ids, lambda: StopCriteria(self.decode, stop_ids, config.stop),
-            on_event, logprobs,
+            on_event, logprobs, self._speculates(config),
         )  # fmt: skip
+
+    def _speculates(self, config: GenerationConfig) -> bool:
+        """Whether a request with ``config`` uses prompt-lookup speculation. "auto" means for greedy
+        decoding with a graph that computes in float: there a pass that checks several positions gives
+        the logits that steps of one position give, to float rounding. A graph that rounds its
+        activations to int8 (--compute int8) turns that rounding into visible differences, so a
+        near-tied greedy choice could go either way depending on how positions are grouped: there it
+        runs only when asked for ("on")."""
+        if config.speculation != "auto":
+            return config.speculation == "on"
+        return not config.samples and self.manifest.quantization.get("compute") != "int8"
 
     def _start(self, requests: list[Request]) -> None:
         """Give the requests cache rows now (growing the cache if need be) and queue them."""
