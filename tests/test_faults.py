@@ -442,6 +442,36 @@ def test_api_threads_are_bounded(tiny_models):
             runtime.Generator(tiny_models["llama"][2], threads=threads)
 
 
+@pytest.mark.parametrize(
+    "prompt,error,message",
+    [
+        (b"hi", TypeError, "a prompt is a str or a list of token ids, got bytes"),
+        (123, TypeError, "a prompt is a str or a list of token ids, got int"),
+        ([1, "two"], ValueError, "must hold integers from 0 to"),
+        ([1, 10**9], ValueError, "must hold integers from 0 to"),
+        ([True, 2], ValueError, "must hold integers from 0 to"),
+        ("", ValueError, "the prompt is empty"),
+    ],
+    ids=["bytes", "int", "mixed-ids", "id-beyond-vocabulary", "bool-ids", "empty"],
+)
+def test_api_prompts_of_the_wrong_kind_are_named(tiny_models, prompt, error, message):
+    gen = runtime.Generator(tiny_models["llama"][2])
+    for call in (gen.generate, lambda p, **o: gen.generate_batch([p], **o), gen.stream):
+        with pytest.raises(error, match=message):
+            call(prompt, max_new_tokens=2)
+    assert not gen._loop.busy  # nothing was queued
+
+
+def test_api_options_of_the_wrong_kind_are_named(tiny_models):
+    gen = runtime.Generator(tiny_models["llama"][2])
+    with pytest.raises(ValueError, match="stop_token_ids must be token ids below the vocabulary size"):
+        gen.generate("hi", stop_token_ids=[10**6])
+    with pytest.raises(ValueError, match="num_beams is 50000000"):
+        gen.generate("hi", num_beams=50_000_000, max_new_tokens=8)
+    with pytest.raises(ValueError, match="logprobs must be an integer from 0 to 20"):
+        gen.generate_batch(["hi"], logprobs=-1)
+
+
 def test_api_export_checks_everything_before_loading(work):
     hf, out = str(work / "hf"), str(work / "out")
     before = snapshot(work)
