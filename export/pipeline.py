@@ -163,12 +163,17 @@ def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps, 
 
     step("validating against PyTorch")
     prompt = probe_ids(src.tokenizer, arch.vocab_size, arch.context_length)
-    result = validate(out_dir, manifest, src.model, prompt)
+    return record_validation(out_dir, manifest, validate(out_dir, manifest, src.model, prompt), tolerance, "logits")
+
+
+def record_validation(out_dir: str, manifest: Manifest, result: dict, tolerance: float, what: str) -> Manifest:
+    """Write the validation ``result`` into the manifest, or fail when the graph's ``what`` (its
+    logits, its outputs) differ from PyTorch's by more than ``tolerance``."""
     result["tolerance"] = tolerance
     result["passed"] = result["max_rel_diff"] <= tolerance
     if not result["passed"]:
         raise ExportError(
-            f"validation failed: the ONNX logits differ from PyTorch's by {result['max_rel_diff']:.2e} "
+            f"validation failed: the ONNX {what} differ from PyTorch's by {result['max_rel_diff']:.2e} "
             f"(relative), above the tolerance {tolerance:.0e}; nothing was written"
         )
     manifest = dataclasses.replace(manifest, validation=result)

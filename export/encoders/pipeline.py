@@ -14,7 +14,7 @@ from ...runtime.manifest import Architecture, EncoderInfo, EncoderIO, Graph, Man
 from ..architectures import Weights
 from ..errors import ExportError
 from ..graph import OPSET
-from ..pipeline import TOKENIZER_FILE, _Steps, provenance
+from ..pipeline import TOKENIZER_FILE, _Steps, provenance, record_validation
 from .graph import build_encoder
 from .source import EncoderSource, load_encoder
 from .validate import validate_encoder
@@ -84,17 +84,7 @@ def _write_directory(src: EncoderSource, out_dir: str, tolerance: float, step: _
     manifest.write(out_dir)
 
     step("validating against PyTorch")
-    result = validate_encoder(out_dir, src)
-    result["tolerance"] = tolerance
-    result["passed"] = result["max_rel_diff"] <= tolerance
-    if not result["passed"]:
-        raise ExportError(
-            f"validation failed: the ONNX outputs differ from PyTorch's by {result['max_rel_diff']:.2e} "
-            f"(relative), above the tolerance {tolerance:.0e}; nothing was written"
-        )
-    manifest = dataclasses.replace(manifest, validation=result)
-    manifest.write(out_dir)
-    return manifest
+    return record_validation(out_dir, manifest, validate_encoder(out_dir, src), tolerance, "outputs")
 
 
 def _architecture(src: EncoderSource) -> Architecture:
