@@ -4,7 +4,6 @@ for the tasks "embed" and "classify"."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Callable
 
