@@ -50,6 +50,29 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_settings(model_dir: str, slots: int, ctx_size: int | None, max_queue: int, prefill_chunk: int, api_key: str | None):
+    """(manifest, ctx_size) for serving ``model_dir`` with these settings, or a one-line ServeError;
+    reads the manifest only, so it runs before anything slow."""
+    from ..runtime import load_manifest
+
+    manifest = load_manifest(model_dir)
+    context = manifest.architecture.context_length
+    ctx_size = min(context, DEFAULT_CTX_SIZE) if ctx_size is None else ctx_size
+    if not 2 <= ctx_size <= context:
+        raise ServeError(f"--ctx-size must be from 2 to the model's context ({context}), got {ctx_size}")
+    for flag, value, least in (("--slots", slots, 1), ("--max-queue", max_queue, 0), ("--prefill-chunk", prefill_chunk, 1)):
+        if value < least:
+            raise ServeError(f"{flag} must be at least {least}, got {value}")
+    if api_key is not None and not api_key.strip():
+        raise ServeError("--api-key is empty")
+    return manifest, ctx_size
+
+
+def default_model_name(model_dir: str) -> str:
+    """The model id clients send when --model-name is not given: the directory's name."""
+    return os.path.basename(os.path.abspath(model_dir).rstrip(os.sep))
+
+
 def serve(
     model_dir: str,
     report: Callable[[str], None],
@@ -74,21 +97,12 @@ def serve(
         from .app import ServerState, create_app
     except ImportError as e:
         raise ServeError(f"lmrt serve needs the serve extra: pip install 'lmrt[serve]' ({e})") from None
-    from ..runtime import Encoder, Engine, Generator, load_manifest
+    from ..runtime import Encoder, Engine, Generator
     from ..runtime.errors import first_line
 
-    manifest = load_manifest(model_dir)
+    manifest, ctx_size = check_settings(model_dir, slots, ctx_size, max_queue, prefill_chunk, api_key)
     generates = manifest.task == "generate"
-    context = manifest.architecture.context_length
-    ctx_size = min(context, DEFAULT_CTX_SIZE) if ctx_size is None else ctx_size
-    if not 2 <= ctx_size <= context:
-        raise ServeError(f"--ctx-size must be from 2 to the model's context ({context}), got {ctx_size}")
-    for flag, value, least in (("--slots", slots, 1), ("--max-queue", max_queue, 0), ("--prefill-chunk", prefill_chunk, 1)):
-        if value < least:
-            raise ServeError(f"{flag} must be at least {least}, got {value}")
-    if api_key is not None and not api_key.strip():
-        raise ServeError("--api-key is empty")
-    name = model_name or os.path.basename(os.path.abspath(model_dir).rstrip(os.sep))
+    name = model_name or default_model_name(model_dir)
     sock = bind(host, port)
     state = ServerState(name, api_key, MAX_BODY_BYTES)
     server = uvicorn.Server(

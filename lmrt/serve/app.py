@@ -227,6 +227,10 @@ async def _unless_disconnected(request: Request, work: asyncio.Future, on_discon
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the request was cancelled (Ray Serve's way of saying the client left)
+        work.cancel()
+        on_disconnect()
+        raise
     finally:
         gone.cancel()
     if work not in done:

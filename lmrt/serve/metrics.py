@@ -7,8 +7,13 @@ from ..runtime import EngineStatus
 
 
 def render(s: EngineStatus) -> str:
+    return _text(rows(s))
+
+
+def rows(s: EngineStatus) -> list[tuple[str, str, str, float | int]]:
+    """(name, kind, help, value) of every figure of an engine's /metrics."""
     st = s.stats
-    rows = [
+    return [
         ("llamacpp:prompt_tokens_total", "counter", "Number of prompt tokens processed.", st.prompt_tokens),
         ("llamacpp:prompt_seconds_total", "counter", "Prompt process time", st.prompt_seconds),
         ("llamacpp:tokens_predicted_total", "counter", "Number of generation tokens processed.", st.generated_tokens),
@@ -33,7 +38,6 @@ def render(s: EngineStatus) -> str:
          st.cached_prompt_tokens),
         ("lmrt:requests_finished_total", "counter", "Requests finished, cancelled or failed.", st.requests_finished),
     ]  # fmt: skip
-    return _text(rows)
 
 
 def render_encoder(requests: int, tokens: int) -> str:
