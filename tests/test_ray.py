@@ -4,6 +4,7 @@ Answers are compared with the Generator's own; one replica is killed under load.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import secrets
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -69,10 +71,12 @@ class RayServer:
                     "RAY_USAGE_STATS_ENABLED": "0"}
         self.gcs = f"127.0.0.1:{free_port()}"
         self.port = free_port()
+        self.metrics_port = free_port()
         self.head = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
              "--port", self.gcs.split(":")[1], "--num-cpus", "2", "--object-store-memory", "100000000",
-             "--include-dashboard", "false", "--temp-dir", self.tmp, "--disable-usage-stats"],
+             "--include-dashboard", "false", "--metrics-export-port", str(self.metrics_port), "--temp-dir", self.tmp,
+             "--disable-usage-stats"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env, start_new_session=True,
         )  # fmt: skip
         self.proc = None
@@ -106,6 +110,15 @@ class RayServer:
 
     def client(self, **kw):
         return openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0, timeout=30, **kw)
+
+    def ray_metric(self, name: str) -> dict[str, float]:
+        """{replica: value} of one lmrt figure in Ray's Prometheus export."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        found = {}
+        for labels, value in re.findall(rf"^{re.escape(name)}{{(.*)}} (\S+)$", text, re.M):
+            found[re.search(r'replica="([^"]+)"', labels).group(1)] = float(value)
+        return found
 
     def on_cluster(self, code: str, timeout: float = 90) -> str:
         """Run ``code`` in a Ray driver process connected to the cluster (``ray`` and ``serve`` are
@@ -177,6 +190,30 @@ def complete(client, max_tokens: int, stream: bool) -> tuple[str, str, str]:
     chunks = [c for c in out if c.choices]
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
     return "".join(c.choices[0].text for c in chunks), reasons[-1] if reasons else None, replica
+
+
+def test_each_replica_exports_its_figures_to_ray_metrics(cluster):
+    """First in this file, so the figures count exactly these requests: per replica (the
+    x-lmrt-replica header), the requests it finished and the tokens it generated."""
+    client = cluster.client()
+
+    def ask(_):
+        raw = client.completions.with_raw_response.create(model=MODEL, prompt=PROMPT, max_tokens=30, extra_body={"ignore_eos": True})
+        return raw.headers["x-lmrt-replica"], raw.parse().usage.completion_tokens
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(8)))
+    served = collections.Counter(replica for replica, _ in answers)
+    assert all(tokens == 30 for _, tokens in answers)
+    expected = ({r: float(n) for r, n in served.items()}, {r: 30.0 * n for r, n in served.items()})
+    deadline = time.monotonic() + 40
+    while True:
+        got = (cluster.ray_metric("ray_lmrt_requests_finished_total"), cluster.ray_metric("ray_llamacpp_tokens_predicted_total"))
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert got == expected
+    assert set(cluster.ray_metric("ray_lmrt_kv_slots_total").values()) == {4.0}
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -276,3 +313,50 @@ def test_without_the_ray_extra_one_line_names_it(chat_model):
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("error: lmrt serve --ray needs the ray extra: pip install 'lmrt[ray]'")
     assert done.stderr.count("\n") == 1
+
+
+# --- the autoscaling policy ------------------------------------------------------------------------
+
+
+def policy_decision(busy: dict, waiting: dict, target: int, queued: float = 0, state: dict | None = None, now: float = 1000.0):
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    from lmrt.serve.ray_deployment import slot_autoscaling_policy
+
+    metrics = {"lmrt_slots": {r: 4.0 for r in busy}, "lmrt_busy_slots": busy, "lmrt_waiting": waiting} if busy else {}
+    ctx = AutoscalingContext(
+        deployment_id=DeploymentID(name="LmrtReplica", app_name="lmrt"), deployment_name="LmrtReplica", app_name="lmrt",
+        current_num_replicas=target, target_num_replicas=target, running_replicas=list(busy), total_num_requests=0,
+        total_queued_requests=queued, aggregated_metrics=metrics, raw_metrics=None, capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=8, policy_state=state or {}, last_scale_up_time=None, last_scale_down_time=None,
+        current_time=now, config=AutoscalingConfig(min_replicas=1, max_replicas=8, downscale_delay_s=60),
+    )  # fmt: skip
+    return slot_autoscaling_policy(ctx)
+
+
+def test_the_policy_asks_for_a_slot_per_request():
+    pytest.importorskip("ray.serve")
+    # every slot busy and 5 requests waiting on 2 replicas of 4 slots: (8 + 5) / 4 -> 4 replicas
+    assert policy_decision({"a": 4.0, "b": 4.0}, {"a": 3.0, "b": 2.0}, target=2)[0] == 4
+    # requests queued in Ray's routers count too: (8 + 1) / 4 -> 3
+    assert policy_decision({"a": 4.0, "b": 4.0}, {"a": 0.0, "b": 0.0}, target=2, queued=1)[0] == 3
+    # every slot busy, nothing waiting: stay
+    assert policy_decision({"a": 4.0, "b": 4.0}, {"a": 0.0, "b": 0.0}, target=2)[0] == 2
+    # no replica has reported yet: stay
+    assert policy_decision({}, {}, target=3)[0] == 3
+
+
+def test_the_policy_scales_down_only_after_the_delay():
+    pytest.importorskip("ray.serve")
+    light = ({"a": 2.0, "b": 1.0}, {"a": 0.0, "b": 0.0})  # 3 requests fit in 1 replica
+    target, state = policy_decision(*light, target=2, now=1000.0)
+    assert target == 2
+    target, state = policy_decision(*light, target=2, state=state, now=1059.0)
+    assert target == 2
+    target, state = policy_decision(*light, target=2, state=state, now=1061.0)
+    assert target == 1
+    # a busy spell in between starts the delay again
+    _, state = policy_decision(*light, target=2, now=1000.0)
+    _, state = policy_decision({"a": 4.0, "b": 4.0}, {"a": 1.0, "b": 0.0}, target=2, state=state, now=1030.0)
+    assert policy_decision(*light, target=2, state=state, now=1061.0)[0] == 2
