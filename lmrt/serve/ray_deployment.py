@@ -185,8 +185,7 @@ def deployment_options(settings: ReplicaSettings, replicas: int | None, min_repl
             "min_replicas": min_replicas or 1,
             "max_replicas": max_replicas or max(min_replicas or 1, 1),
             "initial_replicas": min_replicas or 1,
-            "upscale_delay_s": 5,
-            "downscale_delay_s": 60,
+            "downscale_delay_s": 60,  # read by slot_autoscaling_policy, which scales up without a delay
             "policy": {"policy_function": f"{__name__}:slot_autoscaling_policy"},
         }
     return options
