@@ -243,6 +243,7 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(cluster, lla
     expected = llama.generate(PROMPT, max_new_tokens=100)
     client = cluster.client()
     outcomes: list[tuple[float, str, object]] = []  # (time, replica or "", text or the exception)
+    unclean: list[str] = []
     done = threading.Event()
 
     def load(i: int) -> None:
@@ -252,6 +253,9 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(cluster, lla
                 outcomes.append((time.monotonic(), replica, (text, reason)))
             except openai.APIError as e:  # refused or broken off: a clean error, not a hang or a wrong answer
                 outcomes.append((time.monotonic(), "", e))
+            except Exception as e:  # noqa: BLE001 - anything else is not a clean failure
+                unclean.append(repr(e))
+                return
 
     threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
     for t in threads:
@@ -262,17 +266,18 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(cluster, lla
     victim = sorted(seen)[0]
     cluster.kill_replica(victim)
     killed_at = time.monotonic()
-    time.sleep(3)
+    time.sleep(6)
     done.set()
     for t in threads:
         t.join(60)
-    assert not any(t.is_alive() for t in threads)
+    assert not any(t.is_alive() for t in threads) and not unclean, unclean
     answers = [o for _, _, o in outcomes if isinstance(o, tuple)]
     assert all(answer == (expected, "length") for answer in answers), "an answer was cut short or wrong"
-    after = [(at, replica) for at, replica, o in outcomes if at > killed_at + 1 and isinstance(o, tuple)]
-    assert after and all(replica != victim for _, replica in after), "the other replica did not keep serving"
-    failed = [o for _, _, o in outcomes if not isinstance(o, tuple)]
-    assert len(failed) <= 8, failed  # only requests in flight on (or routed to) the killed replica
+    # failures only around the kill (requests in flight on, or just routed to, the killed replica);
+    # from 3 s after it every request is answered, by the other replica
+    late = [(replica, o) for at, replica, o in outcomes if at > killed_at + 3]
+    assert late and all(isinstance(o, tuple) for _, o in late), [o for _, o in late if not isinstance(o, tuple)]
+    assert all(replica != victim for replica, _ in late)
 
     states = cluster.wait_for_running(2, timeout=60)
     assert states.get("RUNNING") == 2, f"Ray did not bring the replica back: {states}"
