@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 INSTALL = "pip install 'lmrt[structured]'"
 # Whitespace a JSON value may hold between its tokens: bounded, so a small model cannot spend its
 # whole budget on blank lines inside an object.
-JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,24}"
+JSON_WHITESPACE = r"(?:\x20|\x0A[\x20\x09]{0,20})?"
 
 
 def _llguidance(name: str):
