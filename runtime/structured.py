@@ -124,15 +124,16 @@ class Constraint:
         """bool [vocab]: the tokens that may come next (the stop tokens where the output may end)."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         self._check()
-        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
-        return bits[: self.vocab_size].astype(bool)
+        return np.unpackbits(self._bits.view(np.uint8), count=self.vocab_size, bitorder="little").view(bool)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` with every token the constraint forbids at -inf."""
         allowed = self.allowed()
         if not allowed.any():
             raise RuntimeError("the constraint allows no token here")
-        return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+        out = np.full(logits.shape, -np.inf, dtype=np.float32)
+        np.copyto(out, logits, where=allowed)
+        return out
 
     def advance(self, token: int) -> None:
         if token in self._stop_ids:

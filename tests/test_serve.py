@@ -448,8 +448,7 @@ def smol_server(smollm2):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("stream", [False, True])
-def test_tools_give_openai_tool_calls(smol_server, stream):
+def test_tools_give_openai_tool_calls(smol_server):
     """"required" and a named function always give a call whose arguments match the function's
     parameters; "auto" gives a call or text; the call goes back in the history for a next turn.
     (The functions are described in the prompt: a real model's context has room for them.)"""
@@ -459,7 +458,7 @@ def test_tools_give_openai_tool_calls(smol_server, stream):
     model = "model"
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
 
-    def ask(tool_choice, seed, msgs=messages):
+    def ask(tool_choice, seed, msgs=messages, stream=False):
         options = dict(model=model, messages=msgs, tools=TOOLS, tool_choice=tool_choice, temperature=0.7, seed=seed, max_tokens=60)
         if not stream:
             choice = client.chat.completions.create(**options).choices[0]
@@ -483,6 +482,9 @@ def test_tools_give_openai_tool_calls(smol_server, stream):
         else:
             assert reason in ("stop", "length") and content and not content.lstrip().startswith("{")
     assert "get_weather" in names  # asked for the weather, the model calls that function
+    content, calls, reason = ask("required", 0, stream=True)  # streamed: the call comes in one chunk
+    assert reason == "tool_calls" and content is None and len(calls) == 1 and calls[0].index == 0
+    _check_call(calls[0], jsonschema)
     content, calls, reason = ask("required", 0)
     follow = messages + [
         {"role": "assistant", "content": None, "tool_calls": [c.model_dump() if hasattr(c, "model_dump") else c for c in calls]},
