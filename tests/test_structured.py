@@ -181,6 +181,19 @@ def test_without_llguidance_the_error_names_the_extra(tiny_models):
     assert out.stdout.strip() == "regex needs llguidance: pip install 'lmrt[structured]'"
 
 
+def test_constrained_generation_imports_no_heavy_package(tiny_models):
+    code = (
+        "import sys\n"
+        "from lmrt import runtime\n"
+        f"gen = runtime.Generator({tiny_models['llama'][2]!r}, provider='cpu')\n"
+        "gen.generate('Hi', json_schema={'type': 'object'}, max_new_tokens=20)\n"
+        "gen.generate('Hi', grammar='root ::= \"a\" [b-c]', max_new_tokens=4)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'optimum', 'onnx') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
 def test_cli_flags(tiny_models, tmp_path):
     model = tiny_models["llama"][2]
     schema = tmp_path / "schema.json"
