@@ -112,7 +112,7 @@ class Constraint:
     def __init__(self, matcher, vocab_size: int, stop_ids: frozenset[int]):
         self.matcher = matcher
         self.vocab_size = vocab_size
-        self._stop_ids = np.fromiter(sorted(stop_ids), dtype=np.int64)
+        self._stop_ids = stop_ids
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 
     @property
