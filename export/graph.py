@@ -10,9 +10,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..runtime.compat import IR_VERSION, OPSET, Profile, allows, requirement_record
 from ..runtime.manifest import Architecture, GraphIO
+from .errors import ExportError
 
-OPSET = 17
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
 _ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
@@ -84,7 +85,7 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
         model = helper.make_model(graph, opset_imports=opsets, producer_name=producer)
-        model.ir_version = 8  # readable by onnxruntime 1.14 and newer (older Jetson builds)
+        model.ir_version = IR_VERSION  # readable by onnxruntime 1.14 and newer (older Jetson builds)
         return model
 
 
@@ -166,6 +167,19 @@ class DecoderGraph:
     def requires(self) -> str:
         """The oldest onnxruntime release that runs this graph (see ``ONNXRUNTIME_SINCE``)."""
         return max((ONNXRUNTIME_SINCE[f] for f in self.features), key=_version_key, default="1.14")
+
+    def requirement(self, profile: Profile) -> dict:
+        """The manifest's ``requires`` record for ``profile``; ExportError when the graph uses a form
+        the profile's onnxruntime lacks (attention features have no plainer fallback)."""
+        forms = {f: ONNXRUNTIME_SINCE[f] for f in self.features}
+        missing = sorted(f for f, since in forms.items() if not allows(profile, since))
+        if missing:
+            need = max((forms[f] for f in missing), key=_version_key)
+            raise ExportError(
+                f"this {self.arch.model_type} graph needs onnxruntime {need} ({', '.join(missing)}), newer than "
+                f"target {profile.name} ({profile.onnxruntime}); choose --target ort-{need} or newer"
+            )
+        return requirement_record(forms, forms, profile)
 
     def add_rotary(self, key: str, table: "RotaryTable") -> None:
         """Register rotary table ``key``; a switched table is chosen by length at every step."""

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from .compat import check_onnxruntime
 from .kv_cache import CacheFullError, KVCache
 from .manifest import Manifest
 from .session import available_providers, check_graph_io, create_session, resolve_provider
@@ -21,6 +22,7 @@ class OnnxCausalLM:
 
     def __init__(self, model_dir: str, manifest: Manifest, provider: str = "auto", threads: int | None = None):
         self.manifest = manifest
+        check_onnxruntime(manifest, model_dir)
         chosen = resolve_provider(provider, available_providers())
         path = os.path.join(model_dir, manifest.graph.file)
         self.session, self.provider = create_session(path, chosen, model_dir, threads)
