@@ -93,9 +93,11 @@ class GraphBuilder:
 # by running graphs that use it under each release from 1.17 on and comparing with the current one.
 # A graph needs the newest release among the features it uses (``DecoderGraph.requires``).
 ONNXRUNTIME_SINCE: dict[str, str] = {
-    "GroupQueryAttention": "1.18",  # CPU kernel, packed q/k/v, rotary inside, in-place cache (1.17 rejects the graph)
-    "GroupQueryAttention.separate_qkv": "1.18",
-    "GroupQueryAttention.partial_rotary": "1.18",  # cos/sin narrower than head_size / 2
+    # CPU kernel, packed q/k/v, rotary inside, in-place cache: 1.17 rejects the graph; 1.18 loads it but
+    # reads positions left in a reused cache buffer (a second prompt after a reset goes wrong)
+    "GroupQueryAttention": "1.19",
+    "GroupQueryAttention.separate_qkv": "1.19",
+    "GroupQueryAttention.partial_rotary": "1.19",  # cos/sin narrower than head_size / 2
     "GroupQueryAttention.softcap": "1.20",  # 1.19 rejects the attribute
     "GroupQueryAttention.local_window_size": "1.24",  # before, a window of W saw W + 1 positions
     "If": "1.18",  # rotary tables switched by length (LongRoPE)

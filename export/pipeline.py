@@ -66,7 +66,7 @@ def export_model(
     export, validated, then quantized behind the quality gate; ``quantize_options`` go to
     ``lmrt.quantize.quantize_directory``: max_increase, allow_degraded, eval_text, compute).
     ``task``: "generate", "embed" or "classify" (``lmrt.export.encoders``); detected when None.
-    ``target``: an export profile (``lmrt.runtime.compat.PROFILES``: "ort-1.18", ..., "latest"); the
+    ``target``: an export profile (``lmrt.runtime.compat.PROFILES``: "ort-1.19", ..., "latest"); the
     graph uses only the operator forms that release runs. None: the installed onnxruntime's profile.
 
     Nothing is left at ``output`` unless the whole export, validation included, succeeds; an existing

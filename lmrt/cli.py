@@ -222,7 +222,7 @@ _OUTPUT = click.option("-o", "--output", required=True, type=click.Path(), help=
 _FORCE = click.option("--force", is_flag=True, help="Replace OUTPUT if it is an lmrt model directory.")
 _TARGET = click.option(
     "--target",
-    help="The onnxruntime the graph must run on: ort-1.18, ort-1.20, ort-1.22, ort-1.23, ort-1.24, jetson-jp6 "
+    help="The onnxruntime the graph must run on: ort-1.19, ort-1.20, ort-1.22, ort-1.23, ort-1.24, jetson-jp6 "
     "or latest [default: the installed onnxruntime's]. Forms it lacks take plainer operators (see `lmrt doctor`).",
 )
 

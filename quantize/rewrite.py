@@ -23,7 +23,7 @@ from .blocks import BlockQuantized
 
 MS_DOMAIN = "com.microsoft"
 # The oldest onnxruntime release whose CPU provider runs what this rewrite writes (measured as for
-# export.graph.ONNXRUNTIME_SINCE; 1.18 is the oldest the decoder graphs themselves load on).
+# export.graph.ONNXRUNTIME_SINCE; 1.19 is the oldest the decoder graphs themselves run on).
 ONNXRUNTIME_SINCE: dict[str, str] = {
     "MatMulNBits.4bit": "1.18",
     "MatMulNBits.8bit": "1.22",  # accuracy level 4 (int8 compute); 1.22 rejects level 0 (float compute)

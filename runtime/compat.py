@@ -5,10 +5,10 @@ graph, derived from the operator forms the graph actually uses:
 
     "requires": {
       "onnxruntime": "1.23",          the newest release among the forms below
-      "floor": "1.18",                the oldest any --target could reach for this model: forms with
+      "floor": "1.19",                the oldest any --target could reach for this model: forms with
                                       no plainer fallback (attention features) set it
       "target": "latest",             the export profile the graph was written for
-      "forms": {"GroupQueryAttention": "1.18", "GatherBlockQuantized.8bit": "1.23", ...}
+      "forms": {"GroupQueryAttention": "1.19", "GatherBlockQuantized.8bit": "1.23", ...}
     }
 
 The runtime checks it before onnxruntime sees the graph, so a graph built for a newer release fails
@@ -38,12 +38,12 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
-        Profile("ort-1.18", "1.18", "plain Gather and float matrices where 8-bit blocks are missing"),
-        Profile("ort-1.20", "1.20", "as ort-1.18, with attention softcaps (Gemma 2)"),
+        Profile("ort-1.19", "1.19", "plain Gather and float matrices where 8-bit blocks are missing"),
+        Profile("ort-1.20", "1.20", "as ort-1.19, with attention softcaps (Gemma 2)"),
         Profile("ort-1.22", "1.22", "8-bit MatMulNBits (int8 compute); embeddings by plain Gather"),
         Profile("ort-1.23", "1.23", "8-bit GatherBlockQuantized; every quantized form"),
         Profile("ort-1.24", "1.24", "sliding-window attention (Gemma 2 and 3)"),
-        Profile("jetson-jp6", "1.18", "JetPack 6: NVIDIA's onnxruntime-gpu wheels 1.18 to 1.23 (as ort-1.18)"),
+        Profile("jetson-jp6", "1.19", "JetPack 6: NVIDIA's onnxruntime-gpu wheels 1.19 to 1.23 (as ort-1.19)"),
         Profile("latest", None, "every form this lmrt writes"),
     )
 }

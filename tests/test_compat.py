@@ -49,11 +49,11 @@ def logits(path: str) -> np.ndarray:
 def test_versions_map_to_the_newest_profile_they_run():
     assert version_key("1.24.0.dev20250101") == (1, 24, 0) and version_key("1.18.0+cu118") == (1, 18, 0)
     assert at_least("1.23.2", "1.23") and not at_least("1.22.1", "1.23")
-    got = {v: profile_for(v).name for v in ("1.18.1", "1.19.2", "1.21.1", "1.22.1", "1.23.2", "1.24.4", "2.0.0")}
-    assert got == {"1.18.1": "ort-1.18", "1.19.2": "ort-1.18", "1.21.1": "ort-1.20", "1.22.1": "ort-1.22",
+    got = {v: profile_for(v).name for v in ("1.19.2", "1.21.1", "1.22.1", "1.23.2", "1.24.4", "2.0.0")}
+    assert got == {"1.19.2": "ort-1.19", "1.21.1": "ort-1.20", "1.22.1": "ort-1.22",
                    "1.23.2": "ort-1.23", "1.24.4": "latest", "2.0.0": "latest"}  # fmt: skip
     with pytest.raises(ValueError, match="older than any export profile"):
-        profile_for("1.17.3")
+        profile_for("1.18.1")
 
 
 def test_export_records_the_onnxruntime_the_graph_needs(tiny_models):
@@ -72,29 +72,29 @@ def test_a_target_without_a_form_the_model_needs_is_refused():
     graph = DecoderGraph(GraphBuilder(), arch, GraphIO())
     graph.features |= {"GroupQueryAttention", "GroupQueryAttention.softcap"}
     with pytest.raises(ExportError, match=r"needs onnxruntime 1.20 \(GroupQueryAttention.softcap\).*--target ort-1.20"):
-        graph.requirement(PROFILES["ort-1.18"])
+        graph.requirement(PROFILES["ort-1.19"])
     assert graph.requirement(PROFILES["ort-1.20"])["onnxruntime"] == "1.20"
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_old_targets_write_plain_operators_with_the_same_weights(tiny_models, tmp_path, precision):
-    """ort-1.18 has no 8-bit MatMulNBits or GatherBlockQuantized: those weights are dequantized by
+    """ort-1.19 has no 8-bit MatMulNBits or GatherBlockQuantized: those weights are dequantized by
     plain operators from the same codes. With float compute on both sides, the logits agree with
     the fused graph's; the record says what it needs."""
     exported = tiny_models["qwen2"][2]  # tied embeddings: one 8-bit table gathered and multiplied
     scheme = dataclasses.replace(scheme_for(precision), compute="float")
-    old = quantize_directory(exported, str(tmp_path / "old"), scheme, gguf=None, max_increase=1.0, target="ort-1.18", **quiet)
+    old = quantize_directory(exported, str(tmp_path / "old"), scheme, gguf=None, max_increase=1.0, target="ort-1.19", **quiet)
     forms = op_forms(str(tmp_path / "old"))
     assert "GatherBlockQuantized.8bit" not in forms and "MatMulNBits.8bit" not in forms
     assert ("MatMulNBits.4bit" in forms) == (precision == "int4")
-    assert old.requires["onnxruntime"] == "1.18" and old.requires["target"] == "ort-1.18"
+    assert old.requires["onnxruntime"] == "1.19" and old.requires["target"] == "ort-1.19"
     assert "GatherBlockQuantized.8bit.fallback" in old.requires["forms"]
     assert "plain operators instead of" in old.quantization["weights"]
     if not at_least(ort.__version__, "1.23"):
         return  # the fused forms do not load here: the comparison runs where they do
     fused = quantize_directory(exported, str(tmp_path / "new"), scheme, gguf=None, max_increase=1.0, target="latest", **quiet)
     assert {"GatherBlockQuantized.8bit", "MatMulNBits.8bit"} <= op_forms(str(tmp_path / "new"))
-    assert fused.requires["onnxruntime"] == "1.23" and fused.requires["floor"] == "1.18"
+    assert fused.requires["onnxruntime"] == "1.23" and fused.requires["floor"] == "1.19"
     a, b = logits(str(tmp_path / "old")), logits(str(tmp_path / "new"))
     assert np.abs(a - b).max() / np.abs(b).max() < 1e-4
     assert (a.argmax(-1) == b.argmax(-1)).all()
@@ -114,8 +114,8 @@ def test_loading_on_an_older_onnxruntime_fails_in_one_line(tiny_models, tmp_path
     assert "\n" not in message
     assert "needs onnxruntime 1.23 or newer (GatherBlockQuantized.8bit)" in message and "has 1.20.1" in message
     assert "--target ort-1.20" in message
-    with pytest.raises(CompatError, match="upgrade onnxruntime to 1.18 or newer"):
-        check_onnxruntime(m, "x", have="1.17.3")
+    with pytest.raises(CompatError, match="upgrade onnxruntime to 1.19 or newer"):
+        check_onnxruntime(m, "x", have="1.18.1")
     result = CliRunner().invoke(main, ["generate", path, "hi", "--max-new-tokens", "2"])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "has 1.20.1" in result.output
 
@@ -138,8 +138,8 @@ def test_quantizing_for_a_target_older_than_the_source_graph_is_refused(tiny_mod
     shutil.copytree(tiny_models["llama"][2], path)
     m = runtime.load_manifest(path)
     dataclasses.replace(m, requires={**m.requires, "forms": {**m.requires["forms"], "GroupQueryAttention.softcap": "1.20"}}).write(path)
-    with pytest.raises(QuantizeError, match="GroupQueryAttention.softcap, which target ort-1.18"):
-        quantize_directory(path, str(tmp_path / "q"), scheme_for("int4"), gguf=None, target="ort-1.18", **quiet)
+    with pytest.raises(QuantizeError, match="GroupQueryAttention.softcap, which target ort-1.19"):
+        quantize_directory(path, str(tmp_path / "q"), scheme_for("int4"), gguf=None, target="ort-1.19", **quiet)
     with pytest.raises(QuantizeError, match="unknown target 'ort-9'"):
         quantize_directory(path, str(tmp_path / "q"), scheme_for("int4"), gguf=None, target="ort-9", **quiet)
     assert not os.path.exists(str(tmp_path / "q"))
