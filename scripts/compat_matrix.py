@@ -152,8 +152,9 @@ def main() -> None:
     ref_out = os.path.join(ENVS, "results", f"reference-{onnxruntime.__version__}")
     refs = {r["model"]: r for r in run_worker(sys.executable, ref_out, models)} if models else {}
     forced = os.path.join(ref_out, "forced.json")
-    with open(forced, "w") as f:
-        json.dump({name: r.get("tokens") for name, r in refs.items()}, f)
+    if models:
+        with open(forced, "w") as f:
+            json.dump({name: r.get("tokens") for name, r in refs.items()}, f)
 
     results: dict = {"reference": onnxruntime.__version__, "versions": {}}
     for version in args.versions.split(","):

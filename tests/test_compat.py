@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from conftest import onnx_model, run_steps
 
 from lmrt import runtime
 from lmrt.cli import main
@@ -161,3 +162,14 @@ def test_info_and_doctor_say_what_the_model_needs_and_what_is_here(tiny_models):
     assert rows["python"].startswith(".".join(map(str, __import__("sys").version_info[:3])))
     bad = CliRunner().invoke(main, ["export", "x", "-o", "y", "--target", "ort-9"])
     assert bad.exit_code == 1 and "unknown target 'ort-9'" in bad.output
+
+
+def test_steps_of_several_tokens_after_cached_ones_match_one_pass(tiny_models):
+    """Chunked prefill over rows that already hold positions equals one pass over the whole prompt
+    (onnxruntime 1.19 takes such steps one token at a time; newer releases in one pass)."""
+    ids = np.random.default_rng(5).integers(0, 300, 20).tolist()
+    model = onnx_model(tiny_models["llama"][2])
+    full = run_steps(model, [ids])[0]
+    chunked = np.concatenate(run_steps(model, [ids[:5], ids[5:13], ids[13:]]))
+    np.testing.assert_allclose(chunked, full, atol=1e-5, rtol=0)
+    assert model.one_token_steps == (not at_least(ort.__version__, "1.20"))
