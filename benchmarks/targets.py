@@ -75,7 +75,8 @@ greedy, median of {args.runs} runs after a warm-up). "decode vs fused" compares 
 same precision. The fallback for 8-bit `MatMulNBits` dequantizes the 8-bit codes with plain operators,
 which onnxruntime folds into float matrices when the session starts: the files keep 8 bits, memory and
 speed are those of float weights, and the products are computed in float (so perplexity is as with
-`--compute float`). The fallback for 8-bit `GatherBlockQuantized` gathers the codes and dequantizes
+`--compute float`). While it folds, memory peaks at several times the float weights (peak RSS below;
+once the session has started, the process holds about what an fp32 directory does). The fallback for 8-bit `GatherBlockQuantized` gathers the codes and dequantizes
 the few rows a step needs.
 
 {table}

@@ -27,6 +27,7 @@ if [ ! -x "$ROOT/usr/bin/python3" ]; then
     bookworm "$ROOT" "$MIRROR"
 fi
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"  # this machine's CAs (a proxy's too) for pip
 
 # this working tree (tracked and new files, not ignored ones) and the model directories
 rm -rf "$ROOT/work/lmrt" "$ROOT/work/models" "$ROOT/work/out"
@@ -38,7 +39,7 @@ FORCED=$(ls -d .compat-envs/results/reference-*/forced.json 2>/dev/null | tail -
 
 mount -t proc proc "$ROOT/proc"
 trap 'umount "$ROOT/proc"' EXIT
-chroot "$ROOT" /bin/bash -euc "
+PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_FIND_LINKS= chroot "$ROOT" /bin/bash -euc "
   cd /work
   [ -x venv/bin/python ] || python3 -m venv venv
   venv/bin/pip install -q 'onnxruntime${ORT_VERSION:+==$ORT_VERSION}' numpy tokenizers jinja2 click
