@@ -674,7 +674,7 @@ def _installed_onnxruntime() -> str | None:
 def _onnxruntime_row(m) -> tuple[str, str]:
     from .runtime.compat import status_line
 
-    return ("onnxruntime", status_line(m, _installed_onnxruntime()))
+    return ("requires", status_line(m, _installed_onnxruntime()))
 
 
 @main.command()

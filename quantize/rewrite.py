@@ -29,6 +29,7 @@ ONNXRUNTIME_SINCE: dict[str, str] = {
     "MatMulNBits.8bit": "1.22",  # accuracy level 4 (int8 compute); 1.22 rejects level 0 (float compute)
     "MatMulNBits.8bit.float_compute": "1.23",
     "GatherBlockQuantized.8bit": "1.23",  # 1.20 to 1.22 reject 8-bit tables, older ones the operator
+    "GatherBlockQuantized.4bit": "1.23",  # no shipped scheme writes it (embeddings stay 8-bit): not measured older
 }
 Choose = Callable[[str, str, np.ndarray], "BlockQuantized | None"]
 # Whether a form of ONNXRUNTIME_SINCE may be written (the export profile's choice); where it may not,

@@ -154,7 +154,7 @@ def status_line(manifest, have: str | None) -> str:
     """``lmrt info``'s row: what the directory needs and whether this machine meets it."""
     need = required(manifest)
     if need is None:
-        return "not recorded (exported before lmrt recorded it)"
+        return "no onnxruntime recorded in lmrt.json (not checked on load)"
     target = manifest.requires.get("target", "?")
     text = f"{need} or newer (target {target}, floor {manifest.requires.get('floor', '?')})"
     if have is None:

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-SCORED_TOKENS = 1024  # of the quality gate's evaluation text, for perplexity under this release
+SCORED_TOKENS = int(os.environ.get("LMRT_COMPAT_SCORED_TOKENS", 1024))  # of the gate's text (0: no perplexity)
 PROMPT = "The capital of France is Paris. The three most visited cities in Europe are"
 NEW_TOKENS = 24
 
@@ -58,8 +58,9 @@ def run(model_dir: str, out: str, forced: list[int] | None) -> dict:
     from lmrt.quantize.evaltext import reference_text
     from lmrt.runtime.scoring import score_ids
 
-    text_ids = gen.encode(reference_text())[:SCORED_TOKENS]
-    row["perplexity"] = score_ids(gen.model, text_ids).perplexity
+    if SCORED_TOKENS:
+        text_ids = gen.encode(reference_text())[:SCORED_TOKENS]
+        row["perplexity"] = score_ids(gen.model, text_ids).perplexity
     return row
 
 
