@@ -6,7 +6,9 @@ installed onnxruntime; writes the "targets" section of docs/benchmarks.md.
         int8@ort-1.18=models/smol-int8-118 int4=... --baseline int8=int8 --baseline int8@ort-1.22=int8 ...
 
 Each LABEL=DIR is one row; a row is compared with the first row of the same precision (its fused
-form). Perplexity comes from each directory's quality gate record.
+form). The directories are measured in turn, --rounds times over (interleaved, so a change in the
+machine's load falls on all of them), and each figure is the median over the rounds. Perplexity
+comes from each directory's quality gate record.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from datetime import date
@@ -31,18 +34,23 @@ def bench(model_dir: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", metavar="LABEL=DIR")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3, help="measured runs per process")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per directory, interleaved")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     import onnxruntime
 
+    items = [item.partition("=")[::2] for item in args.models]
+    measured: dict[str, list[dict]] = {label: [] for label, _ in items}
+    for _ in range(args.rounds):
+        for label, path in items:
+            measured[label].append(bench(path, args))
     rows, fused = [], {}
-    for item in args.models:
-        label, _, path = item.partition("=")
+    for label, path in items:
         with open(os.path.join(path, "lmrt.json")) as f:
             m = json.load(f)
-        r = bench(path, args)
+        r = {k: statistics.median(x[k] for x in measured[label]) for k in ("model_files_mb", "peak_rss_mb", "prefill_tokens_per_s", "decode_tokens_per_s")}
         precision = (m.get("quantization") or {}).get("name", "fp32")
         fused.setdefault(precision, r)
         base = fused[precision]
@@ -71,7 +79,7 @@ def main() -> None:
 
 `benchmarks/targets.py`, {date.today().isoformat()}: {machine()}; onnxruntime {onnxruntime.__version__}.
 `lmrt bench` per directory in its own process ({args.prompt_tokens}-token prompt, {args.new_tokens} new tokens,
-greedy, median of {args.runs} runs after a warm-up). "decode vs fused" compares with the first row of the
+greedy, median of {args.runs} runs after a warm-up), {args.rounds} processes per directory interleaved; medians. "decode vs fused" compares with the first row of the
 same precision. The fallback for 8-bit `MatMulNBits` dequantizes the 8-bit codes with plain operators,
 which onnxruntime folds into float matrices when the session starts: the files keep 8 bits, memory and
 speed are those of float weights, and the products are computed in float (so perplexity is as with
