@@ -344,7 +344,7 @@ def report(table: dict, extras: dict, systems, args) -> str:
         theirs = table.get(("llama-server", precision, clients))
         if system == "lmrt" and theirs:
             lines.append(
-                f"- {precision}, {clients} clients: throughput {r['tokens_per_s'] / theirs['tokens_per_s']:.2f}×, "
+                f"- {precision}, {clients} client{'s' if clients > 1 else ''}: throughput {r['tokens_per_s'] / theirs['tokens_per_s']:.2f}×, "
                 f"gap p95 {r['itl_p95'] * 1e3:.1f} ms vs {theirs['itl_p95'] * 1e3:.1f} ms"
             )
     for precision, e in extras.items():

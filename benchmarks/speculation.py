@@ -195,8 +195,10 @@ def report(results: dict, args, sets) -> str:
         "## One stream: prompt-lookup speculation",
         "",
         f"SmolLM2-135M-Instruct, greedy, up to {args.new_tokens} new tokens after a chat-formatted prompt; decode "
-        f"tokens/s after the first token, median of {args.runs} interleaved runs; lmrt with speculation (auto) and "
-        "without (off) gives the same tokens (checked on every run); llama.cpp is llama-server, one slot, the same "
+        f"tokens/s after the first token, median of {args.runs} interleaved runs; lmrt with speculation and without "
+        "(off). A float-compute model speculates by default (auto) and must give the same tokens (the script stops if "
+        "not); an int8-compute model rounds its activations, so it speculates only when asked (on), and 'same' says "
+        "whether its tokens matched on every run. llama.cpp is llama-server, one slot, the same "
         "token ids, timed by its own report. Acceptance: share of proposed tokens the model agreed with. Written by "
         "`benchmarks/speculation.py`.",
         "",

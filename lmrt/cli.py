@@ -380,10 +380,22 @@ def _generation_options(fn):
         kwargs = {"help": meta["help"], "multiple": bool(meta.get("multiple"))}
         if meta.get("choices"):
             kwargs["type"] = click.Choice(meta["choices"])
+        elif meta.get("metavar") == "FILE":  # the option names a file; the field takes its text
+            kwargs.update(type=click.Path(exists=True, dir_okay=False), metavar="FILE", callback=_file_text)
         else:
             kwargs["type"] = _scalar_type(hints[f.name])
         fn = click.option(*names, f.name, **kwargs)(fn)
     return fn
+
+
+def _file_text(ctx, param, path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"cannot read {path}: {e}") from None
 
 
 def _scalar_type(hint) -> type:
@@ -439,6 +451,8 @@ def generate(model_dir, prompts, chat, system, provider, threads, as_json, stats
       lmrt generate models/smollm2 "The best way to learn is" -b 4 --no-repeat-ngram-size 3
       lmrt generate models/smollm2 "Paris is" "Rome is" "Tokyo is" -n 16 --json
       echo "Once upon a time" | lmrt generate models/smollm2 - -t 0.8 --top-p 0.9 --seed 1
+      lmrt generate models/smollm2 "Paris is in" --chat --json-schema city.schema.json
+      lmrt generate models/smollm2 "Is the sky blue?" --chat --choice yes --choice no
     """
     import json
 

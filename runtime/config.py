@@ -14,6 +14,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+# The options that constrain the output (structured output, ``structured.py``); at most one is set.
+CONSTRAINT_FIELDS = ("json_schema", "regex", "grammar", "choices")
+
 # A logits processor: (token_ids int64 [n] so far, prompt included; logits float32 [vocab]) -> logits
 LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -44,8 +47,8 @@ class GenerationConfig:
     ``lmrt chat``; ``GenerationConfig.describe()`` lists them with their help.
 
     The processors run in transformers' order: repetition penalty, presence and frequency penalties,
-    no-repeat n-grams, min_new_tokens, your logits processors; then, when sampling, temperature,
-    top-k, top-p and min-p, and a draw.
+    no-repeat n-grams, min_new_tokens, your logits processors; then a constraint's mask (json_schema,
+    regex, grammar or choices); then, when sampling, temperature, top-k, top-p and min-p, and a draw.
     """
 
     max_new_tokens: int = option(256, "Tokens to generate at most (the context length caps it too).", short="-n")
@@ -79,6 +82,18 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] | None = option(
         None, "A token id that ends generation (repeatable; default: the model's end-of-sequence ids).",
         flag="--stop-token-id", multiple=True,
+    )
+    json_schema: dict | str | None = option(
+        None, "The output is JSON matching this JSON schema (a file on the command line; needs lmrt[structured]).",
+        metavar="FILE",
+    )
+    regex: str | None = option(None, "The output fully matches this regular expression (needs lmrt[structured]).")
+    grammar: str | None = option(
+        None, "The output follows this Lark or GBNF grammar (a file on the command line; needs lmrt[structured]).",
+        metavar="FILE",
+    )
+    choices: tuple[str, ...] = option(
+        (), "The output is exactly one of these strings (repeatable; needs lmrt[structured]).", flag="--choice", multiple=True
     )
     logits_processors: tuple[LogitsProcessor, ...] = option(
         (), "Callables (token_ids, logits) -> logits, run after the built-in penalties and before sampling.", cli=False
@@ -151,12 +166,35 @@ class GenerationConfig:
             if not _is_iterable(ids) or not all(is_int(t) and t >= 0 for t in ids):
                 raise bad("stop_token_ids", "must be a list of non-negative integers or None")
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        self._check_constraint(bad)
         for name in ("max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size", "num_beams", "num_return_sequences"):
             object.__setattr__(self, name, int(getattr(self, name)))
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty"):
             object.__setattr__(self, name, float(getattr(self, name)))
+
+    def _check_constraint(self, bad: Callable[[str, str], ConfigError]) -> None:
+        """The constraint's types, and that there is at most one; its validity needs the tokenizer and
+        is checked when a request is made (``structured.py``)."""
+        choices = (self.choices,) if isinstance(self.choices, str) else self.choices
+        if not _is_iterable(choices) or not all(isinstance(c, str) and c for c in choices):
+            raise bad("choices", "must be a list of non-empty strings")
+        object.__setattr__(self, "choices", tuple(choices))
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str, bool)):
+            raise bad("json_schema", "must be a JSON schema: a dict, or its JSON text")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
+                raise bad(name, "must be a non-empty string")
+        given = [n for n in CONSTRAINT_FIELDS if getattr(self, n) not in (None, ())]
+        if len(given) > 1:
+            raise ConfigError(given[1], f"cannot be combined with {given[0]}: give one constraint at a time")
+        if given and self.num_beams > 1:
+            raise ConfigError("num_beams", f"must be 1 with {given[0]}: beam search does not support constrained output")
+
+    @property
+    def constrained(self) -> bool:
+        return any(getattr(self, n) not in (None, ()) for n in CONSTRAINT_FIELDS)
 
     @property
     def samples(self) -> bool:

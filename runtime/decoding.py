@@ -13,7 +13,9 @@ token) and the Engine (a thread of its own fed by a queue). Requests join and le
        followed there (prompt-lookup speculation, ``speculation.py``) and may give it several.
 
 A choice is one sequence being generated (a request asks for ``n`` of them from one prompt). Its
-next token comes from its logits through its processors and sampler (``sampling``), and its stop
+next token comes from its logits through its processors, its constraint's mask when it has one
+(``structured.py``: such a choice never speculates, and it ends once its output is complete) and its
+sampler (``sampling``), and its stop
 callback (``stopping.StopCriteria``) says when it ends; the loop itself ends it only when its token
 budget is spent. Everything a request produces goes to its ``on_event`` callback as ``Event``s. Beam
 search has its own loop (``beam.py``).
@@ -24,7 +26,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -34,6 +36,9 @@ from .model import OnnxCausalLM
 from .sampling import Processor, Sampler, log_softmax, make_processors
 from .scheduler import Scheduler
 from .speculation import PromptLookup, accept
+
+if TYPE_CHECKING:
+    from .structured import Constraint
 
 StopCallback = Callable[[int], "tuple[str, str | None]"]  # token -> (text released, finish reason or None)
 
@@ -70,6 +75,7 @@ class Choice:
     processors: list[Processor]
     stop: StopCallback
     drafter: PromptLookup | None = None  # proposes tokens to check, when speculation is on for it
+    constraint: "Constraint | None" = None  # masks the logits to what the request's constraint allows
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     pending: int = -1  # the newest token, sampled but not yet run through the model
@@ -91,7 +97,8 @@ class Request:
     tokens each. ``stop_callback()`` makes a fresh stop callback per choice; ``on_event`` receives the
     output (from the loop's thread), or without one it collects in ``events``. ``logprobs``: None, or
     how many alternatives to report with each token's log-probability. ``speculate``: its choices
-    propose tokens to check while they run alone. ``cancel()`` may be called from any thread."""
+    propose tokens to check while they run alone (not with a ``constraint``: a maker of each choice's
+    ``structured.Constraint``). ``cancel()`` may be called from any thread."""
 
     def __init__(
         self,
@@ -103,6 +110,7 @@ class Request:
         on_event: Callable[[Event], None] | None = None,
         logprobs: int | None = None,
         speculate: bool = False,
+        constraint: "Callable[[], Constraint] | None" = None,
     ):
         self.prompt = np.asarray(prompt_ids, dtype=np.int64)
         self.config = config
@@ -121,7 +129,8 @@ class Request:
         seeds = np.random.SeedSequence(config.seed).spawn(config.num_return_sequences)
         self.choices = [
             Choice(self, i, Sampler(config, np.random.default_rng(s)), processors, stop_callback(),
-                   PromptLookup() if speculate else None)
+                   PromptLookup() if speculate and constraint is None else None,
+                   constraint() if constraint is not None else None)
             for i, s in enumerate(seeds)
         ]  # fmt: skip
 
@@ -275,12 +284,20 @@ class DecodeLoop:
         a consumer that hears of the end finds the slot free. With ``proposed``, the token is chosen
         by speculation's acceptance rule, which keeps the distribution the sampler's."""
         request = choice.request
+        constraint = choice.constraint
         try:
+            if constraint is not None and constraint.complete:  # nothing may follow: it ends as a stop token ends it
+                text, reason = choice.stop.finish("stop")
+                return Event(choice.index, None, text, reason)
             processed = logits
             for fn in choice.processors:
                 processed = fn(choice.history, processed)
+            if constraint is not None:
+                processed = constraint.mask(processed)
             token = choice.sampler(processed) if proposed is None else accept(choice.sampler, processed, proposed)[0]
             text, reason = choice.stop(token)
+            if constraint is not None and reason != "stop":
+                constraint.advance(token)
         except Exception as e:  # noqa: BLE001 - handed to the request's consumer
             request.error = e
             return Event(choice.index, None, "", "error")
@@ -293,6 +310,9 @@ class DecodeLoop:
         choice.pending = token
         self.stats.generated_tokens += 1
         logprob = _logprob(logits, token, request.logprobs) if request.logprobs is not None else None
+        if reason is None and constraint is not None and constraint.complete:  # only a stop token may follow
+            more, reason = choice.stop.finish("stop")
+            text += more
         if reason is None and len(choice.tokens) >= request.budget:
             more, reason = choice.stop.finish("length")
             text += more

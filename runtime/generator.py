@@ -30,6 +30,7 @@ from .memory import check_fits, settle_memory, trim_heap
 from .model import OnnxCausalLM
 from .scoring import Score, score_ids
 from .stopping import StopCriteria
+from .structured import Grammars
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Generator:
         settle_memory(self.model_dir, self.manifest)
         self._loop = DecodeLoop(self.model, self.model.new_cache(), prefill_chunk)
         self._lock = threading.Lock()
+        self._grammars: Grammars | None = None  # llguidance's view of the tokenizer, once a constraint needs it
 
     @property
     def provider(self) -> str:
@@ -158,10 +160,19 @@ class Generator:
         budget = self._budget(prompt_ids, config)
         stop_ids = self._stop_ids(config)
         self._check_memory(config, config.num_return_sequences, len(prompt_ids) + budget)
+        constraint = self._constraint(config, stop_ids)
         return Request(
             prompt_ids, config, budget, stop_ids, lambda: StopCriteria(self.decode, stop_ids, config.stop),
-            on_event, logprobs, self._speculates(config),
+            on_event, logprobs, self._speculates(config), constraint,
         )  # fmt: skip
+
+    def _constraint(self, config: GenerationConfig, stop_ids: frozenset[int]):
+        """A maker of each choice's constraint (structured output), compiled and checked now, or None."""
+        if not config.constrained:
+            return None
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer.to_str(), self.manifest.architecture.vocab_size)
+        return self._grammars.compile(config, stop_ids)
 
     def _speculates(self, config: GenerationConfig) -> bool:
         """Whether a request with ``config`` uses prompt-lookup speculation. "auto" means for greedy

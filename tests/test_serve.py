@@ -306,7 +306,7 @@ BAD = [
     ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, None),
     ("token id beyond the vocabulary", "/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, None),
     ("unknown field", "/v1/completions", {"model": MODEL, "prompt": "hi", "best_of_n": 2}, 400, "unsupported_parameter"),
-    ("tools not served", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "unsupported_parameter"),
+    ("empty tools", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, None),
     ("temperature out of range", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 3}, 400, None),
     ("top_p out of range", "/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, None),
     ("bad stop", "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [""]}, 400, None),
@@ -379,6 +379,141 @@ def test_startup_errors_are_one_line(tiny_models):
         proc = subprocess.run([sys.executable, "-m", "lmrt", "serve", *args, "--port", "0"], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1, proc.stderr
         assert proc.stderr.strip().startswith("error:") and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- structured output -----------------------------------------------------------------------
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_model):
+    server = Server(chat_model, "--slots", "4")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_equals_the_generator(chat_server, chat_model, stream):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    gen = runtime.Generator(chat_model)
+    client = chat_server.client()
+    model = os.path.basename(chat_model)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for seed in range(4):
+        options = dict(temperature=1.0, seed=seed, max_tokens=70)
+        expected = gen.chat(CHAT, json_schema=PERSON, temperature=1.0, seed=seed, max_new_tokens=70)
+        if stream:
+            chunks = list(client.chat.completions.create(model=model, messages=CHAT, response_format=fmt, stream=True, **options))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            out = client.chat.completions.create(model=model, messages=CHAT, response_format=fmt, **options)
+            text, reason = out.choices[0].message.content, out.choices[0].finish_reason
+        assert text == expected and reason == "stop"
+        jsonschema.validate(json.loads(text), PERSON)
+    out = client.chat.completions.create(model=model, messages=CHAT, response_format={"type": "json_object"}, max_tokens=70, seed=1, temperature=1.0)
+    if out.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(out.choices[0].message.content), dict)
+    else:  # cut short by max_tokens, and said so
+        assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 70
+
+
+def _check_call(call, jsonschema) -> str:
+    spec = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    assert call.type == "function" and call.id.startswith("call-") and call.function.name in spec
+    jsonschema.validate(json.loads(call.function.arguments), spec[call.function.name])
+    return call.function.name
+
+
+@pytest.fixture(scope="module")
+def smol_server(smollm2):
+    server = Server(smollm2[0], "--slots", "2", "--ctx-size", "1024")
+    yield server
+    server.stop()
+
+
+@pytest.mark.real_model
+def test_tools_give_openai_tool_calls(smol_server):
+    """"required" and a named function always give a call whose arguments match the function's
+    parameters; "auto" gives a call or text; the call goes back in the history for a next turn.
+    (The functions are described in the prompt: a real model's context has room for them.)"""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    client = smol_server.client()
+    model = "model"
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+    def ask(tool_choice, seed, msgs=messages, stream=False):
+        options = dict(model=model, messages=msgs, tools=TOOLS, tool_choice=tool_choice, temperature=0.7, seed=seed, max_tokens=60)
+        if not stream:
+            choice = client.chat.completions.create(**options).choices[0]
+            return choice.message.content, choice.message.tool_calls, choice.finish_reason
+        chunks = [c for c in client.chat.completions.create(stream=True, **options) if c.choices]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks) or None
+        calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+        return content, calls or None, chunks[-1].choices[0].finish_reason
+
+    names = set()
+    for seed in range(2):
+        content, calls, reason = ask("required", seed)
+        assert reason == "tool_calls" and content is None and len(calls) == 1
+        names.add(_check_call(calls[0], jsonschema))
+        content, calls, reason = ask({"type": "function", "function": {"name": "add"}}, seed)
+        assert reason == "tool_calls" and _check_call(calls[0], jsonschema) == "add"
+        content, calls, reason = ask("auto", seed)
+        if calls:
+            assert reason == "tool_calls" and content is None
+            _check_call(calls[0], jsonschema)
+        else:
+            assert reason in ("stop", "length") and content and not content.lstrip().startswith("{")
+    assert "get_weather" in names  # asked for the weather, the model calls that function
+    content, calls, reason = ask("required", 0, stream=True)  # streamed: the call comes in one chunk
+    assert reason == "tool_calls" and content is None and len(calls) == 1 and calls[0].index == 0
+    _check_call(calls[0], jsonschema)
+    content, calls, reason = ask("required", 0)
+    follow = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [c.model_dump() if hasattr(c, "model_dump") else c for c in calls]},
+        {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C, sunny"},
+    ]
+    content, _, reason = ask("none", 0, follow)
+    assert reason in ("stop", "length") and isinstance(content, str)
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 3}}}}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=messages, tools=bad, tool_choice="required", max_tokens=4)
+    assert e.value.body["param"] == "tools"
+
+
+def test_bad_structured_requests_are_400s(chat_server, chat_model):
+    pytest.importorskip("llguidance")
+    model = os.path.basename(chat_model)
+    base = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
+    ]  # fmt: skip
+    for extra, param in cases:
+        status, answer = chat_server.raw("POST", "/v1/chat/completions", json.dumps({**base, **extra}).encode())
+        assert status == 400 and answer["error"]["param"] == param, (extra, answer)
+    assert chat_server.raw("GET", "/health") == (200, {"status": "ok"})
 
 
 # --- the real model ---------------------------------------------------------------------------

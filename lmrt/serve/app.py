@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from ..runtime import Encoder, Engine, Event, Generator, QueueFullError
+from ..runtime import ConfigError, Encoder, Engine, Event, Generator, QueueFullError
 from . import metrics, protocol
 from .protocol import APIError, Parsed
 
@@ -182,6 +182,9 @@ def _submit(engine: Engine, parsed: Parsed) -> _Run:
     except QueueFullError as e:
         run.cancel(engine)
         raise APIError(503, str(e), code="server_busy") from None
+    except ConfigError as e:  # a constraint found invalid once compiled
+        run.cancel(engine)
+        raise protocol.config_error(e, parsed.params) from None
     except ValueError as e:
         run.cancel(engine)
         raise APIError(400, str(e)) from None
@@ -304,15 +307,15 @@ class _ChatAnswer:
     async def whole(run: _Run, state: ServerState) -> dict:
         gen = state.engine.generator
         got = await _collect(run)
-        choices = [
-            {
+        choices = []
+        for i in range(len(got.texts)):
+            message, reason = _chat_message(run, got.texts[i], got.reasons[i])
+            choices.append({
                 "index": i,
-                "message": {"role": "assistant", "content": got.texts[i]},
+                "message": message,
                 "logprobs": protocol.chat_logprobs(gen, got.logprobs[i]) if run.parsed.logprobs is not None else None,
-                "finish_reason": protocol.finish_reason(got.reasons[i]),
-            }
-            for i in range(len(got.texts))
-        ]
+                "finish_reason": reason,
+            })  # fmt: skip
         return {
             "id": protocol.new_id("chatcmpl"), "object": "chat.completion", "created": protocol.now(),
             "model": state.model_name, "choices": choices, "usage": _usage(run, sum(got.tokens)),
@@ -327,6 +330,17 @@ class _ChatAnswer:
         for i in range(count):
             delta = {"role": "assistant", "content": ""}
             yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}], **extra}
+        if run.parsed.tools:  # whether the answer is a call is known once it is complete: it comes whole
+            got = await _collect(run)
+            for i in range(count):
+                message, reason = _chat_message(run, got.texts[i], got.reasons[i])
+                delta = {k: v for k, v in message.items() if k != "role"}
+                if "tool_calls" in delta:
+                    delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(delta["tool_calls"])]
+                yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}], **extra}
+            if run.parsed.include_usage:
+                yield {**head, "choices": [], "usage": _usage(run, sum(got.tokens))}
+            return
         generated = 0
         async for i, event in _events(run):
             generated += event.token is not None
@@ -338,6 +352,15 @@ class _ChatAnswer:
                 yield {**head, "choices": [choice], **extra}
         if run.parsed.include_usage:
             yield {**head, "choices": [], "usage": _usage(run, generated)}
+
+
+def _chat_message(run: _Run, text: str, reason: str | None) -> tuple[dict, str | None]:
+    """A chat answer's message and finish reason: with tools, a complete answer that is a call
+    comes as OpenAI's tool_calls (finish reason "tool_calls")."""
+    calls = protocol.tool_calls(text, run.parsed.tools) if run.parsed.tools and reason == "stop" else None
+    if calls:
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": text}, protocol.finish_reason(reason)
 
 
 class _TextAnswer:

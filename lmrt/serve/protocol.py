@@ -10,6 +10,7 @@ uses.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -43,6 +44,8 @@ class Parsed:
     stream: bool
     include_usage: bool
     logprobs: int | None  # None: none; k: the chosen token's and k alternatives'
+    tools: tuple[str, ...] | None = None  # the functions an answer may call (its JSON is then a call)
+    params: dict[str, str] | None = None  # GenerationConfig field -> the request field that set it
 
 
 # Fields of both endpoints, with OpenAI's names; the extras use vLLM's names.
@@ -51,7 +54,9 @@ _COMMON = {
     "presence_penalty", "frequency_penalty", "logit_bias", "user",
     "top_k", "min_p", "repetition_penalty", "no_repeat_ngram_size", "min_tokens", "stop_token_ids", "ignore_eos",
 }  # fmt: skip
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
+CHAT_FIELDS = _COMMON | {
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+}  # fmt: skip
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 # GenerationConfig field -> request field, for errors found by GenerationConfig itself
 _PARAM = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_return_sequences": "n"}
@@ -88,10 +93,16 @@ def check_model(body: dict, served: str) -> None:
         raise APIError(404, f"the model '{name}' does not exist; this server serves '{served}'", "model", "model_not_found")
 
 
-def _settings(body: dict, gen: Generator, max_tokens: int | None, logprobs: int | None, ctx_size: int, prompts) -> Parsed:
-    """The settings shared by both endpoints, checked, as a GenerationConfig."""
+def _settings(
+    body: dict, gen: Generator, max_tokens: int | None, logprobs: int | None, ctx_size: int, prompts,
+    constraint: dict | None = None, params: dict[str, str] | None = None,
+) -> Parsed:
+    """The settings shared by both endpoints, checked, as a GenerationConfig. ``constraint``: the
+    structured-output option (from response_format or tools), ``params`` the request fields that
+    set such options, for errors."""
     number, integer = (int, float), (int,)
     options: dict[str, Any] = {
+        **(constraint or {}),
         "temperature": _field(body, "temperature", number, "a number"),
         "top_p": _field(body, "top_p", number, "a number"),
         "seed": _field(body, "seed", integer, "an integer"),
@@ -143,8 +154,7 @@ def _settings(body: dict, gen: Generator, max_tokens: int | None, logprobs: int 
     try:
         config = gen.config(**options)
     except ConfigError as e:
-        param = _PARAM.get(e.field, e.field)
-        raise APIError(400, e.named(f"'{param}'"), param) from None
+        raise config_error(e, params) from None
     stream = _field(body, "stream", (bool,), "true or false") or False
     include_usage = False
     stream_options = body.get("stream_options")
@@ -154,7 +164,13 @@ def _settings(body: dict, gen: Generator, max_tokens: int | None, logprobs: int 
         if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
             raise APIError(400, "'stream_options' may hold 'include_usage' only", "stream_options")
         include_usage = _field(stream_options, "include_usage", (bool,), "true or false") or False
-    return Parsed(prompts, config, stream, include_usage, logprobs)
+    return Parsed(prompts, config, stream, include_usage, logprobs, params=params)
+
+
+def config_error(e: ConfigError, params: dict[str, str] | None = None) -> APIError:
+    """A 400 for a bad generation option, naming the request field that set it."""
+    param = (params or {}).get(e.field) or _PARAM.get(e.field, e.field)
+    return APIError(400, e.named(f"'{param}'"), param)
 
 
 def _is_token(value: Any, vocab: int) -> bool:
@@ -199,12 +215,17 @@ def parse_chat(body: Any, gen: Generator, served: str, ctx_size: int) -> Parsed:
         raise APIError(400, "'messages' must be a non-empty list", "messages")
     rendered = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or ("content" not in m and "tool_calls" not in m):
             raise APIError(400, f"messages[{i}] needs a 'role' and a 'content'", "messages")
-        rendered.append({**m, "content": _text_content(m["content"], i)})
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise APIError(400, "'response_format' other than {\"type\": \"text\"} is not supported yet", "response_format")
+        rendered.append({**m, "content": _message_text(m, i)})
+    constraint, params = _response_format(body.get("response_format"))
+    tools = parse_tools(body.get("tools"), body.get("tool_choice"))
+    if tools is not None:
+        if constraint and tools.constraint:
+            raise APIError(400, "'response_format' cannot be combined with 'tools' unless 'tool_choice' is \"none\"", "response_format")
+        if tools.constraint:
+            constraint, params = tools.constraint, {name: "tools" for name in tools.constraint}
+        rendered = with_tools_described(rendered, tools.functions)
     logprobs = None
     if _field(body, "logprobs", (bool,), "true or false"):
         top = _field(body, "top_logprobs", (int,), "an integer") or 0
@@ -220,7 +241,138 @@ def parse_chat(body: Any, gen: Generator, served: str, ctx_size: int) -> Parsed:
     except ChatTemplateError as e:
         raise APIError(400, str(e), "messages") from None
     _check_prompt(prompt, ctx_size, "messages")
-    return _settings(body, gen, _max_tokens(body, ("max_completion_tokens", "max_tokens")), logprobs, ctx_size, [prompt])
+    parsed = _settings(
+        body, gen, _max_tokens(body, ("max_completion_tokens", "max_tokens")), logprobs, ctx_size, [prompt], constraint, params
+    )  # fmt: skip
+    if tools is not None and tools.constraint:
+        if parsed.stream and logprobs is not None:
+            raise APIError(400, "'logprobs' are not streamed with 'tools': the answer comes whole", "logprobs")
+        parsed.tools = tuple(tools.functions)
+    return parsed
+
+
+def _message_text(m: dict, i: int) -> str:
+    """What a message says: its text, or for an assistant's earlier tool calls, those calls as the
+    JSON the model writes for them."""
+    calls = m.get("tool_calls")
+    if calls:
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
+            raise APIError(400, f"messages[{i}].tool_calls must be a list of function calls", "messages")
+        written = []
+        for c in calls:
+            arguments = c["function"].get("arguments", "{}")
+            try:
+                arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+            except json.JSONDecodeError:
+                raise APIError(400, f"messages[{i}].tool_calls arguments must be JSON", "messages") from None
+            written.append(json.dumps({"name": c["function"].get("name"), "arguments": arguments}, ensure_ascii=False))
+        return "\n".join(written)
+    return _text_content(m.get("content"), i)
+
+
+def _response_format(fmt: Any) -> tuple[dict, dict]:
+    """The constraint OpenAI's response_format asks for, and which request field set it."""
+    if fmt is None or fmt == {"type": "text"}:
+        return {}, {}
+    bad = APIError(
+        400, "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+        "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", "response_format",
+    )  # fmt: skip
+    if not isinstance(fmt, dict):
+        raise bad
+    if fmt.get("type") == "json_object" and set(fmt) == {"type"}:
+        return {"json_schema": {"type": "object"}}, {"json_schema": "response_format"}
+    spec = fmt.get("json_schema")
+    if fmt.get("type") != "json_schema" or set(fmt) != {"type", "json_schema"} or not isinstance(spec, dict):
+        raise bad
+    schema = spec.get("schema", {"type": "object"})
+    if not isinstance(schema, (dict, bool)):
+        raise APIError(400, "'response_format.json_schema.schema' must be a JSON schema object", "response_format")
+    return {"json_schema": schema}, {"json_schema": "response_format"}
+
+
+@dataclass
+class Tools:
+    """A request's functions (name -> parameter schema) and the constraint its tool_choice asks for."""
+
+    functions: dict[str, dict]
+    constraint: dict  # empty: the model answers freely ("none")
+
+
+def parse_tools(tools: Any, choice: Any) -> Tools | None:
+    """OpenAI's ``tools`` and ``tool_choice``. "required" or a named function: the answer is a call,
+    JSON ``{"name": ..., "arguments": {...}}`` matching a function's parameters; "auto" (the default):
+    a call, or text that does not start with "{"; "none": free text."""
+    if tools is None:
+        if choice is not None:
+            raise APIError(400, "'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise APIError(400, "'tools' must be a non-empty list of functions", "tools")
+    functions: dict[str, dict] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}", "tools")
+        parameters = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+        functions[fn["name"]] = {"parameters": parameters, "description": fn.get("description", "")}
+    choice = "auto" if choice is None else choice
+    if isinstance(choice, dict):
+        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if choice.get("type") != "function" or name not in functions:
+            raise APIError(400, "'tool_choice' names no function of 'tools'", "tool_choice")
+        return Tools(functions, {"json_schema": _call_schema({name: functions[name]})})
+    if choice == "none":
+        return Tools(functions, {})
+    if choice == "required":
+        return Tools(functions, {"json_schema": _call_schema(functions)})
+    if choice == "auto":
+        schema = json.dumps(_call_schema(functions))
+        return Tools(functions, {"grammar": f"start: call | text\ncall: %json {schema}\ntext: /[^{{\\s][\\s\\S]*/"})
+    raise APIError(400, "'tool_choice' must be \"none\", \"auto\", \"required\" or a function", "tool_choice")
+
+
+def _call_schema(functions: dict[str, dict]) -> dict:
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": name}, "arguments": spec["parameters"]},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for name, spec in functions.items()
+    ]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def with_tools_described(messages: list[dict], functions: dict[str, dict]) -> list[dict]:
+    """``messages`` with the functions described in the system message (added when there is none),
+    since a chat template may have no place for them."""
+    listed = "\n".join(
+        json.dumps({"name": n, "description": f["description"], "parameters": f["parameters"]}, ensure_ascii=False)
+        for n, f in functions.items()
+    )
+    text = (
+        "You can call these functions:\n" + listed + "\nTo call one, answer with only a JSON object "
+        '{"name": <function name>, "arguments": <its arguments>}.'
+    )
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def tool_calls(text: str, tools: tuple[str, ...]) -> list[dict] | None:
+    """OpenAI's tool_calls for an answer that is a call of one of ``tools``, else None (text)."""
+    try:
+        call = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(call, dict) or call.get("name") not in tools or not isinstance(call.get("arguments"), dict):
+        return None
+    arguments = json.dumps(call["arguments"], ensure_ascii=False)
+    return [{"id": new_id("call"), "type": "function", "function": {"name": call["name"], "arguments": arguments}}]
 
 
 def _text_content(content: Any, i: int) -> str:

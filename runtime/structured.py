@@ -1,0 +1,146 @@
+"""Structured output: a constraint (JSON schema, regular expression, grammar or a set of choices)
+turned into a mask over the vocabulary at each step, through llguidance.
+
+llguidance is an optional dependency (``pip install 'lmrt[structured]'``), imported here only when a
+request carries a constraint. ``Grammars`` (one per Generator) holds llguidance's view of the
+tokenizer, built once from tokenizer.json, and compiles a request's constraint before any generation:
+a bad schema, regex or grammar is a ``ConfigError`` naming its option. Each generated sequence gets
+its own ``Constraint``: ``mask(logits)`` leaves only the tokens that keep the output a prefix of
+something the constraint accepts (once the output is complete, only the stop tokens), and
+``advance(token)`` moves it past the chosen token.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .config import CONSTRAINT_FIELDS, ConfigError
+
+if TYPE_CHECKING:
+    from .config import GenerationConfig
+
+INSTALL = "pip install 'lmrt[structured]'"
+# Whitespace a JSON value may hold between its tokens: bounded, so a small model cannot spend its
+# whole budget on blank lines inside an object.
+JSON_WHITESPACE = r"(?:\x20|\x0A[\x20\x09]{0,20})?"
+
+
+def _llguidance(name: str):
+    """The llguidance module; without it, a ConfigError for constraint field ``name`` saying what to install."""
+    try:
+        import llguidance
+    except ImportError:
+        raise ConfigError(name, f"needs llguidance: {INSTALL}") from None
+    return llguidance
+
+
+def constraint_of(config: "GenerationConfig") -> tuple[str, Any] | None:
+    """(field name, value) of the constraint ``config`` sets, or None."""
+    for name in CONSTRAINT_FIELDS:
+        value = getattr(config, name)
+        if value is not None and value != ():
+            return name, value
+    return None
+
+
+def grammar_source(name: str, value: Any) -> str:
+    """The llguidance grammar for constraint field ``name`` with ``value`` (not yet checked)."""
+    llg = _llguidance(name)
+    if name == "json_schema":
+        schema = value if isinstance(value, str) else json.dumps(value)
+        try:
+            return llg.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_pattern": JSON_WHITESPACE})
+        except ValueError as e:
+            raise ConfigError(name, f"is not a valid JSON schema: {e}") from None
+    if name == "regex":
+        return llg.LLMatcher.grammar_from_regex(value)
+    if name == "choices":
+        return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+    if name == "grammar":
+        try:
+            return llg.grammar_from("grammar", value)  # Lark, or GBNF converted to Lark
+        except ValueError as e:
+            raise ConfigError(name, f"is not a valid grammar: {e}") from None
+    raise ValueError(name)
+
+
+class Grammars:
+    """llguidance's tokenizer for one model, and the compiler of constraints for its requests."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int):
+        self._json = tokenizer_json
+        self.vocab_size = vocab_size
+        self._tokenizers: dict[frozenset[int], Any] = {}  # by stop ids: llguidance's "end" tokens
+
+    def _tokenizer(self, stop_ids: frozenset[int]):
+        if stop_ids not in self._tokenizers:
+            llg = _llguidance("json_schema")
+            eos = sorted(stop_ids) or None
+            self._tokenizers[stop_ids] = llg.LLTokenizer(self._json, n_vocab=self.vocab_size, eos_token=eos)
+        return self._tokenizers[stop_ids]
+
+    def compile(self, config: "GenerationConfig", stop_ids: frozenset[int]) -> Callable[[], "Constraint"] | None:
+        """A maker of fresh per-sequence Constraints for ``config``'s constraint (None without one).
+        Raises ConfigError naming the field when the constraint is not valid."""
+        found = constraint_of(config)
+        if found is None:
+            return None
+        name, value = found
+        llg = _llguidance(name)
+        source = grammar_source(name, value)
+        tokenizer = self._tokenizer(stop_ids)
+        failed, messages = llg.LLMatcher.validate_grammar_with_warnings(source, tokenizer)
+        if failed:
+            what = {"json_schema": "JSON schema", "regex": "regular expression", "grammar": "grammar", "choices": "list of choices"}[name]
+            raise ConfigError(name, f"is not a valid {what}: {_first_line(messages[0])}")
+        start = llg.LLMatcher(tokenizer, source, log_level=0)
+        if start.is_error():
+            raise ConfigError(name, f"is not valid: {_first_line(start.get_error())}")
+        return lambda: Constraint(start.deep_copy(), self.vocab_size, stop_ids)
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "rejected by llguidance"
+
+
+class Constraint:
+    """One sequence's position in its constraint."""
+
+    def __init__(self, matcher, vocab_size: int, stop_ids: frozenset[int]):
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+        self._stop_ids = stop_ids
+        self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the output is complete and nothing may follow it: only a stop token may come."""
+        return self.matcher.is_stopped()
+
+    def allowed(self) -> np.ndarray:
+        """bool [vocab]: the tokens that may come next (the stop tokens where the output may end)."""
+        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        self._check()
+        return np.unpackbits(self._bits.view(np.uint8), count=self.vocab_size, bitorder="little").view(bool)
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` with every token the constraint forbids at -inf."""
+        allowed = self.allowed()
+        if not allowed.any():
+            raise RuntimeError("the constraint allows no token here")
+        out = np.full(logits.shape, -np.inf, dtype=np.float32)
+        np.copyto(out, logits, where=allowed)
+        return out
+
+    def advance(self, token: int) -> None:
+        if token in self._stop_ids:
+            return
+        self.matcher.consume_token(token)
+        self._check()
+
+    def _check(self) -> None:
+        if self.matcher.is_error():
+            raise RuntimeError(f"constraint: {self.matcher.get_error()}")
