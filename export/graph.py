@@ -10,9 +10,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..runtime.compat import IR_VERSION, OPSET, Profile, allows, requirement_record
 from ..runtime.manifest import Architecture, GraphIO
+from .errors import ExportError
 
-OPSET = 17
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
 _ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
@@ -84,7 +85,7 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
         model = helper.make_model(graph, opset_imports=opsets, producer_name=producer)
-        model.ir_version = 8  # readable by onnxruntime 1.14 and newer (older Jetson builds)
+        model.ir_version = IR_VERSION  # readable by onnxruntime 1.14 and newer (older Jetson builds)
         return model
 
 
@@ -92,9 +93,11 @@ class GraphBuilder:
 # by running graphs that use it under each release from 1.17 on and comparing with the current one.
 # A graph needs the newest release among the features it uses (``DecoderGraph.requires``).
 ONNXRUNTIME_SINCE: dict[str, str] = {
-    "GroupQueryAttention": "1.18",  # CPU kernel, packed q/k/v, rotary inside, in-place cache (1.17 rejects the graph)
-    "GroupQueryAttention.separate_qkv": "1.18",
-    "GroupQueryAttention.partial_rotary": "1.18",  # cos/sin narrower than head_size / 2
+    # CPU kernel, packed q/k/v, rotary inside, in-place cache: 1.17 rejects the graph; 1.18 loads it but
+    # reads positions left in a reused cache buffer (a second prompt after a reset goes wrong)
+    "GroupQueryAttention": "1.19",
+    "GroupQueryAttention.separate_qkv": "1.19",
+    "GroupQueryAttention.partial_rotary": "1.19",  # cos/sin narrower than head_size / 2
     "GroupQueryAttention.softcap": "1.20",  # 1.19 rejects the attribute
     "GroupQueryAttention.local_window_size": "1.24",  # before, a window of W saw W + 1 positions
     "If": "1.18",  # rotary tables switched by length (LongRoPE)
@@ -166,6 +169,19 @@ class DecoderGraph:
     def requires(self) -> str:
         """The oldest onnxruntime release that runs this graph (see ``ONNXRUNTIME_SINCE``)."""
         return max((ONNXRUNTIME_SINCE[f] for f in self.features), key=_version_key, default="1.14")
+
+    def requirement(self, profile: Profile) -> dict:
+        """The manifest's ``requires`` record for ``profile``; ExportError when the graph uses a form
+        the profile's onnxruntime lacks (attention features have no plainer fallback)."""
+        forms = {f: ONNXRUNTIME_SINCE[f] for f in self.features}
+        missing = sorted(f for f, since in forms.items() if not allows(profile, since))
+        if missing:
+            need = max((forms[f] for f in missing), key=_version_key)
+            raise ExportError(
+                f"this {self.arch.model_type} graph needs onnxruntime {need} ({', '.join(missing)}), newer than "
+                f"target {profile.name} ({profile.onnxruntime}); choose --target ort-{need} or newer"
+            )
+        return requirement_record(forms, forms, profile)
 
     def add_rotary(self, key: str, table: "RotaryTable") -> None:
         """Register rotary table ``key``; a switched table is chosen by length at every step."""

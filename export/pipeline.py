@@ -18,6 +18,7 @@ from ..runtime.manifest import Graph, GraphIO, Manifest, TokenizerInfo
 from .architectures import Weights, spec_for
 from .encoders.task import detect_task
 from .errors import ExportError
+from ..runtime.compat import Profile, resolve_target
 from .graph import OPSET, DecoderGraph, GraphBuilder
 from .source import Source, load_source, locate
 from .validate import probe_ids, validate
@@ -55,6 +56,7 @@ def export_model(
     progress: Callable[[str], None] = to_stderr,
     precision: str = "fp32",
     task: str | None = None,
+    target: str | None = None,
     **quantize_options: Any,
 ) -> Manifest:
     """Export ``source`` (hub id, Hugging Face directory or .gguf file, or a ``Source`` already
@@ -64,6 +66,8 @@ def export_model(
     export, validated, then quantized behind the quality gate; ``quantize_options`` go to
     ``lmrt.quantize.quantize_directory``: max_increase, allow_degraded, eval_text, compute).
     ``task``: "generate", "embed" or "classify" (``lmrt.export.encoders``); detected when None.
+    ``target``: an export profile (``lmrt.runtime.compat.PROFILES``: "ort-1.19", ..., "latest"); the
+    graph uses only the operator forms that release runs. None: the installed onnxruntime's profile.
 
     Nothing is left at ``output`` unless the whole export, validation included, succeeds; an existing
     ``output`` is replaced only with ``force``, and only when it is an lmrt model directory. Every
@@ -75,6 +79,10 @@ def export_model(
         tolerance = FP16_TOLERANCE if precision == "fp16" else DEFAULT_TOLERANCE
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
         raise ExportError(f"tolerance must be a positive number, got {tolerance}")
+    try:
+        profile = resolve_target(target)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     source_path = source.source if isinstance(source, Source) else source
     output = check_target(output, force, sources=[source_path] if os.path.exists(source_path) else [])
     if isinstance(source, str):
@@ -95,7 +103,7 @@ def export_model(
     if task != "generate":
         from .encoders.pipeline import export_encoder
 
-        return export_encoder(source_path, output, task, force, tolerance, progress, precision, scheme, **quantize_options)
+        return export_encoder(source_path, output, task, force, tolerance, progress, precision, scheme, target=profile, **quantize_options)
     step = _Steps(progress)
     if isinstance(source, Source):
         src = source
@@ -105,7 +113,7 @@ def export_model(
     dtype = np.float16 if precision == "fp16" else np.float32
     if scheme is None:
         with staged_directory(output) as tmp:
-            manifest = _write_directory(src, tmp, tolerance, step, dtype)
+            manifest = _write_directory(src, tmp, tolerance, step, dtype, profile)
             step.done()
         _report(progress, manifest, output)
         return manifest
@@ -113,11 +121,13 @@ def export_model(
     from ..quantize import quantize_directory
 
     with scratch_directory(output, "fp32") as fp32:
-        manifest = _write_directory(src, fp32, tolerance, step, np.float32)
+        manifest = _write_directory(src, fp32, tolerance, step, np.float32, profile)
         step.done()
         _report(progress, manifest, "the fp32 reference")
         gguf = src.source if src.kind == "gguf" else None
-        return quantize_directory(fp32, output, scheme, gguf=gguf, force=force, progress=progress, **quantize_options)
+        return quantize_directory(
+            fp32, output, scheme, gguf=gguf, force=force, progress=progress, target=profile, **quantize_options
+        )
 
 
 def _report(progress, manifest: Manifest, where: str) -> None:
@@ -129,7 +139,7 @@ def _report(progress, manifest: Manifest, where: str) -> None:
     )
 
 
-def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps, dtype=np.float32) -> Manifest:
+def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps, dtype=np.float32, profile: Profile | None = None) -> Manifest:
     config = src.model.config
     try:
         spec = spec_for(config.model_type)
@@ -143,6 +153,8 @@ def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps, 
     builder = GraphBuilder(dtype)
     graph = DecoderGraph(builder, arch, io)
     spec.build(graph, config, Weights(src.model), src.model)
+    profile = profile or resolve_target(None)
+    requires = graph.requirement(profile)  # ExportError when the target lacks a form this model needs
     if not graph.uses_position_ids:
         io = dataclasses.replace(io, position_ids="")
     model = builder.build(f"lmrt_{arch.model_type}", producer=f"lmrt {__version__}")
@@ -158,6 +170,7 @@ def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps, 
         tokenizer=tokenizer_info(src),
         generation_defaults=generation_defaults(src.model.generation_config),
         provenance=provenance(src, tolerance, name),
+        requires=requires,
     )
     manifest.write(out_dir)
 

@@ -220,6 +220,11 @@ def _gate_kwargs(max_ppl_increase, allow_degraded, eval_text) -> dict:
 
 _OUTPUT = click.option("-o", "--output", required=True, type=click.Path(), help="Model directory to write.")
 _FORCE = click.option("--force", is_flag=True, help="Replace OUTPUT if it is an lmrt model directory.")
+_TARGET = click.option(
+    "--target",
+    help="The onnxruntime the graph must run on: ort-1.19, ort-1.20, ort-1.22, ort-1.23, ort-1.24, jetson-jp6 "
+    "or latest [default: the installed onnxruntime's]. Forms it lacks take plainer operators (see `lmrt doctor`).",
+)
 
 
 @main.command()
@@ -235,6 +240,7 @@ _FORCE = click.option("--force", is_flag=True, help="Replace OUTPUT if it is an 
     help="generate (decoders), embed or classify (encoders) [default: detected from the model].",
 )
 @_FORCE
+@_TARGET
 @click.option(
     "--tolerance",
     type=float,
@@ -243,7 +249,7 @@ _FORCE = click.option("--force", is_flag=True, help="Replace OUTPUT if it is an 
 )
 @_errors_to_one_line
 @_writes_a_directory
-def export(source, output, fp16, int8, int4, task, force, tolerance, max_ppl_increase, allow_degraded, eval_text, compute) -> None:
+def export(source, output, fp16, int8, int4, task, force, target, tolerance, max_ppl_increase, allow_degraded, eval_text, compute) -> None:
     """Export SOURCE to an ONNX model directory, validated against PyTorch.
 
     SOURCE is a Hugging Face Hub id, a local Hugging Face model directory, or a .gguf file.
@@ -273,7 +279,7 @@ def export(source, output, fp16, int8, int4, task, force, tolerance, max_ppl_inc
         from .export import export_model
     except ImportError as e:
         raise _Fail(f"export needs the export extra: pip install 'lmrt[export]' ({e})") from None
-    export_model(source, output, force=force, tolerance=tolerance, precision=precision, task=task, **options)
+    export_model(source, output, force=force, tolerance=tolerance, precision=precision, task=task, target=target, **options)
 
 
 @main.command()
@@ -285,9 +291,10 @@ def export(source, output, fp16, int8, int4, task, force, tolerance, max_ppl_inc
 @click.option("--no-gguf-blocks", is_flag=True, help="Quantize from the float weights even if the source was a GGUF file.")
 @_quality_gate_options
 @_FORCE
+@_TARGET
 @_errors_to_one_line
 @_writes_a_directory
-def quantize(model_dir, output, int8, int4, gguf, no_gguf_blocks, max_ppl_increase, allow_degraded, eval_text, compute, force):
+def quantize(model_dir, output, int8, int4, gguf, no_gguf_blocks, max_ppl_increase, allow_degraded, eval_text, compute, force, target):
     """Quantize the fp32 model in MODEL_DIR (written by `lmrt export`) into OUTPUT.
 
     The result must pass the quality gate (see `lmrt export --help`). When MODEL_DIR was exported
@@ -312,7 +319,7 @@ def quantize(model_dir, output, int8, int4, gguf, no_gguf_blocks, max_ppl_increa
     if compute:
         chosen = dataclasses.replace(chosen, compute=compute)
     source = None if no_gguf_blocks else (gguf if gguf is not None else "auto")
-    quantize_directory(model_dir, output, chosen, gguf=source, force=force, **gate)
+    quantize_directory(model_dir, output, chosen, gguf=source, force=force, target=target, **gate)
 
 
 @main.command("eval")
@@ -656,7 +663,7 @@ def info(model_dir: str) -> None:
     if m.task != "generate":
         from .encoder_output import encoder_rows
 
-        _print_rows(encoder_rows(m, directory_size(model_dir)) + [("providers", ", ".join(available_providers()) or "none")])
+        _print_rows(encoder_rows(m, directory_size(model_dir)) + [_onnxruntime_row(m), ("providers", ", ".join(available_providers()) or "none")])
         return
     a, t, p, v = m.architecture, m.tokenizer, m.provenance, m.validation
     size = directory_size(model_dir)
@@ -699,7 +706,44 @@ def info(model_dir: str) -> None:
                 rows.append((name, describe()))
             except (KeyError, TypeError, ValueError, AttributeError):  # a hand-edited record: show the rest
                 rows.append((name, "unreadable in lmrt.json"))
+    rows.append(_onnxruntime_row(m))
     rows.append(("providers", ", ".join(available_providers()) or "none"))
+    _print_rows(rows)
+
+
+def _installed_onnxruntime() -> str | None:
+    try:
+        from .runtime.compat import installed_onnxruntime
+
+        return installed_onnxruntime()
+    except ImportError:
+        return None
+
+
+def _onnxruntime_row(m) -> tuple[str, str]:
+    from .runtime.compat import status_line
+
+    return ("requires", status_line(m, _installed_onnxruntime()))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(), required=False)
+@_errors_to_one_line
+def doctor(model_dir: str | None) -> None:
+    """What this machine offers (Python, onnxruntime, providers, CPU features, export profiles) and,
+    with MODEL_DIR, what the model needs and whether this machine meets it.
+
+    \b
+    Example:
+      lmrt doctor models/smollm2
+    """
+    from .doctor import machine_rows, model_rows
+
+    rows = machine_rows()
+    if model_dir is not None:
+        from .runtime import load_manifest
+
+        rows += model_rows(model_dir, load_manifest(model_dir), _installed_onnxruntime())
     _print_rows(rows)
 
 

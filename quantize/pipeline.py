@@ -20,6 +20,7 @@ from typing import Callable
 
 from ..atomic import check_target, remove_leftovers, save_graph, staged_directory
 from ..progress import to_stderr
+from ..runtime.compat import Profile, allows, requirement_record, resolve_target
 from ..runtime.manifest import Manifest, load_manifest
 from .errors import QualityGateError, QuantizeError
 from .encoder_gate import EncoderGate
@@ -41,12 +42,15 @@ def quantize_directory(
     allow_degraded: bool = False,
     force: bool = False,
     progress: Callable[[str], None] = to_stderr,
+    target: Profile | str | None = None,
 ) -> Manifest:
     """Quantize the fp32 model in ``source_dir`` into ``output``.
 
     ``gguf``: a GGUF file whose blocks are carried over where they fit (see ``gguf_blocks``); "auto" uses
     the directory's own source when it was exported from a GGUF file that still exists; None never.
     ``max_increase``: the gate, as a fraction (0.02 = +2 % perplexity); defaults to the scheme's.
+    ``target``: the export profile (or its name) whose onnxruntime must run the result: forms it
+    lacks are written with plainer operators; None: the installed onnxruntime's profile.
     Every option is checked before any weight is read; what an interrupted run for the same
     ``output`` left behind is removed.
     """
@@ -58,24 +62,27 @@ def quantize_directory(
     if os.path.realpath(source_dir) == os.path.realpath(output):
         raise QuantizeError("the output must be a different directory from the source")
     output = check_target(output, force, sources=[source_dir])
+    allow, base_forms = _target_forms(target, manifest, source_dir)
     if manifest.task == "generate":
         limit = check_gate(scheme, max_increase, eval_text)
         gguf_path = _gguf_path(gguf, manifest)
         gate = PerplexityGate(source_dir, manifest, eval_text, eval_tokens, limit)  # a bad text fails here, early
 
         def write(out_dir: str) -> dict:
-            return _write_quantized(source_dir, out_dir, manifest, scheme, gguf_path, progress)
+            return _write_quantized(source_dir, out_dir, manifest, scheme, gguf_path, progress, allow)
     else:
         check_encoder_options(scheme, gguf, max_increase)
         gate = EncoderGate(source_dir, manifest, eval_text)
 
         def write(out_dir: str) -> dict:
-            return write_encoder_int8(source_dir, out_dir, manifest, progress)
+            return write_encoder_int8(source_dir, out_dir, manifest, progress, allow)
     remove_leftovers(output, progress)
 
     with staged_directory(output) as tmp:
         record = write(tmp)
-        quantized = dataclasses.replace(manifest, quantization=record)
+        forms = {**base_forms, **record.pop("forms")}
+        requires = requirement_record(forms, base_forms, allow.profile)
+        quantized = dataclasses.replace(manifest, quantization=record, requires=requires)
         quantized.write(tmp)
         progress(f"… measuring quality ({gate.what}, fp32 vs {scheme.name})")
         started = time.perf_counter()
@@ -95,6 +102,34 @@ def quantize_directory(
         quantized.write(tmp)
     progress(f"quantized to {output}: {summary}")
     return quantized
+
+
+class _Allow:
+    """Whether the target profile's onnxruntime runs a form of ``rewrite.ONNXRUNTIME_SINCE``."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+
+    def __call__(self, form: str) -> bool:
+        from .rewrite import ONNXRUNTIME_SINCE
+
+        return allows(self.profile, ONNXRUNTIME_SINCE[form])
+
+
+def _target_forms(target: Profile | str | None, manifest: Manifest, source_dir: str) -> tuple[_Allow, dict[str, str]]:
+    """The target's ``allow`` and the source graph's own forms, once the target runs those."""
+    try:
+        profile = target if isinstance(target, Profile) else resolve_target(target)
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
+    base = dict((manifest.requires or {}).get("forms") or {})
+    missing = sorted(f for f, since in base.items() if not allows(profile, since))
+    if missing:
+        raise QuantizeError(
+            f"{source_dir} uses {', '.join(missing)}, which target {profile.name} ({profile.onnxruntime}) lacks; "
+            f"choose a newer --target"
+        )
+    return _Allow(profile), base
 
 
 def check_gate(scheme: Scheme, max_increase: float | None, eval_text: str | None) -> float:
@@ -136,11 +171,11 @@ def _gguf_path(gguf: str | None, manifest: Manifest) -> str | None:
     return gguf
 
 
-def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: Scheme, gguf_path, progress) -> dict:
+def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: Scheme, gguf_path, progress, allow) -> dict:
     import onnx
 
     from .gguf_blocks import GGUFBlocks
-    from .rewrite import quantize_graph
+    from .rewrite import fallback_note, quantize_graph
 
     blocks = None
     if gguf_path:
@@ -166,17 +201,18 @@ def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: 
             requantized[name] = f"{match.kinds}: {match.reason}" if match.kinds else match.reason
         return scheme.quantize(kind, w)
 
-    counts = quantize_graph(model, choose, scheme.accuracy_level, manifest.graph.io.input_ids)
+    counts = quantize_graph(model, choose, scheme.accuracy_level, manifest.graph.io.input_ids, allow)
     progress("… writing the graph")
     save_graph(model, out_dir)
     del model
     shutil.copy(os.path.join(source_dir, manifest.tokenizer.file), out_dir)
     return {
         **scheme.describe(),
-        "weights": "MatMulNBits (linear, lm_head), GatherBlockQuantized (token embeddings)",
+        "weights": "MatMulNBits (linear, lm_head), GatherBlockQuantized (token embeddings)" + fallback_note(counts["forms"]),
         "quantized": dict(counts["quantized"]),
         "left_in_float": {**dict(counts["float"]), "norms, biases, rotary tables": "all"},
         "gguf_blocks_kept": dict(kept),
         "gguf_blocks": {"kept": kept_weights, "requantized": requantized},
         "gguf_source": os.path.basename(gguf_path) if gguf_path else None,
+        "forms": counts["forms"],
     }

@@ -23,14 +23,23 @@ from .blocks import BlockQuantized
 
 MS_DOMAIN = "com.microsoft"
 # The oldest onnxruntime release whose CPU provider runs what this rewrite writes (measured as for
-# export.graph.ONNXRUNTIME_SINCE; 1.18 is the oldest the decoder graphs themselves load on).
+# export.graph.ONNXRUNTIME_SINCE; 1.19 is the oldest the decoder graphs themselves run on).
 ONNXRUNTIME_SINCE: dict[str, str] = {
     "MatMulNBits.4bit": "1.18",
     "MatMulNBits.8bit": "1.22",  # accuracy level 4 (int8 compute); 1.22 rejects level 0 (float compute)
     "MatMulNBits.8bit.float_compute": "1.23",
     "GatherBlockQuantized.8bit": "1.23",  # 1.20 to 1.22 reject 8-bit tables, older ones the operator
+    "GatherBlockQuantized.4bit": "1.23",  # no shipped scheme writes it (embeddings stay 8-bit): not measured older
 }
 Choose = Callable[[str, str, np.ndarray], "BlockQuantized | None"]
+# Whether a form of ONNXRUNTIME_SINCE may be written (the export profile's choice); where it may not,
+# 8-bit weights take plainer operators that every supported release runs:
+#   MatMulNBits 8-bit          -> codes dequantized by Cast, Sub, Mul into a float matrix, then MatMul
+#                                 (onnxruntime folds these constants once, when the session starts:
+#                                 the file keeps 8 bits, memory and speed are those of fp32)
+#   GatherBlockQuantized 8-bit -> Gather of the codes, scales (and zero points), then Cast, Sub, Mul
+FALLBACK_SINCE = "1.14"  # the plain operators above
+Allow = Callable[[str], bool]
 
 
 @dataclass
@@ -44,15 +53,28 @@ class _Packed:
     offsets: str = ""  # [blocks, N] float: what float zero points add, applied to the input's block sums
 
 
-def quantize_graph(model: onnx.ModelProto, choose: Choose, accuracy_level: int, input_ids: str) -> dict[str, Counter]:
+def quantize_graph(
+    model: onnx.ModelProto, choose: Choose, accuracy_level: int, input_ids: str, allow: Allow | None = None
+) -> dict:
     """Rewrite ``model`` in place; returns how many weights of each kind were quantized and left in
-    float ({"quantized": Counter(kind), "float": Counter(kind)})."""
+    float ({"quantized": Counter(kind), "float": Counter(kind)}), and under "forms" the operator
+    forms written ({form: oldest onnxruntime}, fallbacks included). ``allow(form)`` says whether a
+    form of ``ONNXRUNTIME_SINCE`` may be written (default: every one)."""
+    allow = allow or (lambda form: True)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     uses = Counter(name for node in graph.node for name in node.input)
     done: dict[str, _Packed | None] = {}  # weight name -> its quantized form
     new_inits: list[onnx.TensorProto] = []
-    counts = {"quantized": Counter(), "float": Counter()}
+    counts: dict = {"quantized": Counter(), "float": Counter(), "forms": {}}
+
+    def use(form: str) -> bool:
+        """Record ``form`` when allowed (True), else its fallback (False)."""
+        if allow(form):
+            counts["forms"][form] = ONNXRUNTIME_SINCE[form]
+            return True
+        counts["forms"][form + ".fallback"] = FALLBACK_SINCE
+        return False
 
     def add(array: np.ndarray, name: str) -> str:
         new_inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
@@ -90,8 +112,44 @@ def quantize_graph(model: onnx.ModelProto, choose: Choose, accuracy_level: int, 
             add(np.kron(np.eye(k // block_size, dtype=np.float32), np.ones((block_size, 1), np.float32)), name)
         return name
 
+    def block_tensor(p: _Packed, what: str) -> str:
+        """Initializer float32 [N, blocks, 1] of the weight's scales or zero points (the midpoint
+        when it has none), shaped to broadcast over its codes [N, blocks, block_size]."""
+        name = f"{p.codes}.block_{what}"
+        if name not in {t.name for t in new_inits}:
+            q = p.blocks
+            values = q.scales if what == "scales" else (q.zero_points if q.zero_points is not None else np.full(q.scales.shape, q.midpoint))
+            add(np.asarray(values, np.float32)[..., None], name)
+        return name
+
+    def dequantized_matmul(node: onnx.NodeProto, a: str, p: _Packed, bias: str = "") -> list[onnx.NodeProto]:
+        """y = a @ W' + bias with W dequantized from its 8-bit codes by plain operators."""
+        if p.blocks.bits != 8 or p.offsets:
+            raise ValueError("only 8-bit blocks with integer zero points have a plain-operator fallback")
+        n, k = p.blocks.shape
+        y, w = node.output[0], p.codes + ".dequantized"
+        if w not in dequantized:
+            dequantized.add(w)
+            fallback_nodes.extend([
+                helper.make_node("Cast", [p.codes], [w + ".codes"], to=onnx.TensorProto.FLOAT),
+                helper.make_node("Sub", [w + ".codes", block_tensor(p, "zero_points")], [w + ".centred"]),
+                helper.make_node("Mul", [w + ".centred", block_tensor(p, "scales")], [w + ".blocks"]),
+                helper.make_node("Reshape", [w + ".blocks", add(np.array([n, k], np.int64), w + ".shape")], [w + ".nk"]),
+                helper.make_node("Transpose", [w + ".nk"], [w], perm=[1, 0]),
+            ])  # fmt: skip
+        out = [helper.make_node("MatMul", [a, w], [y + ".matmul" if bias else y], name=node.name)]
+        if bias:
+            out.append(helper.make_node("Add", [y + ".matmul", bias], [y], name=node.name + "_bias"))
+        return out
+
+    fallback_nodes: list[onnx.NodeProto] = []  # the dequantized matrices: constants, placed first
+    dequantized: set[str] = set()
+
     def matmul_nbits(node: onnx.NodeProto, a: str, p: _Packed, bias: str = "") -> list[onnx.NodeProto]:
         n, k = p.blocks.shape
+        form = f"MatMulNBits.{p.blocks.bits}bit" + (".float_compute" if p.blocks.bits == 8 and accuracy_level == 0 else "")
+        if not use(form):
+            return dequantized_matmul(node, a, p, bias)
         inputs = [a, p.codes, p.scales, p.zero_points] + (["", bias] if bias else [])
         while inputs[-1] == "":
             inputs.pop()
@@ -130,10 +188,14 @@ def quantize_graph(model: onnx.ModelProto, choose: Choose, accuracy_level: int, 
         if node.op_type == "Gather" and table is not None and node.input[1] == input_ids and _attr(node, "axis", 0) == 0:
             entry = quantized("embedding", table.name, numpy_helper.to_array(table))
             if entry:
-                out.extend(_gather_block_quantized(node, entry, new_inits))
+                if use(f"GatherBlockQuantized.{entry.blocks.bits}bit"):
+                    out.extend(_gather_block_quantized(node, entry, new_inits))
+                else:
+                    out.extend(_gather_dequantized(node, entry, block_tensor, new_inits))
                 continue
         out.append(node)
 
+    out = fallback_nodes + out
     still_used = Counter(name for node in out for name in node.input)
     kept = [t for t in graph.initializer if still_used[t.name] or t.name not in uses]
     new_inits = [t for t in new_inits if still_used[t.name]]  # a table that is only gathered leaves its MatMulNBits scales unused
@@ -170,6 +232,31 @@ def _gather_block_quantized(node: onnx.NodeProto, p: _Packed, new_inits: list) -
             gather_axis=0, quantize_axis=2, block_size=q.block_size, bits=q.bits,
         ),  # fmt: skip
         helper.make_node("Reshape", [gathered, shape.name], list(node.output), name=node.name + "_reshape"),
+    ]
+
+
+def fallback_note(forms: dict[str, str]) -> str:
+    """"" or "; plain operators instead of X, Y" for the forms the target lacked."""
+    missing = [f[: -len(".fallback")] for f in forms if f.endswith(".fallback")]
+    return f"; plain operators instead of {', '.join(missing)}" if missing else ""
+
+
+def _gather_dequantized(node: onnx.NodeProto, p: _Packed, block_tensor, new_inits: list) -> list[onnx.NodeProto]:
+    """GatherBlockQuantized's work in plain operators: gather the rows of the codes [vocab, blocks,
+    block_size], their scales and zero points, dequantize, reshape to [batch, seq, hidden]."""
+    if p.offsets or p.blocks.bits != 8:
+        raise ValueError("only 8-bit embeddings with integer zero points have a plain-operator fallback")
+    ids, y, hidden = node.input[1], node.output[0], p.blocks.shape[1]
+    shape = f"{p.codes}.gather_shape"
+    new_inits.append(numpy_helper.from_array(np.array([0, 0, hidden], np.int64), shape))
+    return [
+        helper.make_node("Gather", [p.codes, ids], [y + ".codes"], name=node.name, axis=0),
+        helper.make_node("Gather", [block_tensor(p, "scales"), ids], [y + ".scales"], axis=0),
+        helper.make_node("Gather", [block_tensor(p, "zero_points"), ids], [y + ".zero_points"], axis=0),
+        helper.make_node("Cast", [y + ".codes"], [y + ".float"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Sub", [y + ".float", y + ".zero_points"], [y + ".centred"]),
+        helper.make_node("Mul", [y + ".centred", y + ".scales"], [y + ".blocks"]),
+        helper.make_node("Reshape", [y + ".blocks", shape], [y], name=node.name + "_reshape"),
     ]
 
 

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..atomic import save_graph
 from ..runtime.manifest import Manifest
 from .blocks import quantize_symmetric
-from .rewrite import quantize_graph
+from .rewrite import fallback_note, quantize_graph
 from .schemes import scheme_for
 
 
@@ -107,7 +107,7 @@ def quantize_per_token(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-def write_encoder_int8(source_dir: str, out_dir: str, manifest: Manifest, progress) -> dict:
+def write_encoder_int8(source_dir: str, out_dir: str, manifest: Manifest, progress, allow=None) -> dict:
     """Quantize the encoder graph in ``source_dir`` into ``out_dir``; returns the manifest's
     ``quantization`` record."""
     progress("… quantizing weights (int8, activations per token at run time)")
@@ -116,7 +116,7 @@ def write_encoder_int8(source_dir: str, out_dir: str, manifest: Manifest, progre
     table = scheme_for("int8")  # the embedding table: 8-bit blocks, as for decoders
     counts = quantize_graph(
         model, lambda kind, name, w: table.quantize(kind, w) if kind == "embedding" else None, table.accuracy_level,
-        manifest.graph.io.input_ids,
+        manifest.graph.io.input_ids, allow,
     )  # fmt: skip
     progress("… writing the graph")
     save_graph(model, out_dir)
@@ -131,7 +131,8 @@ def write_encoder_int8(source_dir: str, out_dir: str, manifest: Manifest, progre
         "method": "int8 weights, symmetric, one scale per output column",
         "activations": "uint8, one scale and zero point per token, computed at run time",
         "embedding_block_size": table.block_size,
-        "weights": "MatMulInteger (linear), GatherBlockQuantized (token embeddings)",
+        "weights": "MatMulInteger (linear), GatherBlockQuantized (token embeddings)" + fallback_note(counts["forms"]),
         "quantized": {"linear": linear, **dict(counts["quantized"])},
         "left_in_float": left,
+        "forms": counts["forms"],
     }

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 from .manifest import EncoderInfo, load_manifest, load_tokenizer, require_task
 from .memory import settle_memory
+from .compat import check_onnxruntime
 from .session import available_providers, create_session, resolve_provider
 
 DEFAULT_BATCH_SIZE = 32
@@ -55,6 +56,7 @@ class Encoder:
         self.info: EncoderInfo = self.manifest.encoder
         self.io = self.manifest.graph.io
         self.truncate = truncate
+        check_onnxruntime(self.manifest, self.model_dir)
         chosen = resolve_provider(provider, available_providers())
         path = os.path.join(self.model_dir, self.manifest.graph.file)
         self.session, self.provider = create_session(path, chosen, self.model_dir, threads)

@@ -140,6 +140,7 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)  # scheme and parameters; empty for float graphs
     quality: dict[str, Any] = field(default_factory=dict)  # the quantization gate's measurements
+    requires: dict[str, Any] = field(default_factory=dict)  # the oldest onnxruntime that runs the graph (compat.py)
     task: str = "generate"  # one of TASKS; manifests written before encoders have none: "generate"
     encoder: EncoderInfo | None = None  # the encoder tasks only
     format: str = FORMAT_NAME
@@ -182,7 +183,7 @@ class Manifest:
             if isinstance(value, int) and value < least:
                 raise ManifestError(f"malformed manifest: architecture.{f.name} must be at least {least}, got {value}")
         extra = {}
-        for name in ("generation_defaults", "provenance", "validation", "quantization", "quality"):
+        for name in ("generation_defaults", "provenance", "validation", "quantization", "quality", "requires"):
             value = d.get(name) or {}
             if not isinstance(value, dict):
                 raise ManifestError(f"malformed manifest: {name} must be an object")

@@ -7,9 +7,13 @@ import time
 
 import numpy as np
 
+from .compat import at_least, check_onnxruntime, installed_onnxruntime
 from .kv_cache import CacheFullError, KVCache
 from .manifest import Manifest
 from .session import available_providers, check_graph_io, create_session, resolve_provider
+
+
+MULTI_TOKEN_STEPS_SINCE = "1.20"
 
 
 class OnnxCausalLM:
@@ -21,6 +25,7 @@ class OnnxCausalLM:
 
     def __init__(self, model_dir: str, manifest: Manifest, provider: str = "auto", threads: int | None = None):
         self.manifest = manifest
+        check_onnxruntime(manifest, model_dir)
         chosen = resolve_provider(provider, available_providers())
         path = os.path.join(model_dir, manifest.graph.file)
         self.session, self.provider = create_session(path, chosen, model_dir, threads)
@@ -33,6 +38,9 @@ class OnnxCausalLM:
         self.session_seconds = 0.0  # time spent inside onnxruntime, for measuring Python's share
         # LongRoPE: past this many positions the graph rotates with its long table (0: never)
         self.rotary_switch_after = manifest.architecture.rotary_switch_after
+        # GroupQueryAttention's CPU kernel in onnxruntime 1.19 mis-reads a step of several tokens
+        # appended to rows that already hold positions: such steps are fed one token at a time there.
+        self.one_token_steps = not at_least(installed_onnxruntime(), MULTI_TOKEN_STEPS_SINCE)
         self.cache = self.new_cache()
 
     def new_cache(self) -> KVCache:
@@ -68,8 +76,16 @@ class OnnxCausalLM:
             # keys cached so far were rotated with the short table: feed the row again from its start
             ids = np.concatenate([cache.tokens(row), ids[0]])[None, :]
             cache.truncate(row, 0)
+        keep = ids.shape[1] if keep is None else keep
+        held = cache.lengths[0 if row is None else row : (0 if row is None else row) + ids.shape[0]]
+        if self.one_token_steps and ids.shape[1] > 1 and held.max(initial=0) > 0:
+            steps = [self._run(ids[:, i : i + 1], 1, row, cache).copy() for i in range(ids.shape[1])]
+            return np.concatenate(steps[ids.shape[1] - keep :], axis=1)
+        return self._run(ids, keep, row, cache)
+
+    def _run(self, ids: np.ndarray, keep: int, row: int | None, cache: KVCache) -> np.ndarray:
+        """One session run: ``ids`` [batch, seq] appended to the rows, logits of the last ``keep``."""
         count, seq = ids.shape
-        keep = seq if keep is None else keep
         start = 0 if row is None else row
         if row is None and count != cache.active:
             raise ValueError(f"{count} rows of input for a decode batch of {cache.active}")

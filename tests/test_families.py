@@ -232,8 +232,8 @@ def test_graph_records_the_onnxruntime_it_needs(family_models):
     assert needs == {
         "gemma2": ("1.24", ["local_window_size", "softcap"]),
         "gemma3_text": ("1.24", ["local_window_size", "separate_qkv"]),
-        "phi3": ("1.18", ["partial_rotary"]),
-        "qwen3": ("1.18", ["separate_qkv"]),
-        "smollm3": ("1.18", []),
-        "granite": ("1.18", []),
+        "phi3": ("1.19", ["partial_rotary"]),
+        "qwen3": ("1.19", ["separate_qkv"]),
+        "smollm3": ("1.19", []),
+        "granite": ("1.19", []),
     }
