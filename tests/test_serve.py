@@ -19,6 +19,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
+from conftest import wait_for_serve_url  # noqa: E402
 from lmrt import runtime  # noqa: E402
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
@@ -33,20 +34,11 @@ class Server:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.lines: list[str] = []
-        found = threading.Event()
-
-        def read():
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                if line.startswith("lmrt serve: http://"):
-                    found.set()
-            found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(timeout) or self.proc.poll() is not None:
+        base = wait_for_serve_url(self.proc, self.lines, timeout)
+        if base is None or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError("the server did not start: " + "".join(self.lines))
-        self.base = re.search(r"(http://\S+)/v1", self.lines[-1]).group(1)
+        self.base = base
         self.host, self.port = self.base[len("http://") :].rsplit(":", 1)
 
     def client(self, api_key: str = "none", **kw):

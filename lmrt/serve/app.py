@@ -345,17 +345,13 @@ class _ChatAnswer:
             if run.parsed.include_usage:
                 yield {**head, "choices": [], "usage": _usage(run, sum(got.tokens))}
             return
-        generated = 0
-        async for i, event in _events(run):
-            generated += event.token is not None
-            choice: dict = {"index": i, "delta": {"content": event.text} if event.text else {}, "logprobs": None}
-            if event.logprob is not None:
-                choice["logprobs"] = protocol.chat_logprobs(gen, [event.logprob])
-            choice["finish_reason"] = protocol.finish_reason(event.finish_reason)
-            if event.text or event.finish_reason or event.logprob is not None:
-                yield {**head, "choices": [choice], **extra}
-        if run.parsed.include_usage:
-            yield {**head, "choices": [], "usage": _usage(run, generated)}
+
+        def choice(i: int, event: Event) -> dict:
+            logprobs = protocol.chat_logprobs(gen, [event.logprob]) if event.logprob is not None else None
+            return {"index": i, "delta": {"content": event.text} if event.text else {}, "logprobs": logprobs}
+
+        async for chunk in _chunks(run, head, extra, choice):
+            yield chunk
 
 
 def _chat_message(run: _Run, text: str, reason: str | None) -> tuple[dict, str | None]:
@@ -393,19 +389,30 @@ class _TextAnswer:
         gen = state.engine.generator
         head = {"id": protocol.new_id("cmpl"), "object": "text_completion", "created": protocol.now(), "model": state.model_name}
         extra = {"usage": None} if run.parsed.include_usage else {}
-        generated = 0
         offsets = [0] * (len(run.requests) * run.n)
-        async for i, event in _events(run):
-            generated += event.token is not None
-            choice: dict = {"index": i, "text": event.text, "logprobs": None}
+
+        def choice(i: int, event: Event) -> dict:
+            logprobs = None
             if event.logprob is not None:
-                choice["logprobs"] = protocol.completion_logprobs(gen, [event.logprob], offsets[i])
+                logprobs = protocol.completion_logprobs(gen, [event.logprob], offsets[i])
             offsets[i] += len(event.text)
-            choice["finish_reason"] = protocol.finish_reason(event.finish_reason)
-            if event.text or event.finish_reason or event.logprob is not None:
-                yield {**head, "choices": [choice], **extra}
-        if run.parsed.include_usage:
-            yield {**head, "choices": [], "usage": _usage(run, generated)}
+            return {"index": i, "text": event.text, "logprobs": logprobs}
+
+        async for chunk in _chunks(run, head, extra, choice):
+            yield chunk
+
+
+async def _chunks(run: _Run, head: dict, extra: dict, choice: Callable[[int, Event], dict]) -> AsyncIterator[dict]:
+    """A streamed answer's chunks, one per event that carries text, a log-probability or a finish
+    reason (``choice`` builds the choice's own fields), then the usage chunk when asked for."""
+    generated = 0
+    async for i, event in _events(run):
+        generated += event.token is not None
+        if event.text or event.finish_reason or event.logprob is not None:
+            body = {**choice(i, event), "finish_reason": protocol.finish_reason(event.finish_reason)}
+            yield {**head, "choices": [body], **extra}
+    if run.parsed.include_usage:
+        yield {**head, "choices": [], "usage": _usage(run, generated)}
 
 
 def _usage(run: _Run, generated: int) -> dict:
