@@ -149,8 +149,10 @@ def main() -> None:
         f"{args.requests} non-streamed completions one after another, exactly {args.new_tokens} new tokens each "
         "(end-of-sequence ignored). `--ray` started its own local Ray cluster on this machine. "
         "Replicas share the machine's cores: 1 replica gets all threads, 2 replicas half each. "
-        f"Each configuration measured {args.rounds} times, the configurations in turn; every round is shown "
-        "(the machine was shared with other work, so rounds differ). Written by `benchmarks/ray_scale.py`.",
+        f"Each configuration measured {args.rounds} times, the configurations in turn; every round is shown. "
+        "On one machine, replicas only split its cores and every request takes one more hop (Ray's proxy), so "
+        "this measures what Ray costs; replicas add throughput when they run on machines of their own. "
+        "Written by `benchmarks/ray_scale.py`.",
         "",
         "| configuration | slots per replica | tokens/s (aggregate), each round | latency p50 (s) | latency p95 (s) | requests per replica |",
         "|---|---|---|---|---|---|",

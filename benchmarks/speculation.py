@@ -209,8 +209,12 @@ def report(results: dict, args, sets) -> str:
                   "| prompt | kind | tokens | acceptance | same | lmrt, speculation | lmrt, off | speed-up | llama.cpp | ÷ llama.cpp |",
                   "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         summary: dict[str, list] = {}
+        ended: list[str] = []
         for (p, kind, name), e in results.items():
             if p != precision:
+                continue
+            if e["tokens"] < 2:  # no decode step to time
+                ended.append(name)
                 continue
             on, off = statistics.median(e["on"]), statistics.median(e["off"])
             llama = statistics.median(e["llama"]) if e["llama"] else None
@@ -220,6 +224,8 @@ def report(results: dict, args, sets) -> str:
                 + (f"{llama:.1f} | {on / llama:.2f}× |" if llama else "– | – |")
             )
             summary.setdefault(kind, []).append((on / off, on / llama if llama else None))
+        if ended:
+            lines += ["", f"Left out: {', '.join(ended)} (the model ended its answer at the first token, so there is no decode rate)."]
         for kind, pairs in summary.items():
             speedups = [a for a, _ in pairs]
             vs = [b for _, b in pairs if b is not None]
