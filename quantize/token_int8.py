@@ -1,13 +1,17 @@
 """int8 for encoders: every MatMul with a weight becomes an integer matrix product whose activations
 are quantized per token at run time.
 
-    W [K, N]  -> int8, symmetric, one scale per output column (w_scale [N])
+    W [K, N]  -> int8 codes in -63 .. 63 (7 bits), symmetric, one scale per output column (w_scale [N])
     x [.., K] -> per row (token): lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / 255,
                  zero point z = round(-lo / scale), x_q = QuantizeLinear(x, scale, z): uint8
     y = scale * (MatMulInteger(x_q, W_q) - z * column sums of W_q) * w_scale
 
 onnxruntime's MatMulInteger takes one zero point for the whole left matrix, so each row's own zero
-point is taken out afterwards through the column sums. An encoder sends its whole batch through
+point is taken out afterwards through the column sums. The weights keep 7 bits: on x86 CPUs without
+VNNI (AVX2 only), onnxruntime's uint8 x int8 kernel adds pairs of products in 16 bits, which
+saturate when both codes are near full scale (255 * 127 * 2 > 32767); with codes within 63 they
+cannot, so a directory gives the same embeddings on AVX2, AVX-512 VNNI and Arm (onnxruntime's own
+quantizer calls this reduce_range). An encoder sends its whole batch through
 each MatMul at once, and there these integer kernels were measured much faster than MatMulNBits,
 whose kernels are built for a decoder's few rows; per-token ranges were measured far closer to fp32
 than the per-tensor ranges of onnxruntime's DynamicQuantizeMatMul, and they keep each text's
@@ -31,6 +35,9 @@ from ..runtime.manifest import Manifest
 from .blocks import quantize_symmetric
 from .rewrite import fallback_note, quantize_graph
 from .schemes import scheme_for
+
+
+WEIGHT_BITS = 7  # the products of a code pair, added in 16 bits by AVX2 kernels, cannot saturate
 
 
 class _Nodes:
@@ -61,8 +68,8 @@ class _Nodes:
 def _matmul(g: _Nodes, x: str, w: np.ndarray, name: str, y: str) -> None:
     """y = x @ w (w [K, N]) with int8 weights and per-token uint8 activations."""
     k, n = w.shape
-    q = quantize_symmetric(w.T, 8, block_size=k)  # one block per output column
-    codes = (q.codes[:, 0, :].astype(np.int16) - 128).astype(np.int8)  # [N, K] in -127 .. 127
+    q = quantize_symmetric(w.T, WEIGHT_BITS, block_size=k)  # one block per output column
+    codes = (q.codes[:, 0, :].astype(np.int16) - 2 ** (WEIGHT_BITS - 1)).astype(np.int8)  # [N, K] in -63 .. 63
     w_q = g.add(np.ascontiguousarray(codes.T), f"{name}.int8")  # [K, N]
     w_scale = g.add(q.scales[:, 0].astype(np.float32), f"{name}.scales")  # [N]
     column_sums = g.add(codes.astype(np.float32).sum(axis=1), f"{name}.column_sums")  # [N]
@@ -128,7 +135,7 @@ def write_encoder_int8(source_dir: str, out_dir: str, manifest: Manifest, progre
     return {
         "name": "int8",
         "bits": 8,
-        "method": "int8 weights, symmetric, one scale per output column",
+        "method": f"int8 weights within {WEIGHT_BITS} bits, symmetric, one scale per output column",
         "activations": "uint8, one scale and zero point per token, computed at run time",
         "embedding_block_size": table.block_size,
         "weights": "MatMulInteger (linear), GatherBlockQuantized (token embeddings)" + fallback_note(counts["forms"]),
