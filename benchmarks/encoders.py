@@ -57,7 +57,7 @@ def parse_args():
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lmrt-encoder-bench"))
     p.add_argument("--sentence-transformers-python", default=sys.executable, metavar="PYTHON")
     p.add_argument("--optimum-python", metavar="PYTHON", help="interpreter with optimum-onnx[onnxruntime]")
-    p.add_argument("--texts", type=int, default=256, help="sentences per measurement")
+    p.add_argument("--texts", type=int, default=192, help="sentences per measurement (6 batches of 32)")
     p.add_argument("--tokens", type=int, default=40, help="mean tokens per sentence, special tokens included")
     p.add_argument("--spread", type=int, default=16, help="sentence lengths run from tokens - spread to tokens + spread")
     p.add_argument("--repeats", type=int, default=3, help="passes over the sentences per process (median)")
