@@ -320,16 +320,12 @@ class _ChatAnswer:
                 "logprobs": protocol.chat_logprobs(gen, got.logprobs[i]) if run.parsed.logprobs is not None else None,
                 "finish_reason": reason,
             })  # fmt: skip
-        return {
-            "id": protocol.new_id("chatcmpl"), "object": "chat.completion", "created": protocol.now(),
-            "model": state.model_name, "choices": choices, "usage": _usage(run, sum(got.tokens)),
-        }  # fmt: skip
+        return {**_head(state, "chatcmpl", "chat.completion"), "choices": choices, "usage": _usage(run, sum(got.tokens))}
 
     @staticmethod
     async def stream(run: _Run, state: ServerState) -> AsyncIterator[dict]:
         gen = state.engine.generator
-        head = {"id": protocol.new_id("chatcmpl"), "object": "chat.completion.chunk", "created": protocol.now(), "model": state.model_name}
-        extra = {"usage": None} if run.parsed.include_usage else {}
+        head, extra = _head(state, "chatcmpl", "chat.completion.chunk"), _usage_field(run)
         count = len(run.requests) * run.n
         for i in range(count):
             delta = {"role": "assistant", "content": ""}
@@ -379,16 +375,12 @@ class _TextAnswer:
             }
             for i in range(len(got.texts))
         ]
-        return {
-            "id": protocol.new_id("cmpl"), "object": "text_completion", "created": protocol.now(),
-            "model": state.model_name, "choices": choices, "usage": _usage(run, sum(got.tokens)),
-        }  # fmt: skip
+        return {**_head(state, "cmpl", "text_completion"), "choices": choices, "usage": _usage(run, sum(got.tokens))}
 
     @staticmethod
     async def stream(run: _Run, state: ServerState) -> AsyncIterator[dict]:
         gen = state.engine.generator
-        head = {"id": protocol.new_id("cmpl"), "object": "text_completion", "created": protocol.now(), "model": state.model_name}
-        extra = {"usage": None} if run.parsed.include_usage else {}
+        head, extra = _head(state, "cmpl", "text_completion"), _usage_field(run)
         offsets = [0] * (len(run.requests) * run.n)
 
         def choice(i: int, event: Event) -> dict:
@@ -413,6 +405,16 @@ async def _chunks(run: _Run, head: dict, extra: dict, choice: Callable[[int, Eve
             yield {**head, "choices": [body], **extra}
     if run.parsed.include_usage:
         yield {**head, "choices": [], "usage": _usage(run, generated)}
+
+
+def _head(state: ServerState, id_prefix: str, kind: str) -> dict:
+    """The fields every response and chunk of one answer starts with (a new id for each answer)."""
+    return {"id": protocol.new_id(id_prefix), "object": kind, "created": protocol.now(), "model": state.model_name}
+
+
+def _usage_field(run: _Run) -> dict:
+    """What each chunk carries when the client asked for a usage chunk: ``usage: null``."""
+    return {"usage": None} if run.parsed.include_usage else {}
 
 
 def _usage(run: _Run, generated: int) -> dict:
