@@ -4,10 +4,14 @@ are quantized per token at run time.
     W [K, N]  -> int8 codes in -63 .. 63 (7 bits), symmetric, one scale per output column (w_scale [N])
     x [.., K] -> per row (token): lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / 255,
                  zero point z = round(-lo / scale), x_q = QuantizeLinear(x, scale, z): uint8
-    y = scale * (MatMulInteger(x_q, W_q) - z * column sums of W_q) * w_scale
+    y = scale * (MatMulIntegerToFloat(x_q, W_q, 1, w_scale) - z * (column sums of W_q * w_scale))
 
-onnxruntime's MatMulInteger takes one zero point for the whole left matrix, so each row's own zero
-point is taken out afterwards through the column sums. The weights keep 7 bits: on x86 CPUs without
+onnxruntime's integer products take one zero point for the whole left matrix, so each row's own
+zero point is taken out afterwards through the column sums: MatMulIntegerToFloat writes the product
+already in float and scaled by column, one Gemm of the zero points [M, 1] by the scaled column sums
+[1, N] subtracts the correction as it reads that product, and one Mul applies the row scales (the
+plain MatMulInteger, Cast, Sub and Mul chain takes twice as many passes over the [M, N] product and
+measured slower: docs/benchmarks.md). The weights keep 7 bits: on x86 CPUs without
 VNNI (AVX2 only), onnxruntime's uint8 x int8 kernel adds pairs of products in 16 bits, which
 saturate when both codes are near full scale (255 * 127 * 2 > 32767); with codes within 63 they
 cannot, so a directory gives the same embeddings on AVX2, AVX-512 VNNI and Arm (onnxruntime's own
@@ -48,9 +52,9 @@ class _Nodes:
         self.initializers: list[onnx.TensorProto] = []
         self._consts: dict[tuple, str] = {}
 
-    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
+    def op(self, op_type: str, *inputs: str, out: str | None = None, domain: str = "", **attrs) -> str:
         out = out or f"token_int8.{len(self.nodes)}.{op_type}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, domain=domain, **attrs))
         return out
 
     def const(self, value, dtype=np.float32) -> str:
@@ -71,20 +75,24 @@ def _matmul(g: _Nodes, x: str, w: np.ndarray, name: str, y: str) -> None:
     q = quantize_symmetric(w.T, WEIGHT_BITS, block_size=k)  # one block per output column
     codes = (q.codes[:, 0, :].astype(np.int16) - 2 ** (WEIGHT_BITS - 1)).astype(np.int8)  # [N, K] in -63 .. 63
     w_q = g.add(np.ascontiguousarray(codes.T), f"{name}.int8")  # [K, N]
-    w_scale = g.add(q.scales[:, 0].astype(np.float32), f"{name}.scales")  # [N]
-    column_sums = g.add(codes.astype(np.float32).sum(axis=1), f"{name}.column_sums")  # [N]
+    w_scale = q.scales[:, 0].astype(np.float32)  # [N]
+    scaled_sums = (codes.astype(np.float32).sum(axis=1) * w_scale)[None, :]  # [1, N]
 
     rows = g.op("Reshape", x, g.const([-1, k], np.int64))  # [M, K]
-    hi = g.op("Max", g.op("ReduceMax", rows, axes=[1], keepdims=0), g.const(0.0))  # [M]
-    lo = g.op("Min", g.op("ReduceMin", rows, axes=[1], keepdims=0), g.const(0.0))
-    scale = g.op("Max", g.op("Div", g.op("Sub", hi, lo), g.const(255.0)), g.const(1e-12))
-    zero = g.op("Cast", g.op("Round", g.op("Div", g.op("Neg", lo), scale)), to=TensorProto.UINT8)
-    x_q = g.op("QuantizeLinear", rows, scale, zero, axis=0)  # uint8 [M, K]
-    product = g.op("Cast", g.op("MatMulInteger", x_q, w_q), to=TensorProto.FLOAT)  # [M, N]
+    hi = g.op("Max", g.op("ReduceMax", rows, axes=[1], keepdims=1), g.const(0.0))  # [M, 1]
+    lo = g.op("Min", g.op("ReduceMin", rows, axes=[1], keepdims=1), g.const(0.0))
+    scale = g.op("Max", g.op("Div", g.op("Sub", hi, lo), g.const(255.0)), g.const(1e-12))  # [M, 1]
+    zero = g.op("Round", g.op("Div", g.op("Neg", lo), scale))  # [M, 1], whole numbers in 0 .. 255
     column = g.const([1], np.int64)
-    shift = g.op("Mul", g.op("Unsqueeze", g.op("Cast", zero, to=TensorProto.FLOAT), column), column_sums)
-    scales = g.op("Mul", g.op("Unsqueeze", scale, column), w_scale)  # [M, N]
-    flat = g.op("Mul", g.op("Sub", product, shift), scales)
+    x_q = g.op(
+        "QuantizeLinear", rows, g.op("Squeeze", scale, column),
+        g.op("Cast", g.op("Squeeze", zero, column), to=TensorProto.UINT8), axis=0,
+    )  # uint8 [M, K]  # fmt: skip
+    product = g.op(
+        "MatMulIntegerToFloat", x_q, w_q, g.const([1.0]), g.add(w_scale, f"{name}.scales"), domain="com.microsoft"
+    )  # float [M, N]: the integer product times w_scale  # fmt: skip
+    corrected = g.op("Gemm", zero, g.add(scaled_sums, f"{name}.scaled_column_sums"), product, alpha=-1.0, beta=1.0)
+    flat = g.op("Mul", corrected, scale)
     shape = g.op("Concat", g.op("Shape", x, end=-1), g.const([n], np.int64), axis=0)
     g.op("Reshape", flat, shape, out=y)
 
@@ -111,6 +119,8 @@ def quantize_per_token(model: onnx.ModelProto) -> int:
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + g.initializers)
+    if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return rewritten
 
 
@@ -138,7 +148,7 @@ def write_encoder_int8(source_dir: str, out_dir: str, manifest: Manifest, progre
         "method": f"int8 weights within {WEIGHT_BITS} bits, symmetric, one scale per output column",
         "activations": "uint8, one scale and zero point per token, computed at run time",
         "embedding_block_size": table.block_size,
-        "weights": "MatMulInteger (linear), GatherBlockQuantized (token embeddings)" + fallback_note(counts["forms"]),
+        "weights": "MatMulIntegerToFloat (linear), GatherBlockQuantized (token embeddings)" + fallback_note(counts["forms"]),
         "quantized": {"linear": linear, **dict(counts["quantized"])},
         "left_in_float": left,
         "forms": counts["forms"],

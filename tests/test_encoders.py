@@ -356,7 +356,7 @@ def test_int8_embeddings_pass_their_gate(st_models, tmp_path):
     assert m.quality["passed"] and m.quality["mean_cosine"] >= 0.99 and m.quality["min_cosine"] <= m.quality["mean_cosine"]
     assert m.quality["texts"] > 100 and m.quantization["quantized"] == {"linear": 8, "embedding": 1}
     ops = {n.op_type for n in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph.node}
-    assert {"MatMulInteger", "GatherBlockQuantized"} <= ops and "MatMul" not in ops
+    assert {"MatMulIntegerToFloat", "GatherBlockQuantized"} <= ops and "MatMul" not in ops
     reference = SentenceTransformer(st_dir, device="cpu").encode(TEXTS)
     encoder = runtime.Encoder(out)
     together = encoder.embed(TEXTS, batch_size=len(TEXTS))
