@@ -122,7 +122,7 @@ def _foreign_graph(work: Path) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
     graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "foreign", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     (work / "model" / "model.onnx").unlink()
     onnx.save(model, str(work / "model" / "model.onnx"))
 
@@ -424,9 +424,14 @@ def test_api_generator_refuses_a_manifest_that_escapes(work):
 
 def test_api_onnxruntime_refusing_escaping_external_data_is_one_line(work):
     _external_location("../other/model.onnx.data")(work)  # past load_manifest, onnxruntime refuses it itself
-    with pytest.raises(GraphError) as e:
+    try:
         create_session(str(work / "model" / "model.onnx"), "cpu", str(work / "model"))
-    assert "onnxruntime cannot load" in _one_line(e) and "model.onnx" in str(e.value)
+    except GraphError as e:
+        assert "\n" not in str(e) and "onnxruntime cannot load" in str(e) and "model.onnx" in str(e)
+    else:  # older releases (1.23 and before) follow the path; lmrt's own check refuses it first (case generate-external-data-dotdot)
+        import onnxruntime
+
+        pytest.skip(f"onnxruntime {onnxruntime.__version__} reads external data outside the graph's folder")
 
 
 def test_api_model_refuses_a_graph_of_another_export(work, tiny_models):

@@ -55,7 +55,7 @@ def _linear_graph(w: np.ndarray, gemm: bool) -> onnx.ModelProto:
         [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [init],
     )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # as exports write
 
 
 @pytest.mark.parametrize("gemm", [False, True])
