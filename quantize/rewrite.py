@@ -203,9 +203,14 @@ def quantize_graph(
     graph.node.extend(out)
     del graph.initializer[:]
     graph.initializer.extend(kept + [t for t in new_inits if still_used[t.name]])  # an untied table gathers only
+    import_contrib_ops(model)
+    return counts
+
+
+def import_contrib_ops(model: onnx.ModelProto) -> None:
+    """Make ``model`` import onnxruntime's contrib operator set, once."""
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return counts
 
 
 def _gather_block_quantized(node: onnx.NodeProto, p: _Packed, new_inits: list) -> list[onnx.NodeProto]:

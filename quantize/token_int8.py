@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..atomic import save_graph
 from ..runtime.manifest import Manifest
 from .blocks import quantize_symmetric
-from .rewrite import fallback_note, quantize_graph
+from .rewrite import MS_DOMAIN, fallback_note, import_contrib_ops, quantize_graph
 from .schemes import scheme_for
 
 
@@ -89,7 +89,7 @@ def _matmul(g: _Nodes, x: str, w: np.ndarray, name: str, y: str) -> None:
         g.op("Cast", g.op("Squeeze", zero, column), to=TensorProto.UINT8), axis=0,
     )  # uint8 [M, K]  # fmt: skip
     product = g.op(
-        "MatMulIntegerToFloat", x_q, w_q, g.const([1.0]), g.add(w_scale, f"{name}.scales"), domain="com.microsoft"
+        "MatMulIntegerToFloat", x_q, w_q, g.const([1.0]), g.add(w_scale, f"{name}.scales"), domain=MS_DOMAIN
     )  # float [M, N]: the integer product times w_scale  # fmt: skip
     corrected = g.op("Gemm", zero, g.add(scaled_sums, f"{name}.scaled_column_sums"), product, alpha=-1.0, beta=1.0)
     flat = g.op("Mul", corrected, scale)
@@ -119,8 +119,8 @@ def quantize_per_token(model: onnx.ModelProto) -> int:
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + g.initializers)
-    if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if rewritten:
+        import_contrib_ops(model)
     return rewritten
 
 
