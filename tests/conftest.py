@@ -71,7 +71,6 @@ NEW_FAMILIES = {
 }  # fmt: skip
 
 
-
 def wait_for_serve_url(proc: subprocess.Popen, lines: list[str], timeout: float) -> str | None:
     """Read a ``lmrt serve`` process's stderr into ``lines`` (on a thread, until it closes) and wait
     for its ready line; the served base URL (without /v1), or None if it exited or timed out first."""
@@ -88,6 +87,7 @@ def wait_for_serve_url(proc: subprocess.Popen, lines: list[str], timeout: float)
     found.wait(timeout)
     ready = next((line for line in lines if line.startswith("lmrt serve: http://")), None)
     return re.search(r"(http://\S+)/v1", ready).group(1) if ready else None
+
 
 def train_tokenizer(save_dir: str, vocab_size: int = 400):
     """A byte-level BPE tokenizer with <|endoftext|> as bos/eos, saved as a transformers fast tokenizer."""

@@ -310,6 +310,7 @@ def test_classifier_logits_and_labels_equal_pytorch(classifiers, family):
 
 # --- quantization -----------------------------------------------------------------------------
 
+
 def test_int8_products_are_exact_on_every_cpu():
     """The rewritten MatMul computes exactly the integer arithmetic it stands for, also where the
     kernel adds code pairs in 16 bits (x86 without VNNI): activations that span the whole uint8 range
@@ -344,7 +345,6 @@ def test_int8_products_are_exact_on_every_cpu():
     w_scale = np.abs(w).max(0) / 63
     expected = ((x_q - zero[:, None]) @ codes.astype(np.float64)) * scale[:, None] * w_scale
     np.testing.assert_allclose(got.reshape(-1, n), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-
 
 
 def test_int8_embeddings_pass_their_gate(st_models, tmp_path):
