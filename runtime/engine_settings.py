@@ -1,0 +1,39 @@
+"""EngineSettings: how an Engine is sized (slots, context per slot, queue, prefill chunk).
+
+The one place these defaults live: the Engine, ``lmrt serve``'s options, ``serve()`` and the Ray
+deployment all take them from here. Each field's metadata holds its help text and command-line flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .checks import is_int
+
+PREFILL_CHUNK = 256  # prompt tokens read per step, the Generator's default too
+
+
+def _setting(default, help: str, flag: str):
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    slots: int = _setting(4, "Sequences decoded together (each a cache row).", "--slots")
+    ctx_size: int | None = _setting(None, "Positions per slot (default: the model's context).", "--ctx-size")
+    max_queue: int = _setting(64, "Requests that may wait for a slot; past that the server answers 503.", "--max-queue")
+    prefill_chunk: int = _setting(PREFILL_CHUNK, "Prompt tokens read per step while other sequences decode.", "--prefill-chunk")
+
+    def __post_init__(self) -> None:
+        if not is_int(self.slots) or self.slots < 1:
+            raise ValueError(f"slots must be a positive integer, got {self.slots!r}")
+        if self.ctx_size is not None and (not is_int(self.ctx_size) or self.ctx_size < 2):
+            raise ValueError(f"ctx_size must be an integer of at least 2, got {self.ctx_size!r}")
+        if not is_int(self.max_queue) or self.max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
+        if not is_int(self.prefill_chunk) or self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
