@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from .checks import is_int
 
 PREFILL_CHUNK = 256  # prompt tokens read per step, the Generator's default too
+DEFAULT_CTX_SIZE = 2048  # positions per slot when ctx_size is not given (or the model's context if smaller)
 
 
 def _setting(default, help: str, flag: str):
@@ -20,7 +21,7 @@ def _setting(default, help: str, flag: str):
 @dataclass(frozen=True)
 class EngineSettings:
     slots: int = _setting(4, "Sequences decoded together (each a cache row).", "--slots")
-    ctx_size: int | None = _setting(None, "Positions per slot (default: the model's context).", "--ctx-size")
+    ctx_size: int | None = _setting(None, "Tokens per slot, prompt and output together [default: 2048, or the model's context if smaller].", "--ctx-size")
     max_queue: int = _setting(64, "Requests that may wait for a slot; past that the server answers 503.", "--max-queue")
     prefill_chunk: int = _setting(PREFILL_CHUNK, "Prompt tokens read per step while other sequences decode.", "--prefill-chunk")
 
@@ -37,3 +38,10 @@ class EngineSettings:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+    def resolved_ctx_size(self, context_length: int) -> int:
+        """Positions per slot for a model of ``context_length``; ValueError when it does not fit."""
+        ctx = min(context_length, DEFAULT_CTX_SIZE) if self.ctx_size is None else self.ctx_size
+        if not 2 <= ctx <= context_length:
+            raise ValueError(f"ctx_size must be from 2 to the model's context ({context_length}), got {ctx}")
+        return ctx
