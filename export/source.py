@@ -6,7 +6,6 @@ exercise the hub path too.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any
 
 from ..runtime.errors import first_line
 from .errors import ExportError
+from .source_files import hub_reachable, in_hub_cache, load_json
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -52,7 +52,7 @@ def load_source(source: str) -> Source:
         problem = gguf_problem(source)  # a file cut short fails here, by name, before the slow imports
         if problem:
             raise ExportError(problem)
-    if kind == "hub" and not _cached(path) and not _hub_reachable():
+    if kind == "hub" and not in_hub_cache(path) and not hub_reachable():
         raise ExportError(
             f"cannot reach the Hugging Face Hub to download {source!r} (offline?); "
             "pass a local model directory or a .gguf file instead"
@@ -71,10 +71,15 @@ def load_source(source: str) -> Source:
                 "if you are offline, pass a local model directory or a .gguf file instead"
             ) from None
         raise ExportError(f"could not load {source}: {first_line(e)}") from None
-    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
-        raise ExportError(f"{source} has no fast tokenizer (tokenizer.json), which the runtime needs")
+    require_fast_tokenizer(tokenizer, source)
     model.eval()
     return Source(source=source, kind=kind, model=model, tokenizer=tokenizer)
+
+
+def require_fast_tokenizer(tokenizer, source: str) -> None:
+    """Refuse a source whose tokenizer is not a fast one: the runtime reads its tokenizer.json."""
+    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
+        raise ExportError(f"{source} has no fast tokenizer (tokenizer.json), which the runtime needs")
 
 
 def check_architecture(source: str, kind: str, path: str, extra: dict[str, Any]) -> None:
@@ -90,7 +95,8 @@ def check_architecture(source: str, kind: str, path: str, extra: dict[str, Any])
                 f"{', '.join(supported_gguf_architectures())} (and from a Hugging Face directory: {', '.join(directory_only)})"
             )
         return
-    config = _read_json(_config_file(source, kind, path))
+    config_file = _config_file(source, kind, path)
+    config = load_json(config_file, config_file)
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not model_type:
         raise ExportError(f"{source}: config.json names no model_type")
@@ -122,36 +128,3 @@ def _config_file(source: str, kind: str, path: str) -> str:
         return hf_hub_download(path, "config.json")
     except Exception as e:
         raise ExportError(f"could not read the config of {source!r} from the Hugging Face Hub ({first_line(e)})") from None
-
-
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"cannot read {path}: {first_line(e)}") from None
-
-
-def _cached(repo_id: str) -> bool:
-    """Whether the hub id's config is already in the local Hugging Face cache."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:
-        return False
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick connection attempt, instead of transformers' minute of retries when offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False

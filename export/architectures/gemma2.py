@@ -4,8 +4,8 @@ softcapping, sliding-window and global layers alternating, GELU-tanh gated MLP, 
 
 from __future__ import annotations
 
-from . import decoder, standard_plan
 from .decoder import Layout
+from .spec import decoder, standard_plan
 
 LAYOUT = Layout(
     attn_out_norm="post_attention_layernorm",

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from . import decoder
 from .decoder import Layout
 from .gemma2 import LAYOUT as GEMMA2, plan as gemma2_plan
+from .spec import decoder
 
 LAYOUT = Layout(**{**GEMMA2.__dict__, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"})
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from . import activation, decoder
 from .decoder import Layout, Plan
+from .spec import activation, decoder
 
 LAYOUT = Layout(
     embed="transformer.wte.weight",

@@ -4,7 +4,7 @@ of 1 / sqrt(head_size), a residual multiplier on each block's output and logits 
 
 from __future__ import annotations
 
-from . import decoder, standard_plan
+from .spec import decoder, standard_plan
 
 
 def plan(config):

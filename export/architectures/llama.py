@@ -4,7 +4,7 @@ KV heads, SwiGLU MLP; optional q/k/v biases (Qwen2), tied embeddings (SmolLM2) a
 
 from __future__ import annotations
 
-from . import decoder, standard_plan
+from .spec import decoder, standard_plan
 
 
 def plan(config):

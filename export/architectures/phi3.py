@@ -3,8 +3,8 @@ rotary (``partial_rotary_factor``), LongRoPE with short and long factors chosen 
 
 from __future__ import annotations
 
-from . import decoder, standard_plan
 from .decoder import Layout
+from .spec import decoder, standard_plan
 
 LAYOUT = Layout(qkv=("self_attn.qkv_proj",), up=("mlp.gate_up_proj",))
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import decoder, standard_plan
 from .decoder import Layout
+from .spec import decoder, standard_plan
 
 LAYOUT = Layout(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
 

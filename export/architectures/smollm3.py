@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import decoder, standard_plan
+from .spec import decoder, standard_plan
 
 
 def plan(config):

@@ -14,10 +14,11 @@ from typing import Any
 
 from ..errors import ExportError
 from ...runtime.errors import first_line
-from ..source import locate
+from ..source import locate, require_fast_tokenizer
+from ..source_files import read_json
 from .families import EncoderFamily, family_for
 from .graph import POOLINGS, activation_kind
-from .task import MODULES_FILE, read_json
+from .task import MODULES_FILE
 
 _LEGACY_POOLING = {
     "pooling_mode_cls_token": "cls",
@@ -81,8 +82,7 @@ def load_encoder(source: str, task: str) -> EncoderSource:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ExportError(f"could not load {source}: {first_line(e)}") from None
-    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
-        raise ExportError(f"{source} has no fast tokenizer (tokenizer.json), which the runtime needs")
+    require_fast_tokenizer(tokenizer, source)
     model.eval()
     offset = int(config.pad_token_id) + 1 if family.positions_after_padding else 0
     context = int(config.max_position_embeddings) - offset

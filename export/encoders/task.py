@@ -9,45 +9,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-
+from ...runtime.manifest import TASKS
 from ..errors import ExportError
+from ..source_files import read_json
 from .families import FAMILIES
 
-TASKS = ("generate", "embed", "classify")
 MODULES_FILE = "modules.json"  # sentence-transformers' list of the model's modules
-
-
-def read_json(source: str, name: str) -> dict | list | None:
-    """``name`` from a local directory, or from a hub id's files when the hub (or its cache) has
-    them; None when there is no such file."""
-    if os.path.isdir(source):
-        path = os.path.join(source, name)
-    elif source.lower().endswith(".gguf") or os.path.exists(source):
-        return None
-    else:
-        path = _hub_file(source, name)
-    if path is None or not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"cannot read {name} of {source}: {e}") from None
-
-
-def _hub_file(repo_id: str, name: str) -> str | None:
-    try:
-        from huggingface_hub import hf_hub_download
-
-        from ..source import _cached, _hub_reachable
-
-        if not (_cached(repo_id) or _hub_reachable()):
-            return None
-        return hf_hub_download(repo_id, name)
-    except Exception:  # no such file, no such repository, offline: loading reports the real problem
-        return None
 
 
 def detect_task(source: str, requested: str | None = None) -> str:
