@@ -5,45 +5,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 import numpy as np
 
 from .. import __version__
-from ..atomic import DATA_FILE, GRAPH_FILE, check_target, remove_leftovers, save_graph, scratch_directory, staged_directory
 from ..progress import to_stderr
+from ..quantize.graph_file import save_graph
+from ..runtime.compat import Profile, resolve_target
 from ..runtime.manifest import Graph, GraphIO, Manifest, TokenizerInfo
+from ..runtime.model_dir import DATA_FILE, GRAPH_FILE, TOKENIZER_FILE, check_target, remove_leftovers
 from .architectures import Weights, spec_for
 from .encoders.task import detect_task
 from .errors import ExportError
-from ..runtime.compat import Profile, resolve_target
 from .graph import OPSET, DecoderGraph, GraphBuilder
 from .source import Source, load_source, locate
+from .stages import Steps, provenance, record_validation, write_model
 from .validate import probe_ids, validate
 
-TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_TOLERANCE = 1e-3  # largest logit difference allowed, relative to the largest logit
-
-
-class _Steps:
-    """Prints each step as it starts and how long the previous one took."""
-
-    def __init__(self, report: Callable[[str], None]):
-        self.report, self.started, self.name = report, None, None
-
-    def __call__(self, name: str) -> None:
-        self.done()
-        self.name, self.started = name, time.perf_counter()
-        self.report(f"… {name}")
-
-    def done(self) -> None:
-        if self.name:
-            self.report(f"  {self.name}: {time.perf_counter() - self.started:.1f}s")
-        self.name = None
-
-
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 FP16_TOLERANCE = 2e-2  # fp16 keeps about 3 significant digits
 
@@ -104,42 +84,31 @@ def export_model(
         from .encoders.pipeline import export_encoder
 
         return export_encoder(source_path, output, task, force, tolerance, progress, precision, scheme, target=profile, **quantize_options)
-    step = _Steps(progress)
+    step = Steps(progress)
     if isinstance(source, Source):
         src = source
     else:
         step(f"loading {source}")
         src = load_source(source)
     dtype = np.float16 if precision == "fp16" else np.float32
-    if scheme is None:
-        with staged_directory(output) as tmp:
-            manifest = _write_directory(src, tmp, tolerance, step, dtype, profile)
-            step.done()
-        _report(progress, manifest, output)
-        return manifest
 
-    from ..quantize import quantize_directory
+    def write(out_dir: str) -> Manifest:
+        return _write_directory(src, out_dir, tolerance, step, dtype, profile)
 
-    with scratch_directory(output, "fp32") as fp32:
-        manifest = _write_directory(src, fp32, tolerance, step, np.float32, profile)
-        step.done()
-        _report(progress, manifest, "the fp32 reference")
-        gguf = src.source if src.kind == "gguf" else None
-        return quantize_directory(
-            fp32, output, scheme, gguf=gguf, force=force, progress=progress, target=profile, **quantize_options
-        )
+    gguf = src.source if src.kind == "gguf" else None
+    return write_model(output, write, _summary, step, scheme, gguf=gguf, force=force, target=profile, **quantize_options)
 
 
-def _report(progress, manifest: Manifest, where: str) -> None:
+def _summary(manifest: Manifest, where: str) -> str:
     v = manifest.validation
-    progress(
+    return (
         f"exported {manifest.architecture.model_type} ({manifest.graph.dtype}) to {where}: "
         f"max |Δlogit| {v['max_abs_diff']:.2e} (relative {v['max_rel_diff']:.2e}), "
         f"greedy agreement {v['greedy_agreement']:.1%}"
     )
 
 
-def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps, dtype=np.float32, profile: Profile | None = None) -> Manifest:
+def _write_directory(src: Source, out_dir: str, tolerance: float, step: Steps, dtype=np.float32, profile: Profile | None = None) -> Manifest:
     config = src.model.config
     try:
         spec = spec_for(config.model_type)
@@ -177,21 +146,6 @@ def _write_directory(src: Source, out_dir: str, tolerance: float, step: _Steps, 
     step("validating against PyTorch")
     prompt = probe_ids(src.tokenizer, arch.vocab_size, arch.context_length)
     return record_validation(out_dir, manifest, validate(out_dir, manifest, src.model, prompt), tolerance, "logits")
-
-
-def record_validation(out_dir: str, manifest: Manifest, result: dict, tolerance: float, what: str) -> Manifest:
-    """Write the validation ``result`` into the manifest, or fail when the graph's ``what`` (its
-    logits, its outputs) differ from PyTorch's by more than ``tolerance``."""
-    result["tolerance"] = tolerance
-    result["passed"] = result["max_rel_diff"] <= tolerance
-    if not result["passed"]:
-        raise ExportError(
-            f"validation failed: the ONNX {what} differ from PyTorch's by {result['max_rel_diff']:.2e} "
-            f"(relative), above the tolerance {tolerance:.0e}; nothing was written"
-        )
-    manifest = dataclasses.replace(manifest, validation=result)
-    manifest.write(out_dir)
-    return manifest
 
 
 def _ids(value: Any) -> list[int]:
@@ -232,18 +186,3 @@ def generation_defaults(gen) -> dict[str, Any]:
     if getattr(gen, "max_new_tokens", None):
         out["max_new_tokens"] = int(gen.max_new_tokens)
     return out
-
-
-def provenance(src: Source, tolerance: float, dtype: str = "float32") -> dict[str, Any]:
-    import onnx
-    import torch
-    import transformers
-
-    return {
-        "source": src.source,
-        "source_kind": src.kind,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "lmrt_version": __version__,
-        "export_options": {"dtype": dtype, "opset": OPSET, "tolerance": tolerance},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__},
-    }

@@ -18,15 +18,16 @@ import time
 from collections import Counter
 from typing import Callable
 
-from ..atomic import check_target, remove_leftovers, save_graph, staged_directory
 from ..progress import to_stderr
 from ..runtime.compat import Profile, allows, requirement_record, resolve_target
 from ..runtime.manifest import Manifest, load_manifest
+from ..runtime.model_dir import check_target, remove_leftovers, staged_directory
 from .errors import QualityGateError, QuantizeError
 from .encoder_gate import EncoderGate
 from .evaltext import read_text
 from .gate import PerplexityGate
 from .gguf_file import gguf_problem
+from .graph_file import save_graph
 from .schemes import Scheme
 from .token_int8 import write_encoder_int8
 

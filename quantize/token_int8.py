@@ -34,9 +34,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..atomic import save_graph
 from ..runtime.manifest import Manifest
 from .blocks import quantize_symmetric
+from .graph_file import save_graph
 from .rewrite import MS_DOMAIN, fallback_note, import_contrib_ops, quantize_graph
 from .schemes import scheme_for
 

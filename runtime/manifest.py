@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from .errors import first_line
+from .model_dir import MANIFEST_FILE
 from .onnx_wire import OnnxFileError, external_data
 
-MANIFEST_FILE = "lmrt.json"
 FORMAT_NAME = "lmrt-model"
 FORMAT_VERSION = 2  # 2: in-place cache, logits_to_keep
 # What a model directory's graph does. "generate": a decoder with a KV cache (the Generator);

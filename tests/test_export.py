@@ -11,10 +11,10 @@ import time
 import pytest
 
 from lmrt import runtime
-from lmrt.atomic import OutputError
 from lmrt.export import ExportError, export_model
 from lmrt.export import architectures
 from lmrt.export.source import locate
+from lmrt.runtime.model_dir import OutputError
 
 quiet = dict(progress=lambda _: None)
 

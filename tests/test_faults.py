@@ -29,13 +29,13 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from lmrt import runtime
-from lmrt.atomic import OutputError
 from lmrt.cli import main
 from lmrt.export import ExportError, export_model
 from lmrt.quantize import QuantizeError, quantize_directory, scheme_for
 from lmrt.runtime.compat import installed_onnxruntime
 from lmrt.runtime.manifest import ManifestError
 from lmrt.runtime.model import OnnxCausalLM
+from lmrt.runtime.model_dir import OutputError
 from lmrt.runtime.scoring import windows
 from lmrt.runtime.session import GraphError, create_session
 
@@ -568,7 +568,7 @@ def test_export_killed_leaves_a_partial_directory_the_next_run_removes(tiny_mode
 
 def test_a_running_export_keeps_its_directory_from_another_run(tiny_models, tmp_path):
     """Leftovers are only those of processes that are gone: a live run's directory stays."""
-    from lmrt.atomic import remove_leftovers
+    from lmrt.runtime.model_dir import remove_leftovers
 
     out = tmp_path / "model"
     live = tmp_path / f".model.partial-{os.getpid()}-abcd"

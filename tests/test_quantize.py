@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from lmrt import runtime
-from lmrt.atomic import OutputError
 from lmrt.cli import main
 from lmrt.export import export_model
 from lmrt.quantize import QualityGateError, QuantizeError, quantize_directory, scheme_for
 from lmrt.quantize.blocks import quantize_asymmetric, quantize_minmax, quantize_symmetric
 from lmrt.quantize.gguf_blocks import decode_blocks
 from lmrt.quantize.rewrite import quantize_graph
+from lmrt.runtime.model_dir import OutputError
 from lmrt.runtime.scoring import windows
 
 quiet = {"progress": lambda _: None}

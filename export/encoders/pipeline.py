@@ -8,12 +8,13 @@ import os
 from typing import Any, Callable
 
 from ... import __version__
-from ...atomic import DATA_FILE, GRAPH_FILE, save_graph, scratch_directory, staged_directory
+from ...quantize.graph_file import save_graph
 from ...runtime.manifest import Architecture, EncoderInfo, EncoderIO, Graph, Manifest, TokenizerInfo
+from ...runtime.model_dir import DATA_FILE, GRAPH_FILE, TOKENIZER_FILE
 from ..architectures import Weights
 from ..errors import ExportError
 from ..graph import OPSET
-from ..pipeline import TOKENIZER_FILE, _Steps, provenance, record_validation
+from ..stages import Steps, provenance, record_validation, write_model
 from .graph import build_encoder
 from .source import EncoderSource, load_encoder
 from .validate import validate_encoder
@@ -39,26 +40,17 @@ def export_encoder(
         from ...quantize.pipeline import check_encoder_options
 
         check_encoder_options(scheme, None, quantize_options.get("max_increase"))
-    step = _Steps(progress)
+    step = Steps(progress)
     step(f"loading {source}")
     src = load_encoder(source, task)
-    if scheme is None:
-        with staged_directory(output) as tmp:
-            manifest = _write_directory(src, tmp, tolerance, step)
-            step.done()
-        _report(progress, manifest, output)
-        return manifest
 
-    from ...quantize import quantize_directory
+    def write(out_dir: str) -> Manifest:
+        return _write_directory(src, out_dir, tolerance, step)
 
-    with scratch_directory(output, "fp32") as fp32:
-        manifest = _write_directory(src, fp32, tolerance, step)
-        step.done()
-        _report(progress, manifest, "the fp32 reference")
-        return quantize_directory(fp32, output, scheme, gguf=None, force=force, progress=progress, **quantize_options)
+    return write_model(output, write, _summary, step, scheme, gguf=None, force=force, **quantize_options)
 
 
-def _write_directory(src: EncoderSource, out_dir: str, tolerance: float, step: _Steps) -> Manifest:
+def _write_directory(src: EncoderSource, out_dir: str, tolerance: float, step: Steps) -> Manifest:
     config = src.model.config
     io = EncoderIO(output="logits" if src.task == "classify" else "embeddings")
     step(f"building the {src.family.family} {src.task} graph ({config.num_hidden_layers} layers)")
@@ -126,12 +118,12 @@ def _save_tokenizer(tokenizer, path: str) -> None:
     backend.save(path)
 
 
-def _report(progress, manifest: Manifest, where: str) -> None:
+def _summary(manifest: Manifest, where: str) -> str:
     v = manifest.validation
     agreement = (
         f"label agreement {v['label_agreement']:.1%}" if "label_agreement" in v else f"min cosine {v['min_cosine']:.6f}"
     )
-    progress(
+    return (
         f"exported {manifest.architecture.model_type} for {manifest.task} ({manifest.graph.dtype}) to {where}: "
         f"max |Δ| {v['max_abs_diff']:.2e} (relative {v['max_rel_diff']:.2e}), {agreement}"
     )
