@@ -5,33 +5,33 @@ never a pickle). Everything is plain JSON so another language's runtime can read
 
 Every file the manifest names (fields marked ``FILE``) and every file the graph keeps weights in
 must lie inside the model directory: ``load_manifest`` refuses absolute paths, ``..`` and links that
-lead out, before anything is opened.
+lead out, before anything is opened (``paths``). Each section is read into its dataclass with its
+fields' types checked (``typed_json``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import first_line
-from .model_dir import MANIFEST_FILE
-from .onnx_wire import OnnxFileError, external_data
+from .model_dir import MANIFEST_FILE, ManifestError
+from .paths import FILE, check_external_data, check_file, contained_path, file_fields
+from .tokenizer_file import load_tokenizer
+from .typed_json import section, typed
+
+__all__ = [  # the paths and the tokenizer are imported from here too
+    "Architecture", "EncoderIO", "EncoderInfo", "FILE", "FORMAT_NAME", "FORMAT_VERSION", "Graph", "GraphIO",
+    "MANIFEST_FILE", "Manifest", "ManifestError", "TASKS", "TokenizerInfo", "contained_path", "file_fields",
+    "load_manifest", "load_tokenizer", "require_task",
+]  # fmt: skip
 
 FORMAT_NAME = "lmrt-model"
 FORMAT_VERSION = 2  # 2: in-place cache, logits_to_keep
 # What a model directory's graph does. "generate": a decoder with a KV cache (the Generator);
 # "embed" / "classify": an encoder whose graph returns one vector per text (the Encoder).
 TASKS = ("generate", "embed", "classify")
-
-
-class ManifestError(ValueError):
-    """The model directory is missing, incomplete, of an unsupported format, or names files outside
-    itself."""
-
-
-FILE = {"file": True}  # metadata of a field holding a path inside the model directory
 
 
 @dataclass(frozen=True)
@@ -172,12 +172,12 @@ class Manifest:
         task = d.get("task", "generate")
         if task not in TASKS:
             raise ManifestError(f"unknown task {task!r} in the manifest; this lmrt knows {', '.join(TASKS)}")
-        graph = dict(_section(d, "graph"))
-        io = _typed(GraphIO if task == "generate" else EncoderIO, graph.pop("io", {}), "graph.io")
-        tok = dict(_section(d, "tokenizer"))
+        graph = dict(section(d, "graph"))
+        io = typed(GraphIO if task == "generate" else EncoderIO, graph.pop("io", {}), "graph.io")
+        tok = dict(section(d, "tokenizer"))
         if isinstance(tok.get("eos_token_ids"), list):
             tok["eos_token_ids"] = tuple(tok["eos_token_ids"])
-        architecture = _typed(Architecture, _section(d, "architecture"), "architecture")
+        architecture = typed(Architecture, section(d, "architecture"), "architecture")
         for f in fields(Architecture):
             value, least = getattr(architecture, f.name), 0 if f.default == 0 else 1  # 0 is "none" where it is the default
             if isinstance(value, int) and value < least:
@@ -190,14 +190,14 @@ class Manifest:
             extra[name] = dict(value)
         encoder = None
         if task != "generate":
-            info = dict(_section(d, "encoder"))
+            info = dict(section(d, "encoder"))
             if isinstance(info.get("labels"), list):
                 info["labels"] = tuple(info["labels"])
-            encoder = _typed(EncoderInfo, info, "encoder")
+            encoder = typed(EncoderInfo, info, "encoder")
         return cls(
             architecture=architecture,
-            graph=_typed(Graph, {**graph, "io": io}, "graph"),
-            tokenizer=_typed(TokenizerInfo, tok, "tokenizer"),
+            graph=typed(Graph, {**graph, "io": io}, "graph"),
+            tokenizer=typed(TokenizerInfo, tok, "tokenizer"),
             task=task,
             encoder=encoder,
             **extra,
@@ -209,110 +209,6 @@ class Manifest:
             json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
             f.write("\n")
         return path
-
-
-_TYPES = {  # a field's annotation -> the JSON values it takes
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
-    "int | None": lambda v: v is None or _TYPES["int"](v),
-    "str | None": lambda v: v is None or isinstance(v, str),
-    "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(_TYPES["int"](x) for x in v),
-    "tuple[str, ...]": lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v),
-    "bool": lambda v: isinstance(v, bool),
-}
-
-
-def _section(d: dict[str, Any], name: str) -> dict[str, Any]:
-    value = d.get(name)
-    if not isinstance(value, dict):
-        raise ManifestError(f"malformed manifest: {name} is {'missing' if value is None else 'not an object'}")
-    return value
-
-
-def _typed(cls, data: Any, section: str):
-    """``cls(**data)`` once every field is known, present (or defaulted) and of its declared type."""
-    if not isinstance(data, dict):
-        raise ManifestError(f"malformed manifest: {section} is not an object")
-    known = {f.name: f for f in fields(cls)}
-    for name, value in data.items():
-        if name not in known:
-            raise ManifestError(f"malformed manifest: {section} has an unknown field {name!r}")
-        check = _TYPES.get(known[name].type)
-        if check is not None and not check(value):
-            raise ManifestError(f"malformed manifest: {section}.{name} must be {known[name].type}, got {value!r}")
-    try:
-        return cls(**data)
-    except TypeError as e:  # a required field is missing
-        raise ManifestError(f"malformed manifest: {section}: {e}") from None
-
-
-def file_fields(manifest: Manifest) -> list[tuple[str, str]]:
-    """(dotted field name, path) of every file the manifest names."""
-    out = []
-
-    def walk(obj, prefix: str) -> None:
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if f.metadata.get("file") and value is not None:
-                out.append((f"{prefix}{f.name}", value))
-            elif is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-
-    walk(manifest, "")
-    return out
-
-
-def contained_path(model_dir: str, relative: str, what: str) -> str:
-    """``model_dir/relative`` once it is known to stay inside ``model_dir`` (no absolute path, no
-    ``..``, no link leading out); ``what`` names the path in errors ("graph.file in lmrt.json")."""
-    refuse = f"{model_dir}: {what} is {{}}; lmrt reads files inside the model directory only"
-    if not relative:
-        raise ManifestError(f"{model_dir}: {what} is empty")
-    if os.path.isabs(relative) or relative.startswith(("/", "\\")) or os.path.splitdrive(relative)[0]:
-        raise ManifestError(refuse.format(f"an absolute path ({relative})"))
-    if ".." in relative.replace("\\", "/").split("/"):
-        raise ManifestError(refuse.format(f"{relative}, which leads out with '..'"))
-    root = os.path.realpath(model_dir)
-    path = os.path.join(model_dir, relative)
-    real = os.path.realpath(path)
-    if real == root:
-        raise ManifestError(refuse.format(f"{relative}, the model directory itself"))
-    if not real.startswith(root.rstrip(os.sep) + os.sep):
-        raise ManifestError(refuse.format(f"{relative}, which resolves (through a link) to {real}"))
-    return path
-
-
-def _check_file(model_dir: str, relative: str, what: str) -> str:
-    path = contained_path(model_dir, relative, what)
-    if not os.path.exists(path):
-        raise ManifestError(f"{model_dir} is incomplete: {relative} is missing ({what})")
-    if not os.path.isfile(path):
-        raise ManifestError(f"{model_dir} is damaged: {relative} is not a file ({what})")
-    return path
-
-
-def _check_external_data(model_dir: str, graph_relative: str) -> None:
-    """The graph's weight files: inside the model directory, present, and long enough."""
-    graph_path = os.path.join(model_dir, graph_relative)
-    try:
-        refs = external_data(graph_path)
-    except OnnxFileError as e:
-        raise ManifestError(f"{graph_path} is {e}: not a complete ONNX graph; export the model again") from None
-    except OSError as e:
-        raise ManifestError(f"cannot read {graph_path} ({e.strerror})") from None
-    needed: dict[str, tuple[int, str]] = {}  # location -> (bytes needed, a tensor stored there)
-    for ref in refs:
-        end = ref.offset + (ref.length or 0)
-        needed[ref.location] = max(needed.get(ref.location, (0, ref.tensor)), (end, ref.tensor))
-    base = os.path.dirname(graph_relative)
-    for location, (end, tensor) in needed.items():
-        what = f"the external data of tensor {tensor!r} in {graph_relative}"
-        path = _check_file(model_dir, os.path.join(base, location) if base else location, what)
-        size = os.path.getsize(path)
-        if size < end:
-            raise ManifestError(
-                f"{path} is truncated: {graph_relative} needs {end} bytes of it, it has {size}; export the model again"
-            )
 
 
 def require_task(manifest: Manifest, tasks: tuple[str, ...], model_dir: str) -> None:
@@ -348,19 +244,6 @@ def load_manifest(model_dir: str) -> Manifest:
     except ManifestError as e:
         raise ManifestError(f"{path}: {e}") from None
     for name, relative in file_fields(manifest):
-        _check_file(model_dir, relative, f"{name} in {MANIFEST_FILE}")
-    _check_external_data(model_dir, manifest.graph.file)
+        check_file(model_dir, relative, f"{name} in {MANIFEST_FILE}")
+    check_external_data(model_dir, manifest.graph.file)
     return manifest
-
-
-def load_tokenizer(model_dir: str, manifest: Manifest):
-    """The model's ``tokenizers.Tokenizer``, or ManifestError naming the file when it cannot be read."""
-    from tokenizers import Tokenizer
-
-    path = contained_path(model_dir, manifest.tokenizer.file, f"tokenizer.file in {MANIFEST_FILE}")
-    try:
-        return Tokenizer.from_file(path)
-    except Exception as e:  # tokenizers raises plain Exception for a file it cannot parse
-        raise ManifestError(
-            f"{path} is not a tokenizer the tokenizers library can read ({first_line(e)}); export the model again"
-        ) from None

@@ -29,6 +29,11 @@ TOKENIZER_FILE = "tokenizer.json"
 HIDDEN_KINDS = ("partial", "fp32", "probe")
 
 
+class ManifestError(ValueError):
+    """The model directory is missing, incomplete, of an unsupported format, or names files outside
+    itself."""
+
+
 class OutputError(ValueError):
     """The output path cannot be written or replaced; the message is one line meant for the user."""
 
