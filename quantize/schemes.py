@@ -1,15 +1,14 @@
-"""The quantization schemes ``--int8`` and ``--int4``, each chosen by measurement.
+"""The quantization schemes ``--int8`` and ``--int4``, each chosen by measuring perplexity on the
+gate's text and decode speed (the candidates and their numbers: docs/benchmarks.md).
 
-Measured on SmolLM2-135M-Instruct (perplexity on the gate's text, fp32 = 11.79; decode tokens/s on
-2 CPU cores, fp32 = 30):
-  8-bit symmetric, block 32                         +0.6 %   49 tok/s
-  4-bit symmetric, block 32                         +29 %
-  4-bit asymmetric (integer zero point), block 32   +27 %    71 tok/s
-  4-bit asymmetric, block 16                        +22 %
-  4-bit min/max with a float minimum, block 32      +0.6 %   59 tok/s   <- int4
-onnxruntime's CPU kernel is fast only at accuracy level 4 (int8 activations; level 0 ran 1.7 tok/s
-for 8 bits) and takes no float zero points at speed (5.9 tok/s), so a float minimum is applied as
-integer codes plus a per-block offset (see ``rewrite``).
+  int8  8-bit symmetric blocks of 32
+  int4  4-bit blocks of 32 on each block's own min/max grid with a float minimum (GGUF's Q4_1
+        layout): of the 4-bit candidates (symmetric, asymmetric with an integer zero point, blocks
+        of 16 or 32), the one whose perplexity stays close to int8's
+
+onnxruntime's CPU kernel is fast only at accuracy level 4 (int8 activations) and takes no float zero
+points at speed, so a float minimum is applied as integer codes plus a per-block offset (see
+``rewrite``).
 
 The lm_head and the token embeddings stay at 8 bits in both schemes: they are one table when
 tied, the logits are the most sensitive output, and 8 bits still quarter the table's size.
@@ -31,8 +30,8 @@ METHODS: dict[str, Callable[[np.ndarray, int, int], BlockQuantized]] = {
 }
 
 # onnxruntime MatMulNBits accuracy levels. "int8": activations are quantized to int8 per block and
-# multiplied with integer kernels (fast on CPU; costs SmolLM2 about +0.5 % perplexity). "float": the
-# weights are dequantized and multiplied in fp32 (exact, about half the speed on CPU).
+# multiplied with integer kernels (fast on CPU, at a small cost in perplexity). "float": the weights
+# are dequantized and multiplied in fp32 (exact, slower on CPU).
 COMPUTE = {"int8": 4, "float": 0}
 
 
