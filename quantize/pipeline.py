@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import time
 from collections import Counter
 from typing import Callable
@@ -27,7 +26,7 @@ from .encoder_gate import EncoderGate
 from .evaltext import read_text
 from .gate import PerplexityGate
 from .gguf_file import gguf_problem
-from .graph_file import save_graph
+from .graph_file import save_quantized
 from .schemes import Scheme
 from .token_int8 import write_encoder_int8
 
@@ -203,10 +202,8 @@ def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: 
         return scheme.quantize(kind, w)
 
     counts = quantize_graph(model, choose, scheme.accuracy_level, manifest.graph.io.input_ids, allow)
-    progress("… writing the graph")
-    save_graph(model, out_dir)
+    save_quantized(model, out_dir, source_dir, manifest, progress)
     del model
-    shutil.copy(os.path.join(source_dir, manifest.tokenizer.file), out_dir)
     return {
         **scheme.describe(),
         "weights": "MatMulNBits (linear, lm_head), GatherBlockQuantized (token embeddings)" + fallback_note(counts["forms"]),

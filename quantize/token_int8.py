@@ -28,7 +28,6 @@ classification head (Gemm) stays in float: it is tiny, and its logits are the mo
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import onnx
@@ -36,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..runtime.manifest import Manifest
 from .blocks import quantize_symmetric
-from .graph_file import save_graph
+from .graph_file import save_quantized
 from .rewrite import MS_DOMAIN, fallback_note, import_contrib_ops, quantize_graph
 from .schemes import scheme_for
 
@@ -135,10 +134,8 @@ def write_encoder_int8(source_dir: str, out_dir: str, manifest: Manifest, progre
         model, lambda kind, name, w: table.quantize(kind, w) if kind == "embedding" else None, table.accuracy_level,
         manifest.graph.io.input_ids, allow,
     )  # fmt: skip
-    progress("… writing the graph")
-    save_graph(model, out_dir)
+    save_quantized(model, out_dir, source_dir, manifest, progress)
     del model
-    shutil.copy(os.path.join(source_dir, manifest.tokenizer.file), out_dir)
     left = {"norms, biases, position embeddings": "all"}
     if counts["float"]["lm_head"]:
         left["classification head layers"] = counts["float"]["lm_head"]
