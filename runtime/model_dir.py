@@ -157,11 +157,17 @@ def _hidden_directory(output: str, kind: str) -> Iterator[str]:
     assert kind in HIDDEN_KINDS, kind
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=_hidden_prefix(output, kind), dir=parent)
+    prefix, tmp = _hidden_prefix(output, kind), None
     try:
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing left once moved into place
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing left once moved into place
+        else:  # interrupted (Ctrl-C) between making the directory and learning its name
+            for entry in os.listdir(parent):
+                if entry.startswith(prefix):
+                    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def move_into_place(tmp: str, output: str) -> None:
