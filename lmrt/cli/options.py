@@ -3,6 +3,7 @@ GenerationConfig field, from its metadata) and the runtime's --provider / --thre
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 
 import click
@@ -86,11 +87,28 @@ def given(options: dict) -> dict:
     return {k: (None if v == () else v) for k, v in options.items()}
 
 
+def settings_options(cls, names: tuple[str, ...] | None = None):
+    """A decorator adding one option per field of the dataclass ``cls`` whose metadata names a flag
+    (those in ``names`` when given), with the metadata's help and the field's default and type."""
+    hints = typing.get_type_hints(cls)
+    chosen = [f for f in dataclasses.fields(cls) if "flag" in f.metadata and (names is None or f.name in names)]
+
+    def decorate(fn):
+        for f in reversed(chosen):
+            kwargs = {"type": scalar_type(hints[f.name]), "help": f.metadata["help"], "callback": CHECKS.get(f.name)}
+            if f.default is not None:
+                kwargs.update(default=f.default, show_default=True)
+            fn = click.option(f.metadata["flag"], f.name, **kwargs)(fn)
+        return fn
+
+    return decorate
+
+
+CHECKS = {"threads": check_threads}  # settings checked as they are parsed, by click callbacks
+
+
 def runtime_options(fn):
-    """--provider and --threads, for every command that loads a model."""
-    return apply(fn, [
-        click.option("--provider", default="auto", show_default=True, help="auto, tensorrt, cuda or cpu."),
-        click.option(
-            "--threads", type=int, callback=check_threads, help="CPU threads (default: onnxruntime's choice, the physical cores)."
-        ),
-    ])  # fmt: skip
+    """--provider and --threads, for every command that loads a model (as ``lmrt serve`` has them)."""
+    from ..serve.settings import ServeSettings
+
+    return settings_options(ServeSettings, ("provider", "threads"))(fn)
