@@ -18,6 +18,7 @@ def info(model_dir: str) -> None:
       lmrt info models/smollm2
     """
     from ..atomic import directory_size
+    from ..precision import weights_row
     from ..runtime import load_manifest
     from ..runtime.session import available_providers
 
@@ -34,7 +35,7 @@ def info(model_dir: str) -> None:
         ("attention", f"{a.num_heads} heads, {a.num_kv_heads} KV heads, head size {a.head_size}"),
         ("vocabulary", str(a.vocab_size)),
         ("context", f"{a.context_length} tokens"),
-        ("weights", f"{m.graph.dtype}, {size / 1e6:.1f} MB on disk"),
+        ("weights", weights_row(m, size)),
         ("eos ids", ", ".join(map(str, t.eos_token_ids)) or "none"),
         ("chat template", "yes" if t.chat_template else "no"),
         ("defaults", ", ".join(f"{k}={val}" for k, val in m.generation_defaults.items()) or "none"),
@@ -83,9 +84,9 @@ def installed_onnxruntime_version() -> str | None:
 
 
 def onnxruntime_row(m) -> tuple[str, str]:
-    from ..runtime.compat import status_line
+    from ..doctor import onnxruntime_needed
 
-    return ("requires", status_line(m, installed_onnxruntime_version()))
+    return ("requires", onnxruntime_needed(m, installed_onnxruntime_version()))
 
 
 @click.command("doctor")

@@ -59,6 +59,7 @@ def serve(settings: ServeSettings, report: Callable[[str], None]) -> None:
         from .app import ServerState, create_app
     except ImportError as e:
         raise ServeError(f"lmrt serve needs the serve extra: pip install 'lmrt[serve]' ({e})") from None
+    from ..precision import precision
     from ..runtime import Encoder, Engine, Generator
     from ..runtime.errors import first_line
 
@@ -90,8 +91,7 @@ def serve(settings: ServeSettings, report: Callable[[str], None]) -> None:
             state.engine = engine
         else:
             state.encoder = encoder
-        quantized = f", {manifest.quantization['name']}" if manifest.quantization else ""
-        model = f"{settings.model_name} ({manifest.architecture.model_type}, {manifest.graph.dtype}{quantized})"
+        model = f"{settings.model_name} ({manifest.architecture.model_type}, {precision(manifest)})"
         report(f"lmrt serve: {url}/v1  model {model}, {how}")
 
     report(f"lmrt serve: loading {settings.model_dir} (listening on {url}; /health answers 503 until it is loaded)")
