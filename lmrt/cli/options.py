@@ -8,6 +8,7 @@ import typing
 
 import click
 
+from ..serve.settings import ServeSettings
 from .errors import CliError, flag_of
 
 
@@ -109,6 +110,4 @@ CHECKS = {"threads": check_threads}  # settings checked as they are parsed, by c
 
 def runtime_options(fn):
     """--provider and --threads, for every command that loads a model (as ``lmrt serve`` has them)."""
-    from ..serve.settings import ServeSettings
-
     return settings_options(ServeSettings, ("provider", "threads"))(fn)

@@ -51,14 +51,14 @@ def serve(model_dir, api_key_file, on_ray, address, replicas, min_replicas, max_
         if api_key_file:
             options["api_key"] = read_api_key(api_key_file)
         if on_ray:
-            serve_on_ray(model_dir, options, address, replicas, min_replicas, max_replicas)
+            run_on_ray(model_dir, options, address, replicas, min_replicas, max_replicas)
         else:
             run_server(ServeSettings(model_dir=model_dir, **options), report)
     except ServeError as e:
         raise CliError(str(e)) from None
 
 
-def serve_on_ray(model_dir: str, options: dict, address, replicas, min_replicas, max_replicas) -> None:
+def run_on_ray(model_dir: str, options: dict, address, replicas, min_replicas, max_replicas) -> None:
     """``lmrt serve --ray``: the options checked (the replicas' first), then the replicas started."""
     from ..serve import ServeError
 

@@ -22,8 +22,8 @@ from ..runtime.engine_settings import EngineSettings
 from ..runtime.manifest import Manifest, load_manifest
 from .errors import ServeError
 
-# the least value of each count, as ``lmrt serve`` names it in its errors
-LEAST = {"slots": 1, "max_queue": 0, "prefill_chunk": 1}
+# the least value of each count, as ``lmrt serve``'s errors state it
+COUNT_MINIMUMS = {"slots": 1, "max_queue": 0, "prefill_chunk": 1}
 
 
 def default_model_name(model_dir: str) -> str:
@@ -33,6 +33,8 @@ def default_model_name(model_dir: str) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class ServeSettings(EngineSettings):
+    """What ``lmrt serve`` runs with; built with keywords: ``ServeSettings(model_dir=..., slots=8)``."""
+
     model_dir: str
     host: str = field(default="127.0.0.1", metadata={"flag": "--host", "help": "Address to listen on (0.0.0.0: every interface)."})
     port: int = field(default=8000, metadata={"flag": "--port", "help": "Port to listen on (0: any free one)."})
@@ -57,7 +59,7 @@ class ServeSettings(EngineSettings):
             except ValueError:
                 shown = context if self.ctx_size is None else self.ctx_size  # the default fails for a context under 2 only
                 raise ServeError(f"{self.flag('ctx_size')} must be from 2 to the model's context ({context}), got {shown}") from None
-        for name, least in LEAST.items():
+        for name, least in COUNT_MINIMUMS.items():
             value = getattr(self, name)
             if is_int(value) and value < least:
                 raise ServeError(f"{self.flag(name)} must be at least {least}, got {value}")
