@@ -63,11 +63,20 @@ def machine_rows() -> list[tuple[str, str]]:
     return rows
 
 
-def model_rows(model_dir: str, manifest, have: str | None) -> list[tuple[str, str]]:
-    from .runtime.compat import status_line
+def onnxruntime_needed(manifest, have: str | None) -> str:
+    """What the directory needs of onnxruntime and whether ``have`` (the installed version) meets it:
+    "onnxruntime 1.23 or newer (target ort-1.23, floor 1.19); installed 1.23.2: ok"."""
+    from .runtime.compat import required, status_line
 
-    rows = [("model", f"{model_dir}: {manifest.task}, {manifest.graph.dtype}, {manifest.quantization.get('name', 'no quantization')}")]
-    rows.append(("needs", status_line(manifest, have)))
+    line = status_line(manifest, have)
+    return line if required(manifest) is None else f"onnxruntime {line}"
+
+
+def model_rows(model_dir: str, manifest, have: str | None) -> list[tuple[str, str]]:
+    from .precision import precision
+
+    rows = [("model", f"{model_dir}: {manifest.task}, {precision(manifest)}")]
+    rows.append(("needs", onnxruntime_needed(manifest, have)))
     forms = (manifest.requires or {}).get("forms") or {}
     if forms:
         rows.append(("operator forms", ", ".join(f"{f} {v}" for f, v in forms.items())))

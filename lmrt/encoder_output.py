@@ -7,6 +7,7 @@ from typing import IO, Sequence
 
 import numpy as np
 
+from .precision import weights_row
 from .runtime.encoder import Label
 from .runtime.manifest import Manifest
 
@@ -53,7 +54,7 @@ def encoder_rows(m: Manifest, size: int) -> list[tuple[str, str]]:
         ("vocabulary", str(a.vocab_size)),
         ("task", task),
         ("max length", f"{e.max_length} tokens per text (longer ones are cut, or refused with --no-truncate)"),
-        ("weights", f"{m.quantization.get('name') or m.graph.dtype}, {size / 1e6:.1f} MB on disk"),
+        ("weights", weights_row(m, size)),
         ("source", f"{p.get('source', '?')} ({p.get('source_kind', '?')}), lmrt {p.get('lmrt_version', '?')}"),
     ]
     if v:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import click
 
-from .cli import is_utf8
+from .utf8 import is_utf8
 
 try:  # line editing and history for input() in a terminal
     import readline  # noqa: F401

@@ -152,7 +152,7 @@ def test_info_and_doctor_say_what_the_model_needs_and_what_is_here(tiny_models):
     info = CliRunner().invoke(main, ["info", exported])
     assert info.exit_code == 0
     row = next(line for line in info.output.splitlines() if line.startswith("requires"))
-    assert f"{need} or newer" in row and f"installed {ort.__version__}: ok" in row
+    assert f"onnxruntime {need} or newer" in row and f"installed {ort.__version__}: ok" in row
     doctor = CliRunner().invoke(main, ["doctor", exported])
     assert doctor.exit_code == 0, doctor.output
     rows = dict(line.split(None, 1) if " " in line else (line, "") for line in doctor.output.splitlines())

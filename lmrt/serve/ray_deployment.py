@@ -19,7 +19,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from typing import Callable
 from urllib.parse import unquote, urlparse
 
@@ -29,6 +29,7 @@ from ray.util import metrics as ray_metrics
 
 from . import MAX_BODY_BYTES, ServeError
 from . import metrics as lmrt_metrics
+from .settings import ServeSettings
 
 APP_NAME = "lmrt"
 REPLICA_HEADER = "x-lmrt-replica"
@@ -47,33 +48,17 @@ def model_path(source: str) -> str:
     return unquote(url.path)
 
 
-@dataclass(frozen=True)
-class ReplicaSettings:
-    """What every replica builds its engine from (sent to the replicas by Ray)."""
-
-    model_dir: str
-    model_name: str
-    slots: int
-    ctx_size: int
-    max_queue: int
-    prefill_chunk: int
-    provider: str
-    threads: int | None
-    api_key: str | None
-
-
 @serve.ingress()
 class LmrtReplica:
     """One engine and one copy of lmrt's HTTP app."""
 
-    def __init__(self, settings: ReplicaSettings):
+    def __init__(self, settings: ServeSettings):
         from ..runtime import Engine, Generator
         from .app import ServerState
 
         self.replica = serve.get_replica_context().replica_id.unique_id
         generator = Generator(settings.model_dir, provider=settings.provider, threads=settings.threads)
-        self.engine = Engine(generator, slots=settings.slots, ctx_size=settings.ctx_size, max_queue=settings.max_queue,
-                             prefill_chunk=settings.prefill_chunk)  # fmt: skip
+        self.engine = Engine(generator, **asdict(settings.engine_settings()))
         self.state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES, engine=self.engine)
         self._stop = threading.Event()
         self._exporter = _MetricsExporter(self.replica)
@@ -168,7 +153,7 @@ def slot_autoscaling_policy(ctx):
     return desired, state
 
 
-def deployment_options(settings: ReplicaSettings, replicas: int | None, min_replicas: int | None, max_replicas: int | None) -> dict:
+def deployment_options(settings: ServeSettings, replicas: int | None, min_replicas: int | None, max_replicas: int | None) -> dict:
     """Ray Serve options: a fixed replica count or autoscaling on the engines' load. A replica takes
     ``threads`` CPUs (1 when not given) and at most slots + max-queue requests at once."""
     options = {
@@ -192,24 +177,23 @@ def deployment_options(settings: ReplicaSettings, replicas: int | None, min_repl
 
 
 def serve_on_ray(
-    settings: ReplicaSettings,
+    settings: ServeSettings,
     report: Callable[[str], None],
-    host: str,
-    port: int,
     address: str | None,
     replicas: int | None,
     min_replicas: int | None,
     max_replicas: int | None,
 ) -> None:
-    """Start (no ``address``) or join a Ray cluster, run the replicas and Ray's HTTP proxy on
-    host:port, and block until SIGINT/SIGTERM; then the application is deleted from a joined
-    cluster, or the cluster this call started is stopped."""
+    """Start (no ``address``) or join a Ray cluster, run the replicas (each built from ``settings``)
+    and Ray's HTTP proxy on the settings' host and port, and block until SIGINT/SIGTERM; then the
+    application is deleted from a joined cluster, or the cluster this call started is stopped."""
     options = deployment_options(settings, replicas, min_replicas, max_replicas)
     context = ray.init(address=address, include_dashboard=False, logging_level="warning", log_to_driver=False,
                        configure_logging=True)  # fmt: skip
     try:
         gcs = context.address_info.get("gcs_address") or context.address_info.get("address")
         report(f"lmrt serve: Ray cluster at {gcs}; starting {_count(options)} (model {settings.model_dir})")
+        host, port = settings.host, settings.port
         serve.start(http_options={"host": host, "port": port})
         deployment = serve.deployment(LmrtReplica, name="LmrtReplica", **options)
         serve.run(deployment.bind(settings), name=APP_NAME, route_prefix="/")
@@ -254,4 +238,4 @@ def check_replicas(replicas: int | None, min_replicas: int | None, max_replicas:
         raise ServeError("--port 0 is not supported with --ray: Ray's HTTP proxy needs a fixed port")
 
 
-__all__ = ["LmrtReplica", "ReplicaSettings", "model_path", "serve_on_ray", "slot_autoscaling_policy"]
+__all__ = ["LmrtReplica", "model_path", "serve_on_ray", "slot_autoscaling_policy"]

@@ -1,0 +1,79 @@
+"""ServeSettings: everything ``lmrt serve`` runs with, in one frozen object: where it listens, who
+may call it, which model under which name, how the model is run, and the engine's sizing.
+
+The sizing is EngineSettings' own fields (inherited, with their defaults, help and flags); each
+other field's metadata holds its help text and command-line flag too, and ``lmrt serve``'s options
+are built from them. ``provider`` and ``threads`` are the --provider / --threads of every command
+that loads a model.
+
+A ServeSettings is checked when it is built: the model's manifest is read (nothing is loaded), every
+setting is checked against it, with one-line ServeErrors that name the flags, and the defaults that
+depend on the model are resolved (``ctx_size``, ``model_name``). ``serve()`` and every Ray replica
+take it as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from ..runtime.checks import is_int
+from ..runtime.engine_settings import EngineSettings
+from ..runtime.manifest import Manifest, load_manifest
+from .errors import ServeError
+
+# the least value of each count, as ``lmrt serve``'s errors state it
+COUNT_MINIMUMS = {"slots": 1, "max_queue": 0, "prefill_chunk": 1}
+
+
+def default_model_name(model_dir: str) -> str:
+    """The model id clients send when --model-name is not given: the directory's name."""
+    return os.path.basename(os.path.abspath(model_dir).rstrip(os.sep))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeSettings(EngineSettings):
+    """What ``lmrt serve`` runs with; built with keywords: ``ServeSettings(model_dir=..., slots=8)``."""
+
+    model_dir: str
+    host: str = field(default="127.0.0.1", metadata={"flag": "--host", "help": "Address to listen on (0.0.0.0: every interface)."})
+    port: int = field(default=8000, metadata={"flag": "--port", "help": "Port to listen on (0: any free one)."})
+    api_key: str | None = field(
+        default=None, repr=False, metadata={"flag": "--api-key", "help": "Require 'Authorization: Bearer KEY' on every route but /health."}
+    )
+    model_name: str | None = field(
+        default=None, metadata={"flag": "--model-name", "help": "The model id clients send [default: the directory's name]."}
+    )
+    provider: str = field(default="auto", metadata={"flag": "--provider", "help": "auto, tensorrt, cuda or cpu."})
+    threads: int | None = field(
+        default=None, metadata={"flag": "--threads", "help": "CPU threads (default: onnxruntime's choice, the physical cores)."}
+    )
+    manifest: Manifest = field(init=False, repr=False, compare=False)  # read from model_dir when built
+
+    def __post_init__(self) -> None:
+        manifest = load_manifest(self.model_dir)
+        context = manifest.architecture.context_length
+        if self.ctx_size is None or is_int(self.ctx_size):
+            try:
+                object.__setattr__(self, "ctx_size", self.resolved_ctx_size(context))
+            except ValueError:
+                shown = context if self.ctx_size is None else self.ctx_size  # the default fails for a context under 2 only
+                raise ServeError(f"{self.flag('ctx_size')} must be from 2 to the model's context ({context}), got {shown}") from None
+        for name, least in COUNT_MINIMUMS.items():
+            value = getattr(self, name)
+            if is_int(value) and value < least:
+                raise ServeError(f"{self.flag(name)} must be at least {least}, got {value}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ServeError(f"{self.flag('api_key')} is empty")
+        super().__post_init__()  # what is not an integer at all
+        object.__setattr__(self, "manifest", manifest)
+        object.__setattr__(self, "model_name", self.model_name or default_model_name(self.model_dir))
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """The command-line flag of the field ``name`` ("--ctx-size")."""
+        return next(f.metadata["flag"] for f in fields(cls) if f.name == name)
+
+    def engine_settings(self) -> EngineSettings:
+        """The engine's sizing alone, ``ctx_size`` resolved."""
+        return EngineSettings(**{name: getattr(self, name) for name in EngineSettings.field_names()})
