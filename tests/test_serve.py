@@ -310,6 +310,9 @@ BAD = [
     ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, None),
     ("token id beyond the vocabulary", "/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, None),
     ("unknown field", "/v1/completions", {"model": MODEL, "prompt": "hi", "best_of_n": 2}, 400, "unsupported_parameter"),
+    ("beam search", "/v1/completions", {"model": MODEL, "prompt": "hi", "num_beams": 2}, 400, "unsupported_parameter"),
+    ("bad speculation", "/v1/completions", {"model": MODEL, "prompt": "hi", "speculation": "maybe"}, 400, None),
+    ("bad guided_choice", "/v1/completions", {"model": MODEL, "prompt": "hi", "guided_choice": []}, 400, None),
     ("empty tools", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, None),
     ("temperature out of range", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 3}, 400, None),
     ("top_p out of range", "/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, None),
@@ -440,6 +443,26 @@ def test_response_format_json_schema_equals_the_generator(chat_server, chat_mode
     )
     assert out.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(out.choices[0].message.content), dict)
+
+
+def test_generation_options_under_vllms_names_equal_the_generator(tiny_server, llama):
+    """GenerationConfig's options the OpenAI API lacks are request fields too: the constraints under
+    vLLM's names, and speculation."""
+    pytest.importorskip("llguidance")
+    client = tiny_server.client()
+    cases = [
+        ({"guided_choice": ["Paris", "Rome"]}, {"choices": ["Paris", "Rome"]}),
+        ({"guided_regex": "[a-z]{3,6}"}, {"regex": "[a-z]{3,6}"}),
+        ({"guided_json": PERSON}, {"json_schema": PERSON}),
+        ({"speculation": "off", "temperature": 0.8, "seed": 2}, {"speculation": "off", "temperature": 0.8, "seed": 2}),
+    ]
+    for extra, options in cases:
+        out = client.completions.create(model=MODEL, prompt="The capital of", max_tokens=40, extra_body=extra)
+        assert out.choices[0].text == llama.generate("The capital of", max_new_tokens=40, **options), extra
+    texts = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, extra_body=cases[0][0]).choices[0].text
+             for p in ("The capital of", "Small models")]  # fmt: skip
+    assert all(t in ("Paris", "Rome") for t in texts)
+    assert re.fullmatch("[a-z]{3,6}", client.completions.create(model=MODEL, prompt="hi", max_tokens=8, extra_body=cases[1][0]).choices[0].text)
 
 
 def _check_call(call, jsonschema) -> str:

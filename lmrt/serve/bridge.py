@@ -31,7 +31,7 @@ class Run:
     config: GenerationConfig
     engine: Engine
     queue: asyncio.Queue
-    requests: list = field(default_factory=list)
+    submitted: list = field(default_factory=list)  # the engine requests, one per prompt
 
     @property
     def n(self) -> int:
@@ -42,7 +42,7 @@ class Run:
         return len(self.request.prompts) * self.n
 
     def cancel(self) -> None:
-        for r in self.requests:
+        for r in self.submitted:
             self.engine.cancel(r)
 
 
@@ -53,7 +53,7 @@ def submit(engine: Engine, request: GenerationRequest, config: GenerationConfig)
     try:
         for p, ids in enumerate(request.prompts):
             engine_request = engine.request(ids, config, partial(_deliver, loop, run.queue, p), request.logprobs)
-            run.requests.append(engine.submit(engine_request))
+            run.submitted.append(engine.submit(engine_request))
     except QueueFullError as e:
         run.cancel()
         raise APIError(503, str(e), code="server_busy") from None
@@ -80,7 +80,7 @@ async def events(run: Run) -> AsyncIterator[tuple[int, Event]]:
     while open_choices:
         prompt, event = await run.queue.get()
         if event.finish_reason == "error":
-            error = run.requests[prompt].error
+            error = run.submitted[prompt].error
             raise APIError(500, f"generation failed: {type(error).__name__}: {error}")
         if event.finish_reason is not None:
             open_choices -= 1

@@ -11,7 +11,9 @@ from . import responses
 from .bridge import Run
 from .errors import APIError
 from .options import read_options, read_value
-from .requests import GENERATION_FIELDS, CompletionRequest, ServedModel, check_fields, check_model, read_generation, read_inputs, read_logprobs
+from .requests import (
+    GENERATION_FIELDS, CompletionRequest, ServedModel, check_fields, check_model, read_generation, read_inputs, read_logprobs,
+)
 
 COMPLETION_FIELDS = GENERATION_FIELDS | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's

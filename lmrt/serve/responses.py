@@ -44,7 +44,7 @@ def usage(run: Run, generated: int) -> dict:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": generated,
         "total_tokens": prompt_tokens + generated,
-        "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in run.requests)},
+        "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in run.submitted)},
     }
 
 
