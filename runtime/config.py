@@ -1,7 +1,8 @@
 """GenerationConfig: every option of a generation request, validated on construction.
 
-Each field carries its own documentation in its metadata: the help text, the command-line flag and
-whether the command line offers it at all. The CLI builds its options from these, and a bad value is
+Each field carries its own documentation in its metadata: the help text, the command-line flag,
+whether the command line and the HTTP server offer it, and the request fields the server takes it
+from. The CLI and the server build their options from these, and a bad value is
 reported as a ``ConfigError`` that knows its field, so each interface can name it the way its user
 typed it (``--top-p`` on the command line, ``top_p`` in Python and HTTP).
 """
@@ -34,10 +35,16 @@ class ConfigError(ValueError):
         return f"{name} {self.why}"
 
 
-def option(default: Any, help: str, flag: str | None = None, short: str | None = None, cli: bool = True, **kw):
+def option(
+    default: Any, help: str, flag: str | None = None, short: str | None = None, cli: bool = True,
+    server: bool = True, aliases: tuple[str, ...] = (), **kw,
+):
     """A GenerationConfig field with its documentation: ``flag`` defaults to the field name in
-    kebab case; ``cli=False`` keeps it off the command line (Python-only values)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "short": short, "cli": cli, **kw})
+    kebab case; ``cli=False`` keeps it off the command line (Python-only values). ``server=False``
+    keeps it out of the HTTP server's requests; ``aliases`` are the request fields the server takes
+    it from, in order of precedence (default: the field name)."""
+    metadata = {"help": help, "flag": flag, "short": short, "cli": cli, "server": server, "aliases": aliases, **kw}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,13 @@ class GenerationConfig:
     regex, grammar or choices); then, when sampling, temperature, top-k, top-p and min-p, and a draw.
     """
 
-    max_new_tokens: int = option(256, "Tokens to generate at most (the context length caps it too).", short="-n")
-    min_new_tokens: int = option(0, "The stop tokens are banned until this many tokens are generated.")
+    max_new_tokens: int = option(
+        256, "Tokens to generate at most (the context length caps it too).", short="-n",
+        aliases=("max_completion_tokens", "max_tokens"),
+    )
+    min_new_tokens: int = option(
+        0, "The stop tokens are banned until this many tokens are generated.", aliases=("min_tokens",)
+    )
     temperature: float = option(0.0, "0 is greedy decoding; above 0 samples from softmax(logits / temperature).", short="-t")
     top_k: int = option(0, "Sample among the k most likely tokens (0: off).")
     top_p: float = option(1.0, "Sample among the most likely tokens whose probability reaches p, in (0, 1] (1: off).")
@@ -61,15 +73,21 @@ class GenerationConfig:
     presence_penalty: float = option(0.0, "Subtracted from the logit of every token already generated, -2 to 2 (OpenAI's).")
     frequency_penalty: float = option(0.0, "Subtracted once per earlier occurrence in the output, -2 to 2 (OpenAI's).")
     no_repeat_ngram_size: int = option(0, "No n-gram of this size appears twice in prompt + output (0: off).")
-    num_beams: int = option(1, "Beam search with this many beams (1: no beam search; needs temperature 0).", short="-b")
-    length_penalty: float = option(1.0, "Beam search ranks finished beams by sum of log-probs / length ** this.")
+    num_beams: int = option(
+        1, "Beam search with this many beams (1: no beam search; needs temperature 0).", short="-b", server=False
+    )
+    length_penalty: float = option(
+        1.0, "Beam search ranks finished beams by sum of log-probs / length ** this.", server=False
+    )
     early_stopping: bool | str = option(
         False,
         "Beam search stops once num_beams beams finish (true), when no running beam is likely to beat them "
         "(false), or when none can (never).",
-        choices=("true", "false", "never"),
+        choices=("true", "false", "never"), server=False,
     )
-    num_return_sequences: int = option(1, "Sequences per prompt: independent samples, or the best beams.", short="-N")
+    num_return_sequences: int = option(
+        1, "Sequences per prompt: independent samples, or the best beams.", short="-N", aliases=("n",)
+    )
     seed: int | None = option(None, "Seed of the samplers' random generators (none: fresh randomness).")
     speculation: str = option(
         "auto",
@@ -85,18 +103,22 @@ class GenerationConfig:
     )
     json_schema: dict | str | None = option(
         None, "The output is JSON matching this JSON schema (a file on the command line; needs lmrt[structured]).",
-        metavar="FILE",
+        metavar="FILE", aliases=("response_format", "guided_json"),
     )
-    regex: str | None = option(None, "The output fully matches this regular expression (needs lmrt[structured]).")
+    regex: str | None = option(
+        None, "The output fully matches this regular expression (needs lmrt[structured]).", aliases=("guided_regex",)
+    )
     grammar: str | None = option(
         None, "The output follows this Lark or GBNF grammar (a file on the command line; needs lmrt[structured]).",
-        metavar="FILE",
+        metavar="FILE", aliases=("guided_grammar",),
     )
     choices: tuple[str, ...] = option(
-        (), "The output is exactly one of these strings (repeatable; needs lmrt[structured]).", flag="--choice", multiple=True
+        (), "The output is exactly one of these strings (repeatable; needs lmrt[structured]).", flag="--choice", multiple=True,
+        aliases=("guided_choice",),
     )
     logits_processors: tuple[LogitsProcessor, ...] = option(
-        (), "Callables (token_ids, logits) -> logits, run after the built-in penalties and before sampling.", cli=False
+        (), "Callables (token_ids, logits) -> logits, run after the built-in penalties and before sampling.", cli=False,
+        aliases=("logit_bias",),
     )
 
     def __post_init__(self) -> None:
@@ -206,7 +228,7 @@ class GenerationConfig:
 
     @classmethod
     def options(cls) -> list[dataclasses.Field]:
-        """The fields with their metadata (help, flag, short, cli, choices, multiple)."""
+        """The fields with their metadata (help, flag, short, cli, server, aliases, choices, multiple)."""
         return list(fields(cls))
 
     @staticmethod

@@ -70,6 +70,16 @@ class Server:
                 self.proc.wait()
 
 
+def wait_for(condition, what: str, polls: int = 400, every: float = 0.05) -> None:
+    """Poll ``condition`` (a server's state, which sends no event) at most ``polls`` times; fail
+    naming ``what`` was awaited if it never holds."""
+    for _ in range(polls):
+        if condition():
+            return
+        time.sleep(every)
+    pytest.fail(f"waited {polls * every:.0f} s for {what}")
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tiny_models):
     server = Server(tiny_models["llama"][2], "--slots", "4", "--ctx-size", "128", "--prefill-chunk", "16")
@@ -145,6 +155,9 @@ def test_n_seed_and_stop_strings(tiny_server, llama):
     assert stop.strip()
     cut = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=0.9, top_p=0.95, seed=3, stop=[stop])
     assert cut.choices[0].text == llama.generate("Once upon a time", stop=[stop], **options)
+    # the stop string occurs in the uncut text: the answer ends just before its first occurrence
+    at = expected[0].text.index(stop)
+    assert at <= 8 and cut.choices[0].text == expected[0].text[:at]
     assert cut.choices[0].finish_reason == "stop"
 
 
@@ -163,7 +176,9 @@ def test_logprobs_equal_scoring(tiny_server, llama):
     scored = llama.score(ids + generated).logprobs[len(ids) - 1 :]
     np.testing.assert_allclose(lp.token_logprobs, scored, atol=2e-4)
     assert lp.tokens == [llama.decode([t]) for t in generated]
-    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert len(lp.top_logprobs) == len(generated)
+    # two alternatives per token, keyed by their text (two tokens with one text make one entry)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs) and any(len(top) == 2 for top in lp.top_logprobs)
 
 
 def test_chat_logprobs(chat_model):
@@ -263,11 +278,8 @@ def test_a_client_that_leaves_frees_its_slot_and_the_others_go_on(tiny_server, l
     assert response.readline().startswith(b"data: ")  # the first chunk came
     conn.close()  # and the client leaves
     other_thread.join(60)
-    deadline = time.time() + 20
-    while time.time() < deadline and (
-        tiny_server.metric("lmrt:kv_slots_in_use") > 0 or tiny_server.metric("lmrt:requests_finished_total") < base + 2
-    ):
-        time.sleep(0.05)
+    wait_for(lambda: tiny_server.metric("lmrt:kv_slots_in_use") == 0 and tiny_server.metric("lmrt:requests_finished_total") >= base + 2,
+             "the dropped stream's slot to be given back and both requests to finish")  # fmt: skip
     assert tiny_server.metric("lmrt:kv_slots_in_use") == 0
     assert tiny_server.metric("lmrt:requests_finished_total") == base + 2
     assert other == [llama.generate("Small models", max_new_tokens=60)]
@@ -298,6 +310,9 @@ BAD = [
     ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, None),
     ("token id beyond the vocabulary", "/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, None),
     ("unknown field", "/v1/completions", {"model": MODEL, "prompt": "hi", "best_of_n": 2}, 400, "unsupported_parameter"),
+    ("beam search", "/v1/completions", {"model": MODEL, "prompt": "hi", "num_beams": 2}, 400, "unsupported_parameter"),
+    ("bad speculation", "/v1/completions", {"model": MODEL, "prompt": "hi", "speculation": "maybe"}, 400, None),
+    ("bad guided_choice", "/v1/completions", {"model": MODEL, "prompt": "hi", "guided_choice": []}, 400, None),
     ("empty tools", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, None),
     ("temperature out of range", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 3}, 400, None),
     ("top_p out of range", "/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, None),
@@ -418,11 +433,36 @@ def test_response_format_json_schema_equals_the_generator(chat_server, chat_mode
             text, reason = out.choices[0].message.content, out.choices[0].finish_reason
         assert text == expected and reason == "stop"
         jsonschema.validate(json.loads(text), PERSON)
-    out = client.chat.completions.create(model=model, messages=CHAT, response_format={"type": "json_object"}, max_tokens=70, seed=1, temperature=1.0)
-    if out.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(out.choices[0].message.content), dict)
-    else:  # cut short by max_tokens, and said so
-        assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 70
+    # json_object: a seed whose answer the Generator completes within max_tokens, so it must be JSON
+    prompt = gen.chat_prompt(CHAT)
+    complete = [seed for seed in range(12) if gen.generate_batch(
+        [prompt], json_schema={"type": "object"}, temperature=1.0, seed=seed, max_new_tokens=70)[0][0].finish_reason == "stop"]  # fmt: skip
+    assert complete, "no seed from 0 to 11 gives a JSON object within 70 tokens"
+    out = client.chat.completions.create(
+        model=model, messages=CHAT, response_format={"type": "json_object"}, max_tokens=70, seed=complete[0], temperature=1.0
+    )
+    assert out.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(out.choices[0].message.content), dict)
+
+
+def test_generation_options_under_vllms_names_equal_the_generator(tiny_server, llama):
+    """GenerationConfig's options the OpenAI API lacks are request fields too: the constraints under
+    vLLM's names, and speculation."""
+    pytest.importorskip("llguidance")
+    client = tiny_server.client()
+    cases = [
+        ({"guided_choice": ["Paris", "Rome"]}, {"choices": ["Paris", "Rome"]}),
+        ({"guided_regex": "[a-z]{3,6}"}, {"regex": "[a-z]{3,6}"}),
+        ({"guided_json": PERSON}, {"json_schema": PERSON}),
+        ({"speculation": "off", "temperature": 0.8, "seed": 2}, {"speculation": "off", "temperature": 0.8, "seed": 2}),
+    ]
+    for extra, options in cases:
+        out = client.completions.create(model=MODEL, prompt="The capital of", max_tokens=40, extra_body=extra)
+        assert out.choices[0].text == llama.generate("The capital of", max_new_tokens=40, **options), extra
+    texts = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, extra_body=cases[0][0]).choices[0].text
+             for p in ("The capital of", "Small models")]  # fmt: skip
+    assert all(t in ("Paris", "Rome") for t in texts)
+    assert re.fullmatch("[a-z]{3,6}", client.completions.create(model=MODEL, prompt="hi", max_tokens=8, extra_body=cases[1][0]).choices[0].text)
 
 
 def _check_call(call, jsonschema) -> str:

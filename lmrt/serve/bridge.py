@@ -1,0 +1,130 @@
+"""From the engine's thread to the event loop, and back when the client leaves.
+
+A request's engine requests (one per prompt) send their events from the engine's thread; ``submit``
+has them put on an asyncio queue through the event loop, and ``events`` reads them in order. A client
+that leaves is heard by one mechanism, ``unless_disconnected``, which races the work of an answer
+against the client's disconnect message: for a whole answer it runs in the route, for a stream in
+``EventStream``. Either way the generation is cancelled, and the slot freed at the engine's next step,
+also while the request still waits for a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive
+
+from ..runtime import ConfigError, Engine, Event, GenerationConfig, QueueFullError
+from .errors import APIError
+from .requests import GenerationRequest
+
+
+@dataclass
+class Run:
+    """One HTTP request's engine requests (one per prompt), and their events as they arrive."""
+
+    request: GenerationRequest
+    config: GenerationConfig
+    engine: Engine
+    queue: asyncio.Queue
+    submitted: list = field(default_factory=list)  # the engine requests, one per prompt
+
+    @property
+    def n(self) -> int:
+        return self.config.num_return_sequences
+
+    @property
+    def choices(self) -> int:
+        return len(self.request.prompts) * self.n
+
+    def cancel(self) -> None:
+        for r in self.submitted:
+            self.engine.cancel(r)
+
+
+def submit(engine: Engine, request: GenerationRequest, config: GenerationConfig) -> Run:
+    """Submit one engine request per prompt; a refusal cancels those already submitted."""
+    loop = asyncio.get_running_loop()
+    run = Run(request, config, engine, asyncio.Queue())
+    try:
+        for p, ids in enumerate(request.prompts):
+            engine_request = engine.request(ids, config, partial(_deliver, loop, run.queue, p), request.logprobs)
+            run.submitted.append(engine.submit(engine_request))
+    except QueueFullError as e:
+        run.cancel()
+        raise APIError(503, str(e), code="server_busy") from None
+    except ConfigError as e:  # a constraint found invalid once compiled
+        run.cancel()
+        raise request.error(e) from None
+    except ValueError as e:
+        run.cancel()
+        raise APIError(400, str(e)) from None
+    return run
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, prompt: int, event: Event) -> None:
+    """From the engine's thread: hand ``event`` of prompt ``prompt`` to the event loop."""
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, (prompt, event))
+    except RuntimeError:  # the event loop is closed: the server is shutting down
+        pass
+
+
+async def events(run: Run) -> AsyncIterator[tuple[int, Event]]:
+    """(choice index, event) until every choice has finished."""
+    open_choices = run.choices
+    while open_choices:
+        prompt, event = await run.queue.get()
+        if event.finish_reason == "error":
+            error = run.submitted[prompt].error
+            raise APIError(500, f"generation failed: {type(error).__name__}: {error}")
+        if event.finish_reason is not None:
+            open_choices -= 1
+        yield prompt * run.n + event.choice, event
+
+
+async def unless_disconnected(receive: Receive, work: Awaitable, on_disconnect: Callable[[], None]) -> Any:
+    """``work``'s result, or None once the client has left: then ``on_disconnect`` runs and the work
+    is cancelled. So it is too when this is cancelled (Ray Serve's way of saying the client left),
+    or when the connection breaks while the work sends (OSError)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        on_disconnect()
+        raise
+    finally:
+        gone.cancel()
+    if task not in done:
+        task.cancel()
+        on_disconnect()
+        return None
+    try:
+        return task.result()
+    except OSError:
+        on_disconnect()
+        return None
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class EventStream(StreamingResponse):
+    """Server-Sent Events that always listen for the client's disconnect (Starlette's own stream
+    listens only under older ASGI servers), so the generation is cancelled at once, even before a
+    token is sent."""
+
+    def __init__(self, content: AsyncIterator[str], on_disconnect: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_disconnect = on_disconnect
+
+    async def __call__(self, scope, receive, send) -> None:
+        await unless_disconnected(receive, self.stream_response(send), self.on_disconnect)
