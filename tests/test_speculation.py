@@ -34,11 +34,11 @@ def run(gen, prompt, **options):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_with_speculation_equals_without(loaded, family):
     gen = loaded[family]
-    before = gen.stats.accepted_tokens
-    for prompt in REPEATING + PLAIN:
-        for options in (dict(max_new_tokens=40), dict(max_new_tokens=13, stop_token_ids=[]), dict(max_new_tokens=40, repetition_penalty=1.2)):
+    for options in (dict(max_new_tokens=40), dict(max_new_tokens=13, stop_token_ids=[]), dict(max_new_tokens=40, repetition_penalty=1.2)):
+        before = gen.stats.accepted_tokens
+        for prompt in REPEATING + PLAIN:
             assert run(gen, prompt, **options) == run(gen, prompt, speculation="off", **options), (prompt, options)
-    assert gen.stats.accepted_tokens > before  # speculation really ran and was accepted
+        assert gen.stats.accepted_tokens > before, options  # speculation really ran and was accepted
 
 
 def tokens_and_accepted(gen, prompt, **options) -> tuple[list[int], list[int]]:
