@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 import threading
+import time
+from typing import Callable
 
 import pytest
 
@@ -87,6 +89,16 @@ def wait_for_serve_url(proc: subprocess.Popen, lines: list[str], timeout: float)
     found.wait(timeout)
     ready = next((line for line in lines if line.startswith("lmrt serve: http://")), None)
     return re.search(r"(http://\S+)/v1", ready).group(1) if ready else None
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Return as soon as ``condition()`` is true; fail, naming ``what`` was awaited, if it is still
+    false after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:g} s: {what}")
+        time.sleep(interval)
 
 
 def train_tokenizer(save_dir: str, vocab_size: int = 400):

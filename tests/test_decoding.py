@@ -188,6 +188,8 @@ def test_stop_strings_cut_each_sequence_of_a_batch(loaded):
         if stop in whole[0].text:
             assert short[0].text == whole[0].text[: whole[0].text.index(stop)]
             assert short[0].finish_reason == "stop_string"
+        else:  # a sequence without the stop string is left whole
+            assert (short[0].text, short[0].finish_reason) == (whole[0].text, whole[0].finish_reason)
     assert cut[0][0].finish_reason == "stop_string"
 
 
@@ -249,7 +251,8 @@ def test_logits_processor_equals_a_transformers_custom_processor(loaded, setting
         expected = reference(model, gen.encode(prompt), [], logits_processor=LogitsProcessorList([ban_thirds_torch]), **settings)[0]
         got = gen.generate_batch([prompt], stop_token_ids=None, logits_processors=[ban_thirds], **settings)[0][0]
         assert got.token_ids == expected
-        assert all(t % 3 for t in got.token_ids)
+        # the stop token (0) is banned too, so every sequence runs to its length
+        assert len(got.token_ids) == settings["max_new_tokens"] and all(t % 3 for t in got.token_ids)
 
 
 def test_a_processor_returning_the_wrong_shape_is_named(loaded):

@@ -248,7 +248,7 @@ def test_one_encoder_serves_several_threads(st_models):
         t.start()
     for t in threads:
         t.join()
-    assert not errors
+    assert not errors and sorted(results) == list(range(6))
     for i, got in results.items():
         np.testing.assert_allclose(np.roll(got, i, axis=0), expected, rtol=0, atol=1e-5)
 
@@ -297,6 +297,7 @@ def test_classifier_logits_and_labels_equal_pytorch(classifiers, family):
     expected = torch.sigmoid(torch.tensor(reference)) if sigmoid else torch.softmax(torch.tensor(reference), -1)
     np.testing.assert_allclose(encoder.scores(TEXTS), expected.numpy(), rtol=0, atol=1e-4)
     top = encoder.classify(TEXTS, top_k=2)
+    assert len(top) == len(TEXTS)
     for row, labels in zip(expected.numpy(), top):
         order = np.argsort(-row, kind="stable")[: min(2, config.num_labels)]
         assert [lab.label for lab in labels] == [config.id2label[int(j)] for j in order]
@@ -524,6 +525,7 @@ def test_embed_command_prints_what_the_api_returns(run, st_models):
     got = np.array([[float(x) for x in line.split()] for line in result.stdout.splitlines()])
     np.testing.assert_array_equal(got.astype(np.float32), expected)
     result = run("embed", path, "a cat", "Ein Hund", "dog", "--json", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2]
     np.testing.assert_array_equal(np.array([r["embedding"] for r in records], np.float32), expected)
@@ -534,11 +536,13 @@ def test_classify_command_prints_labels_and_scores(run, classifiers):
     expected = runtime.Encoder(path).classify(TEXTS[:3], top_k=2)
     result = run("classify", path, *TEXTS[:3], "-k", "2")
     assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == len(expected) == 3
     for line, labels in zip(result.stdout.splitlines(), expected):
         fields = line.split("\t")
         assert fields[0::2] == [lab.label for lab in labels]
         assert [float(s) for s in fields[1::2]] == pytest.approx([lab.score for lab in labels], abs=1e-4)
     result = run("classify", path, "-", "--json", input="great food\n")
+    assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["index"] == 0 and record["labels"][0]["label"] == runtime.Encoder(path).classify("great food")[0][0].label
 

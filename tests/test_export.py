@@ -62,7 +62,7 @@ def test_failure_midway_leaves_nothing_and_keeps_the_old_directory(tiny_models, 
     assert not out.exists()
     out.mkdir()
     (out / "lmrt.json").write_text("old")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk on fire"):
         export_model(tiny_models["gpt2"][0], str(out), force=True, **quiet)
     assert (out / "lmrt.json").read_text() == "old"
     assert leftovers(tmp_path) == []

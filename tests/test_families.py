@@ -203,6 +203,7 @@ def test_graph_uses_the_attention_node_options(family_models):
         nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
         attrs[name] = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} | {"inputs": len(n.input)} for n in nodes]
         assert len(nodes) == load_manifest(exported).architecture.num_layers
+    assert set(attrs) | set(family_models.refused) == set(NEW_FAMILIES)  # each family checked, or refused as above
     if "gemma2" in attrs:
         assert [a["local_window_size"] for a in attrs["gemma2"]] == [WINDOW, -1, WINDOW, -1]
         assert {a["softcap"] for a in attrs["gemma2"]} == {5.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -193,7 +194,7 @@ def test_every_config_field_has_an_invalid_case():
 def test_config_is_frozen_and_normalised():
     c = GenerationConfig(stop="END", stop_token_ids=[1, 2], temperature=1)
     assert c.stop == ("END",) and c.stop_token_ids == (1, 2) and isinstance(c.temperature, float)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.temperature = 0.5  # type: ignore[misc]
 
 

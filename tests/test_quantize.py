@@ -123,6 +123,7 @@ def test_scoring_matches_transformers_in_one_window_and_in_many(tiny_models):
         loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert score.perplexity == pytest.approx(np.exp(loss), rel=1e-4)
     windowed = gen.score(ids, window=32, stride=12)
+    assert len(windowed.logprobs) == len(ids) - 1 and len(list(windows(len(ids), 32, 12))) > 1
     for begin, end, first in windows(len(ids), 32, 12):
         expected = _hf_logprobs(model, ids[begin:end])[first - begin - 1 :]
         np.testing.assert_allclose(windowed.logprobs[first - 1 : end - 1], expected, atol=1e-4)

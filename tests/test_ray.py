@@ -24,7 +24,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("ray")
 
-from conftest import wait_for_serve_url  # noqa: E402
+from conftest import wait_for_serve_url, wait_until  # noqa: E402
 from lmrt import runtime  # noqa: E402
 
 MODEL = "chat-llama"
@@ -251,13 +251,18 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(cluster, lla
     threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(2)
-    seen = {replica for _, replica, _ in outcomes if replica}
-    assert len(seen) == 2
-    victim = sorted(seen)[0]
+
+    def answered_by() -> set[str]:
+        return {replica for _, replica, _ in outcomes if replica}
+
+    wait_until(lambda: len(answered_by()) == 2 or unclean, 60, "answers from both replicas under load")
+    assert not unclean, unclean
+    victim = sorted(answered_by())[0]
     cluster.kill_replica(victim)
     killed_at = time.monotonic()
-    time.sleep(6)
+    # the load goes on until 3 s after the kill, and then until 8 more requests have ended
+    wait_until(lambda: sum(at > killed_at + 3 for at, _, _ in outcomes) >= 8 or unclean, 90,
+               "8 requests ended from 3 s after the kill")
     done.set()
     for t in threads:
         t.join(60)

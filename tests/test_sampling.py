@@ -55,7 +55,9 @@ def choose(logits, rng, **options):
 
 def test_greedy_ignores_the_random_generator(logits):
     rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
     assert choose(logits, rng, temperature=0.0) == int(np.argmax(logits))
+    assert rng.bit_generator.state == state  # no draw was made
 
 
 def test_draws_stay_inside_top_k_and_follow_the_distribution():

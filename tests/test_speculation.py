@@ -34,15 +34,48 @@ def run(gen, prompt, **options):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_with_speculation_equals_without(loaded, family):
     gen = loaded[family]
-    before = gen.stats.accepted_tokens
-    for prompt in REPEATING + PLAIN:
-        for options in (dict(max_new_tokens=40), dict(max_new_tokens=13, stop_token_ids=[]), dict(max_new_tokens=40, repetition_penalty=1.2)):
+    for options in (dict(max_new_tokens=40), dict(max_new_tokens=13, stop_token_ids=[]), dict(max_new_tokens=40, repetition_penalty=1.2)):
+        before = gen.stats.accepted_tokens
+        for prompt in REPEATING + PLAIN:
             assert run(gen, prompt, **options) == run(gen, prompt, speculation="off", **options), (prompt, options)
-    assert gen.stats.accepted_tokens > before  # speculation really ran and was accepted
+        assert gen.stats.accepted_tokens > before, options  # speculation really ran and was accepted
+
+
+def tokens_and_accepted(gen, prompt, **options) -> tuple[list[int], list[int]]:
+    """A greedy run's token ids, and the positions of those taken from an accepted proposal: every
+    token of one loop step but the step's last (the first token, from the prompt's pass, aside)."""
+    tokens, steps = [], []
+    for token in gen.iter_tokens(gen.encode(prompt), gen.config(**options)):
+        tokens.append(token)
+        steps.append(gen.stats.decode_steps)
+    return tokens, [i for i in range(1, len(tokens) - 1) if steps[i] == steps[i + 1]]
 
 
 def test_stop_strings_and_ids_inside_an_accepted_proposal(loaded):
+    """A stop token and a stop string first reached by a token of an accepted proposal end the
+    output where they end it without speculation."""
     gen = loaded["llama"]
+    prompt, grounded = REPEATING[1], dict(max_new_tokens=40, logits_processors=[copy_bias])
+    tokens, accepted = tokens_and_accepted(gen, prompt, stop_token_ids=[], **grounded)
+    assert tokens == run(gen, prompt, speculation="off", stop_token_ids=[], **grounded)[1]
+    at = max(i for i in accepted if tokens[i] not in tokens[:i])  # the token's first occurrence
+    text, before = gen.decode(tokens[: at + 1]), gen.decode(tokens[:at])
+    assert "\ufffd" not in text and text.startswith(before)
+    stop = next(text[-n:] for n in (2, 3, 4) if text[-n:].strip() and text[-n:] not in before)
+
+    def check(options, reason):
+        was = gen.stats.accepted_tokens
+        got = run(gen, prompt, **grounded, **options)
+        assert gen.stats.accepted_tokens > was, options  # it did speculate
+        assert got[2] == reason, (options, got)
+        assert got == run(gen, prompt, speculation="off", **grounded, **options), options
+        return got
+
+    cut_text, cut_ids, _ = check(dict(stop_token_ids=[tokens[at]]), "stop")
+    assert cut_ids == tokens[:at] and cut_text == before
+    cut_text, _, _ = check(dict(stop_token_ids=[], stop=[stop]), "stop_string")
+    assert cut_text == text[: text.index(stop)]
+    # stops in the middle of an ungrounded run
     prompt = REPEATING[0]
     text, ids, _ = run(gen, prompt, max_new_tokens=40, speculation="off", stop_token_ids=[])
     stop = text[len(text) // 2 : len(text) // 2 + 3]
@@ -51,12 +84,45 @@ def test_stop_strings_and_ids_inside_an_accepted_proposal(loaded):
         assert run(gen, prompt, max_new_tokens=40, **options) == run(gen, prompt, max_new_tokens=40, speculation="off", **options)
 
 
-def test_batches_and_beams_are_unaffected(loaded):
+def test_a_batch_speculates_only_for_a_row_left_alone(loaded):
+    """Rows that run together never speculate, even with "on"; a row whose companions have ended
+    speculates, and the batch's output is the output without speculation."""
     gen = loaded["qwen2"]
     prompts = REPEATING + PLAIN
-    assert gen.generate_batch(prompts, max_new_tokens=30) == gen.generate_batch(prompts, max_new_tokens=30, speculation="off")
+    off = gen.generate_batch(prompts, max_new_tokens=30, speculation="off")
+    assert {c.finish_reason for cs in off for c in cs} == {"length"}  # every row runs to the end with the others
+    for mode in ("auto", "on"):
+        before = gen.stats.proposed_tokens
+        assert gen.generate_batch(prompts, max_new_tokens=30, speculation=mode) == off, mode
+        assert gen.stats.proposed_tokens == before, mode
+    # the plain prompt ends early on one of its own tokens, which the repeating one never produces
+    plain = gen.generate_batch([PLAIN[0]], max_new_tokens=30, stop_token_ids=[], speculation="off")[0][0].token_ids
+    repeating = gen.generate_batch([REPEATING[0]], max_new_tokens=30, stop_token_ids=[], speculation="off")[0][0].token_ids
+    stop_id = next(t for t in plain[2:] if t not in repeating)
+    options = dict(max_new_tokens=30, stop_token_ids=[stop_id])
+    expected = gen.generate_batch([REPEATING[0], PLAIN[0]], speculation="off", **options)
+    assert [cs[0].finish_reason for cs in expected] == ["length", "stop"]
+    before = gen.stats.proposed_tokens
+    assert gen.generate_batch([REPEATING[0], PLAIN[0]], **options) == expected
+    assert gen.stats.proposed_tokens > before  # the repeating row, left alone, speculated
+
+
+def test_beam_search_never_speculates(loaded):
+    """Beams run several sequences at once, in their own loop: "on" proposes nothing there, and
+    every setting gives the same beams."""
+    gen = loaded["qwen2"]
     beams = dict(max_new_tokens=20, num_beams=3, num_return_sequences=2)
-    assert gen.generate_batch(prompts[:2], **beams) == gen.generate_batch(prompts[:2], speculation="off", **beams)
+    off = gen.generate_batch(REPEATING, speculation="off", **beams)
+    assert len(off) == 2 and all(len(cs) == 2 and all(c.token_ids for c in cs) for cs in off)
+    for mode in ("auto", "on"):
+        before = gen.stats.proposed_tokens
+        assert gen.generate_batch(REPEATING, speculation=mode, **beams) == off, mode
+        stream = gen.stream(REPEATING[0], speculation=mode, **{**beams, "num_return_sequences": 1})
+        assert "".join(stream) == off[0][0].text and stream.token_ids == off[0][0].token_ids, mode
+        assert gen.stats.proposed_tokens == before, mode
+    before = gen.stats.proposed_tokens
+    run(gen, REPEATING[0], max_new_tokens=20, speculation="on")
+    assert gen.stats.proposed_tokens > before  # the same prompt without beams does speculate
 
 
 def copy_bias(token_ids, logits):

@@ -83,6 +83,7 @@ def test_every_sampled_output_validates_against_its_schema(gen, name):
 def test_regex_and_choices(gen):
     pattern = r"(yes|no), [a-z]{2,6} [0-9]{1,3}\."
     got = gen.generate_batch(PROMPTS, regex=pattern, temperature=1.0, seed=1, num_return_sequences=3, max_new_tokens=40)
+    assert [len(cs) for cs in got] == [3] * len(PROMPTS)
     for c in (c for cs in got for c in cs):
         assert c.finish_reason == "stop" and re.fullmatch(pattern, c.text), c
     choices = ["Paris", "Rome", "Tokyo", "New York City"]
@@ -94,10 +95,11 @@ def test_regex_and_choices(gen):
 def test_grammar_lark_and_gbnf(gen):
     lark = 'start: item ("," item)*\nitem: /[a-z]{1,5}/ | NUMBER\nNUMBER: /[0-9]{1,3}/'
     gbnf = 'root ::= "(" [a-c]+ ")"'
-    for c in gen.generate_batch(PROMPTS, grammar=lark, temperature=1.0, seed=3, max_new_tokens=60)[0]:
-        assert c.finish_reason == "stop" and re.fullmatch(r"([a-z]{1,5}|[0-9]{1,3})(,([a-z]{1,5}|[0-9]{1,3}))*", c.text), c
-    for cs in gen.generate_batch(PROMPTS, grammar=gbnf, temperature=1.0, seed=3, max_new_tokens=60):
-        assert cs[0].finish_reason == "stop" and re.fullmatch(r"\([a-c]+\)", cs[0].text), cs
+    for grammar, pattern in ((lark, r"([a-z]{1,5}|[0-9]{1,3})(,([a-z]{1,5}|[0-9]{1,3}))*"), (gbnf, r"\([a-c]+\)")):
+        results = gen.generate_batch(PROMPTS, grammar=grammar, temperature=1.0, seed=3, max_new_tokens=60)
+        assert [len(cs) for cs in results] == [1] * len(PROMPTS)
+        for (c,) in results:
+            assert c.finish_reason == "stop" and re.fullmatch(pattern, c.text), c
 
 
 def test_greedy_under_a_constraint_its_output_satisfies_is_unchanged(gen):
@@ -244,6 +246,8 @@ def test_smollm2_extracts_city_and_country_as_json(smollm2):
     for system, user, (city, country) in cases:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         stream = gen.chat_stream(messages, json_schema=schema, max_new_tokens=60)
-        answer = json.loads("".join(stream))
+        text = "".join(stream)
+        assert stream.finish_reason == "stop", text  # complete, not cut short by max_new_tokens
+        answer = json.loads(text)
         jsonschema.validate(answer, schema)
-        assert answer == {"city": city, "country": country} and stream.finish_reason == "stop"
+        assert answer == {"city": city, "country": country}
