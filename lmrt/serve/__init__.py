@@ -115,7 +115,7 @@ def serve(
         try:
             if generates:
                 gen = Generator(model_dir, provider=provider, threads=threads)
-                engine = Engine(gen, slots=slots, ctx_size=ctx_size, max_queue=max_queue, prefill_chunk=prefill_chunk)
+                engine = Engine(gen.model, slots=slots, ctx_size=ctx_size, max_queue=max_queue, prefill_chunk=prefill_chunk)
                 how = f"provider {gen.provider}, {slots} slots x {ctx_size} tokens, KV cache {engine.kv_bytes / 1e6:.0f} MB reserved"
             else:
                 encoder = Encoder(model_dir, provider=provider, threads=threads)

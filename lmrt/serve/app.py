@@ -216,7 +216,7 @@ async def _complete(state: ServerState, request: Request, parse, answer) -> Resp
     _authorize(state, request)
     engine = _engine(state)
     body = await _json_body(state, request)
-    parsed = parse(body, engine.generator, state.model_name, engine.ctx_size)
+    parsed = parse(body, engine.model, state.model_name, engine.ctx_size)
     run = _submit(engine, parsed)
     if parsed.stream:
         return _DisconnectAwareStream(_sse(answer.stream(run, state)), on_disconnect=partial(run.cancel, engine))
@@ -309,7 +309,7 @@ class _ChatAnswer:
 
     @staticmethod
     async def whole(run: _Run, state: ServerState) -> dict:
-        gen = state.engine.generator
+        gen = state.engine.model
         got = await _collect(run)
         choices = []
         for i in range(len(got.texts)):
@@ -324,7 +324,7 @@ class _ChatAnswer:
 
     @staticmethod
     async def stream(run: _Run, state: ServerState) -> AsyncIterator[dict]:
-        gen = state.engine.generator
+        gen = state.engine.model
         head, extra = _head(state, "chatcmpl", "chat.completion.chunk"), _usage_field(run)
         count = len(run.requests) * run.n
         for i in range(count):
@@ -364,7 +364,7 @@ class _TextAnswer:
 
     @staticmethod
     async def whole(run: _Run, state: ServerState) -> dict:
-        gen = state.engine.generator
+        gen = state.engine.model
         got = await _collect(run)
         choices = [
             {
@@ -379,7 +379,7 @@ class _TextAnswer:
 
     @staticmethod
     async def stream(run: _Run, state: ServerState) -> AsyncIterator[dict]:
-        gen = state.engine.generator
+        gen = state.engine.model
         head, extra = _head(state, "cmpl", "text_completion"), _usage_field(run)
         offsets = [0] * (len(run.requests) * run.n)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..runtime import ConfigError, GenerationConfig, Generator
-from ..runtime.decoding import TokenLogprob
+from ..runtime.request import TokenLogprob
 
 MAX_LOGPROBS = 20
 

@@ -72,7 +72,7 @@ class LmrtReplica:
 
         self.replica = serve.get_replica_context().replica_id.unique_id
         generator = Generator(settings.model_dir, provider=settings.provider, threads=settings.threads)
-        self.engine = Engine(generator, slots=settings.slots, ctx_size=settings.ctx_size, max_queue=settings.max_queue,
+        self.engine = Engine(generator.model, slots=settings.slots, ctx_size=settings.ctx_size, max_queue=settings.max_queue,
                              prefill_chunk=settings.prefill_chunk)  # fmt: skip
         self.state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES, engine=self.engine)
         self._stop = threading.Event()
