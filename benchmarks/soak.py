@@ -38,10 +38,9 @@ def main() -> None:
     p.add_argument("--output", default=None)
     args = p.parse_args()
     from lmrt.runtime import Generator
-    from lmrt.runtime.kv_cache import KVCache
 
     gen = Generator(args.model)
-    per_position = KVCache.bytes_per_position(gen.manifest.architecture, gen.manifest.graph.io)
+    per_position = gen.model.bytes_per_position
     prompt = gen.chat_prompt([{"role": "user", "content": PROMPT}])
 
     # 1. one long generation (end-of-sequence ignored, so it runs its whole length)

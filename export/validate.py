@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..runtime.manifest import Manifest
-from ..runtime.model import OnnxCausalLM
+from ..runtime.model import LoadedModel
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and lmrt checks every export it writes."
 
@@ -26,19 +26,19 @@ def validate(model_dir: str, manifest: Manifest, torch_model, prompt_ids: list[i
     positions where both pick the same top token."""
     import torch
 
-    onnx_model = OnnxCausalLM(model_dir, manifest, provider="cpu")
+    onnx_model = LoadedModel(model_dir, provider="cpu", manifest=manifest)
     decode_steps = max(0, min(decode_steps, manifest.architecture.context_length - len(prompt_ids) - 1))
     max_abs, max_ref, agree, positions = 0.0, 0.0, 0, 0
     ids = np.asarray([prompt_ids], dtype=np.int64)  # [1, n]
     past = None
     total = 0
-    onnx_model.reset(1, len(prompt_ids) + decode_steps)
+    state = onnx_model.new_state(1, len(prompt_ids) + decode_steps)
     with torch.no_grad():
         for _ in range(decode_steps + 1):
             total += ids.shape[1]
             mask = np.ones((1, total), dtype=np.int64)
             position_ids = np.arange(total - ids.shape[1], total, dtype=np.int64)[None, :]
-            got = onnx_model.forward(ids)[0]  # [seq, vocab]
+            got = onnx_model.forward(state, ids)[0]  # [seq, vocab]
             out = torch_model(
                 input_ids=torch.from_numpy(ids),
                 attention_mask=torch.from_numpy(mask),

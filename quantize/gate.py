@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from ..runtime.manifest import Manifest, load_manifest, load_tokenizer
-from ..runtime.model import OnnxCausalLM
+from ..runtime.model import LoadedModel
 from ..runtime.scoring import score_ids
 from .evaltext import read_text, reference_text
 from .errors import QuantizeError
@@ -35,8 +35,8 @@ def eval_ids(model_dir: str, manifest: Manifest, text_file: str | None, max_toke
 
 def measure_quality(reference_dir: str, candidate_dir: str, candidate: Manifest, ids: list[int], name: str) -> dict:
     reference = load_manifest(reference_dir)
-    ref = score_ids(OnnxCausalLM(reference_dir, reference, provider="cpu"), ids)
-    got = score_ids(OnnxCausalLM(candidate_dir, candidate, provider="cpu"), ids)
+    ref = score_ids(LoadedModel(reference_dir, provider="cpu", manifest=reference), ids)
+    got = score_ids(LoadedModel(candidate_dir, provider="cpu", manifest=candidate), ids)
     return {
         "eval_text": name,
         "tokens": len(ids),

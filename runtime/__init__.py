@@ -14,11 +14,13 @@ transformers or onnx.
 
 from .chat import ChatTemplateError, render_chat
 from .config import ConfigError, GenerationConfig
-from .decoding import Event, TokenLogprob
 from .encoder import Encoder, Label
 from .engine import Engine, EngineStatus
+from .engine_settings import EngineSettings
 from .generator import Completion, Generator, TextStream
 from .manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest
+from .model import LoadedModel
+from .request import Event, TokenLogprob
 from .scoring import Score
 from .scheduler import QueueFullError
 from .session import ProviderError, available_providers
@@ -29,11 +31,13 @@ __all__ = [
     "ConfigError",
     "Encoder",
     "Engine",
+    "EngineSettings",
     "EngineStatus",
     "Event",
     "GenerationConfig",
     "Generator",
     "Label",
+    "LoadedModel",
     "MANIFEST_FILE",
     "Manifest",
     "ManifestError",

@@ -1,7 +1,7 @@
 """Beam search, following transformers' rules so that results match its ``generate`` token for token.
 
 Each step, every running beam of a prompt proposes its continuations, scored by the beam's summed
-log-probability plus the new token's (after the processors in ``sampling.process``). The best
+log-probability plus the new token's (after the processors of ``sampling.make_processors``). The best
 ``keep = max(2, 1 + number of stop ids) * num_beams`` candidates are ranked:
   * a candidate among the top ``num_beams`` that ends (a stop token, or the length budget) joins the
     finished hypotheses with score sum_logprobs / generated_length ** length_penalty;
@@ -20,8 +20,9 @@ from typing import Sequence as Seq
 import numpy as np
 
 from .config import GenerationConfig
-from .model import OnnxCausalLM
+from .model import LoadedModel
 from .sampling import Processor, log_softmax, make_processors, run_processors
+from .state_store import StateStore
 
 _NEG = np.float32(-1e9)  # transformers' "impossible" score, added rather than set
 
@@ -51,36 +52,42 @@ class _Prompt:
 
 
 def beam_search(
-    model: OnnxCausalLM,
+    model: LoadedModel,
+    store: StateStore,
     prompts: Seq[np.ndarray],
     budgets: Seq[int],
     config: GenerationConfig,
     stop_ids: frozenset[int],
 ) -> list[list[Hypothesis]]:
-    """The ``num_return_sequences`` best hypotheses of each prompt, best first."""
+    """The ``num_return_sequences`` best hypotheses of each prompt, best first. The beams run in a
+    block of rows borrowed from ``store`` for the search; the store's other rows are left as they were."""
     k = config.num_beams
     states = [_Prompt(p, b, make_processors(config, len(p), stop_ids)) for p, b in zip(prompts, budgets)]
     capacity = max(len(p) + b for p, b in zip(prompts, budgets))
-    # The first step runs one row per prompt: transformers starts every beam but the first at -1e9,
-    # so only the first beam's continuations can be chosen.
-    logits = model.prefill(list(prompts), capacity)  # [prompts, vocab]
-    live = list(range(len(states)))  # prompts with rows in the cache, in row order
-    generated = 0
-    while True:
-        parents: dict[int, list[int]] = {}  # prompt -> cache row each of its next beams continues
-        row = 0
-        for p in live:
-            n = len(states[p].beams)
-            parents[p] = [row + b for b in _step(states[p], logits[row : row + n], generated, k, config, stop_ids)]
-            row += n
-        generated += 1
-        live = [p for p in live if not states[p].done]
-        if not live:
-            break
-        rows = [r for p in live for r in parents[p]]  # [live * k]
-        model.cache.select(rows)
-        new = np.array([beam[-1] for p in live for beam in states[p].beams], dtype=np.int64)  # [live * k]
-        logits = model.step(new)  # [live * k, vocab]
+    owner, rows, room = object(), store.rows, store.capacity
+    start = store.borrow(owner, len(prompts) * k, capacity)
+    try:
+        # The first step runs one row per prompt: transformers starts every beam but the first at -1e9,
+        # so only the first beam's continuations can be chosen.
+        logits = np.stack([model.forward(store, p[None, :], keep=1, row=start + i)[0, -1] for i, p in enumerate(prompts)])
+        live = list(range(len(states)))  # prompts with rows in the block, in row order
+        generated = 0
+        while True:
+            parents: dict[int, list[int]] = {}  # prompt -> block row each of its next beams continues
+            row = 0
+            for p in live:
+                n = len(states[p].beams)
+                parents[p] = [row + b for b in _step(states[p], logits[row : row + n], generated, k, config, stop_ids)]
+                row += n
+            generated += 1
+            live = [p for p in live if not states[p].done]
+            if not live:
+                break
+            store.reorder(start, [r for p in live for r in parents[p]])  # [live * k]
+            new = np.array([beam[-1] for p in live for beam in states[p].beams], dtype=np.int64)  # [live * k]
+            logits = model.forward(store, new[:, None], keep=1, row=start)[:, 0]  # [live * k, vocab]
+    finally:
+        store.give_back(owner, rows, room)
     return [s.finished[: config.num_return_sequences] for s in states]
 
 

@@ -1,114 +1,158 @@
-"""One forward step of an exported graph: the session, its inputs, and the binding of a KV cache."""
+"""The loaded model: an exported directory's manifest, tokenizer and onnxruntime session.
+
+It knows nothing of requests. ``forward`` runs the graph over rows of a state store (the caller's:
+a decode loop's slots, a beam search's block) and returns logits; masks and positions are derived
+from the rows' lengths, so callers pass only the new token ids. The text side (encode, decode, chat
+templates, the model's generation defaults) is here too, so every driver and the server share one
+object per model. Safe to share between threads: each state store has its own IO binding.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .chat import render_chat
+from .checks import is_int
 from .compat import at_least, check_onnxruntime, installed_onnxruntime
-from .kv_cache import CacheFullError, KVCache
-from .manifest import Manifest
+from .config import ConfigError, GenerationConfig
+from .manifest import Manifest, load_manifest, load_tokenizer, require_task
+from .memory import settle_memory, trim_heap
 from .session import available_providers, check_graph_io, create_session, resolve_provider
-
+from .state_buffers import StateBuffers
+from .state_store import CacheFullError, StateStore
 
 MULTI_TOKEN_STEPS_SINCE = "1.20"
 
 
-class OnnxCausalLM:
-    """Runs the exported graph over rows of a KV cache. The cache knows how many positions each row
-    holds, so callers pass only the new token ids; masks and positions are derived here.
+class LoadedModel:
+    """``LoadedModel(model_dir)`` loads a generation model; ``manifest`` may be given when the caller
+    has read it already."""
 
-    ``self.cache`` is the model's own cache, used when a call names none; other caches (a decode
-    loop's slots, a beam search's beams) can share the session."""
-
-    def __init__(self, model_dir: str, manifest: Manifest, provider: str = "auto", threads: int | None = None):
-        self.manifest = manifest
-        check_onnxruntime(manifest, model_dir)
+    def __init__(
+        self, model_dir: str | os.PathLike, provider: str = "auto", threads: int | None = None, manifest: Manifest | None = None
+    ):
+        self.model_dir = os.fspath(model_dir)
+        self.manifest = load_manifest(self.model_dir) if manifest is None else manifest
+        require_task(self.manifest, ("generate",), self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, self.manifest)
+        trim_heap()  # before the session: the tokenizer's parsing leaves temporaries behind
+        check_onnxruntime(self.manifest, self.model_dir)
         chosen = resolve_provider(provider, available_providers())
-        path = os.path.join(model_dir, manifest.graph.file)
-        self.session, self.provider = create_session(path, chosen, model_dir, threads)
-        check_graph_io(self.session, manifest, path)
-        self._io = manifest.graph.io
+        path = os.path.join(self.model_dir, self.manifest.graph.file)
+        self.session, self.provider = create_session(path, chosen, self.model_dir, threads)
+        check_graph_io(self.session, self.manifest, path)
+        settle_memory(self.model_dir, self.manifest)
+        self._io = self.manifest.graph.io
         self._logits_dtype = np.dtype(self._io.logits_dtype)
-        self._binding = self.session.io_binding()
-        self._bound: tuple = ()  # (cache, version, rows) bound to self._binding
-        self._logits = np.empty((0, 0, 0), self._logits_dtype)  # bound to self._binding, reused while the shape holds
         self.session_seconds = 0.0  # time spent inside onnxruntime, for measuring Python's share
         # LongRoPE: past this many positions the graph rotates with its long table (0: never)
-        self.rotary_switch_after = manifest.architecture.rotary_switch_after
+        self.rotary_switch_after = self.manifest.architecture.rotary_switch_after
         # GroupQueryAttention's CPU kernel in onnxruntime 1.19 mis-reads a step of several tokens
         # appended to rows that already hold positions: such steps are fed one token at a time there.
         self.one_token_steps = not at_least(installed_onnxruntime(), MULTI_TOKEN_STEPS_SINCE)
-        self.cache = self.new_cache()
 
-    def new_cache(self) -> KVCache:
-        """An empty cache for this model. It lives where attention runs: onnxruntime's CUDA
-        GroupQueryAttention takes float16 only, so a float32 graph runs attention, and keeps its
-        cache, on the CPU."""
-        on_gpu = self.provider in ("cuda", "tensorrt") and self._io.kv_dtype == "float16"
-        return KVCache(self.manifest.architecture, self._io, "cuda" if on_gpu else "cpu")
+    # --- sizes -----------------------------------------------------------------------------------
 
     @property
     def context_length(self) -> int:
         return self.manifest.architecture.context_length
 
-    def reset(self, batch: int = 1, capacity: int | None = None) -> None:
-        """Start ``batch`` empty rows of the model's cache, all in its decode batch, each able to hold
-        ``capacity`` positions (default: the context)."""
-        capacity = min(capacity or self.context_length, self.context_length)
-        self.cache.reset(batch, capacity)
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.architecture.vocab_size
 
-    def forward(
-        self, input_ids: np.ndarray, keep: int | None = None, row: int | None = None, cache: KVCache | None = None
-    ) -> np.ndarray:
-        """Append ``input_ids`` int64 [batch, seq] to every row of the decode batch (or only to row
-        ``row``, then batch 1) and return float32 logits [batch, keep, vocab] for the last ``keep``
-        positions (all by default). A row that passes a LongRoPE switch is fed again from its start,
-        as transformers does, so that every cached key is rotated with the long table.
+    @property
+    def bytes_per_position(self) -> int:
+        """State bytes one position of one row takes."""
+        return StateBuffers.bytes_per_position(self.manifest.architecture, self._io)
 
-        For fp32 graphs the logits of a whole-batch call are onnxruntime's output buffer itself, reused
-        by the next call of the same shape: copy them to keep them longer."""
-        cache = self.cache if cache is None else cache
+    def new_state(self, rows: int = 1, capacity: int = 1, active: int | None = None) -> StateStore:
+        """A state store for this model: ``rows`` empty rows of ``capacity`` positions, the first
+        ``active`` of them (default: all) in its decode batch. It lives where attention runs: onnxruntime's CUDA
+        GroupQueryAttention takes float16 only, so a float32 graph runs attention, and keeps its
+        state, on the CPU."""
+        on_gpu = self.provider in ("cuda", "tensorrt") and self._io.kv_dtype == "float16"
+        store = StateStore(self.manifest.architecture, self._io, "cuda" if on_gpu else "cpu")
+        store.reset(rows, capacity, active)
+        return store
+
+    # --- the text side ---------------------------------------------------------------------------
+
+    def config(self, **options: Any) -> GenerationConfig:
+        """The model's generation defaults overridden by ``options``."""
+        return GenerationConfig.from_options(self.manifest.generation_defaults, **options)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt as token ids: text is encoded, a list of ids checked against the vocabulary."""
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise TypeError(f"a prompt is a str or a list of token ids, got {type(prompt).__name__}")
+        ids = list(prompt)
+        if not all(is_int(t) and 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"a prompt given as token ids must hold integers from 0 to {self.vocab_size - 1}")
+        return [int(t) for t in ids]
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template."""
+        tok = self.manifest.tokenizer
+        text = render_chat(tok.chat_template, messages, tok.bos_token, tok.eos_token, add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    def stop_ids(self, config: GenerationConfig) -> frozenset[int]:
+        """The token ids that end a sequence under ``config``: its own, or the model's eos ids."""
+        ids = self.manifest.tokenizer.eos_token_ids if config.stop_token_ids is None else config.stop_token_ids
+        beyond = [t for t in ids if t >= self.vocab_size]
+        if beyond:
+            raise ConfigError("stop_token_ids", f"must be token ids below the vocabulary size ({self.vocab_size}), got {beyond[0]}")
+        return frozenset(ids)
+
+    # --- the graph -------------------------------------------------------------------------------
+
+    def forward(self, state: StateStore, input_ids: np.ndarray, keep: int | None = None, row: int | None = None) -> np.ndarray:
+        """Append ``input_ids`` int64 [batch, seq] to every row of ``state``'s decode batch (or to the
+        ``batch`` rows from ``row`` on) and return float32 logits [batch, keep, vocab] for the last
+        ``keep`` positions (all by default). A single row that passes a LongRoPE switch is fed again
+        from its start, as transformers does, so that every cached key is rotated with the long table.
+
+        For fp32 graphs the logits of a decode-batch call are the store's logits buffer itself, reused
+        by its next call of the same shape: copy them to keep them longer."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        if row is not None and self.crosses_switch(int(cache.lengths[row]), ids.shape[1]):
+        if row is not None and ids.shape[0] == 1 and self.crosses_switch(int(state.lengths[row]), ids.shape[1]):
             # keys cached so far were rotated with the short table: feed the row again from its start
-            ids = np.concatenate([cache.tokens(row), ids[0]])[None, :]
-            cache.truncate(row, 0)
+            ids = np.concatenate([state.tokens(row), ids[0]])[None, :]
+            state.truncate(row, 0)
         keep = ids.shape[1] if keep is None else keep
-        held = cache.lengths[0 if row is None else row : (0 if row is None else row) + ids.shape[0]]
+        start = 0 if row is None else row
+        held = state.lengths[start : start + ids.shape[0]]
         if self.one_token_steps and ids.shape[1] > 1 and held.max(initial=0) > 0:
-            steps = [self._run(ids[:, i : i + 1], 1, row, cache).copy() for i in range(ids.shape[1])]
+            steps = [self._run(state, ids[:, i : i + 1], 1, row).copy() for i in range(ids.shape[1])]
             return np.concatenate(steps[ids.shape[1] - keep :], axis=1)
-        return self._run(ids, keep, row, cache)
+        return self._run(state, ids, keep, row)
 
-    def _run(self, ids: np.ndarray, keep: int, row: int | None, cache: KVCache) -> np.ndarray:
+    def _run(self, state: StateStore, ids: np.ndarray, keep: int, row: int | None) -> np.ndarray:
         """One session run: ``ids`` [batch, seq] appended to the rows, logits of the last ``keep``."""
         count, seq = ids.shape
         start = 0 if row is None else row
-        if row is None and count != cache.active:
-            raise ValueError(f"{count} rows of input for a decode batch of {cache.active}")
-        cache.check_room(start, count, seq)
+        if row is None and count != state.active:
+            raise ValueError(f"{count} rows of input for a decode batch of {state.active}")
+        state.check_room(start, count, seq)
         io = self._io
-        shape = (count, keep, self.manifest.architecture.vocab_size)
-        if row is not None:  # one row: a binding of its own, on a view of the buffers
-            binding = self.session.io_binding()
-            cache.bind(binding, row, 1)
-            logits = np.empty(shape, self._logits_dtype)
-            binding.bind_output(io.logits, "cpu", 0, self._logits_dtype, list(shape), logits.ctypes.data)
-        else:
-            binding = self._binding
-            bound = (cache, cache.version, count)
-            if self._bound != bound:
-                cache.bind(binding, 0, count)
-                self._bound = bound
-                self._logits = np.empty((0, 0, 0), self._logits_dtype)
-            if self._logits.shape != shape:  # one buffer while the shape holds: a fresh one per step costs page faults
-                self._logits = np.empty(shape, self._logits_dtype)
-                binding.bind_output(io.logits, "cpu", 0, self._logits_dtype, list(shape), self._logits.ctypes.data)
-            logits = self._logits
-        lengths = cache.lengths[start : start + count]
+        shape = (count, keep, self.vocab_size)
+        binding, logits = state.binding(self.session, start, count, io.logits, shape, self._logits_dtype)
+        lengths = state.lengths[start : start + count]
         total = lengths + seq  # [batch]
         mask = (np.arange(int(total.max())) < total[:, None]).astype(np.int64)  # [batch, total]: right-padded
         binding.bind_cpu_input(io.input_ids, ids)
@@ -120,7 +164,7 @@ class OnnxCausalLM:
         began = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self.session_seconds += time.perf_counter() - began
-        cache.advance(start, ids)  # the rows now hold the new positions
+        state.advance(start, ids)  # the rows now hold the new positions
         return logits.astype(np.float32, copy=False)  # fp16 graphs: sampling and scoring work in fp32
 
     def crosses_switch(self, length: int, seq: int) -> bool:
@@ -128,16 +172,5 @@ class OnnxCausalLM:
         LongRoPE switch by taking ``seq`` more, so that it must be fed again from its start."""
         return 0 < length <= self.rotary_switch_after < length + seq
 
-    def prefill(self, prompts: list[np.ndarray], capacity: int | None = None) -> np.ndarray:
-        """Reset to one row per prompt (int64 [n_i] each) and run each prompt into its row; returns
-        float32 logits [len(prompts), vocab] at each prompt's last position."""
-        self.reset(len(prompts), capacity)
-        return np.stack([self.forward(p[None, :], keep=1, row=i)[0, -1] for i, p in enumerate(prompts)])
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """Append one token per row of the decode batch (int64 [batch]); returns float32 logits
-        [batch, vocab]."""
-        return self.forward(np.asarray(tokens, dtype=np.int64)[:, None], keep=1)[:, 0]
-
-
-__all__ = ["CacheFullError", "OnnxCausalLM"]
+__all__ = ["CacheFullError", "LoadedModel"]

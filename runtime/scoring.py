@@ -1,7 +1,7 @@
 """Scoring text with an exported model: per-token log-probabilities and perplexity.
 
-A text longer than the model's context is scored in overlapping windows: each window starts a fresh
-KV cache, is fed in chunks that reuse the cache, and scores only the tokens the previous window did
+A text longer than the model's context is scored in overlapping windows: each window starts an empty
+row of state (borrowed from the caller's state store), is fed in chunks that reuse the cache, and scores only the tokens the previous window did
 not, so every token after the first is scored exactly once, with at least ``window - stride`` tokens
 of context once the first window is past.
 """
@@ -14,8 +14,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .model import OnnxCausalLM
+from .checks import is_int
+from .model import LoadedModel
 from .sampling import log_softmax
+from .state_store import StateStore
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,6 @@ class Score:
         return math.exp(self.mean_nll)
 
 
-def _count(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def resolve_windows(
     window: int | None, stride: int | None, context: int, names: tuple[str, str] = ("window", "stride")
 ) -> tuple[int, int]:
@@ -53,13 +51,13 @@ def resolve_windows(
     window_name, stride_name = names
     if window is None:
         window = context
-    elif not _count(window) or window < 2:
+    elif not is_int(window) or window < 2:
         raise ValueError(f"{window_name} must be a whole number of tokens, at least 2; got {window!r}")
     elif window > context:
         raise ValueError(f"{window_name} is {window} tokens, more than the model's context ({context})")
     if stride is None:
         stride = max(1, window // 2)
-    elif not _count(stride) or not 1 <= stride <= window:
+    elif not is_int(stride) or not 1 <= stride <= window:
         raise ValueError(f"{stride_name} must be a whole number of tokens from 1 to the window ({window}); got {stride!r}")
     return int(window), int(stride)
 
@@ -80,15 +78,17 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 def score_ids(
-    model: OnnxCausalLM,
+    model: LoadedModel,
     token_ids: Sequence[int],
     window: int | None = None,
     stride: int | None = None,
     chunk: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    store: StateStore | None = None,
 ) -> Score:
     """Score ``token_ids`` (at least two) with ``model``; ``window`` defaults to the context length
-    and ``stride`` to half the window (see ``resolve_windows``)."""
+    and ``stride`` to half the window (see ``resolve_windows``). The windows run in a row borrowed
+    from ``store`` (default: a store of its own); the store's other rows are left as they were."""
     window, stride = resolve_windows(window, stride, model.context_length)
     ids = np.asarray(token_ids, dtype=np.int64)  # [n]
     n = ids.shape[0]
@@ -98,19 +98,25 @@ def score_ids(
         raise ValueError(f"chunk must be positive, got {chunk}")
     logprobs = np.empty(n - 1, dtype=np.float64)
     argmax = np.empty(n - 1, dtype=np.int64)
-    for begin, end, first in windows(n, window, stride):
-        model.reset(batch=1, capacity=end - begin)
-        for start in range(begin, end, chunk):
-            stop = min(start + chunk, end)
-            logits = model.forward(ids[None, start:stop])[0]  # [seq, vocab]: position p predicts token p + 1
-            # predictions for targets t in [max(start + 1, first), min(stop + 1, end))
-            lo, hi = max(start + 1, first), min(stop + 1, end)
-            if lo >= hi:
-                continue
-            rows = logits[lo - 1 - start : hi - 1 - start]  # [hi - lo, vocab]
-            lp = log_softmax(rows)
-            logprobs[lo - 1 : hi - 1] = lp[np.arange(hi - lo), ids[lo:hi]]
-            argmax[lo - 1 : hi - 1] = rows.argmax(-1)
-        if progress:
-            progress(end, n)
+    store = model.new_state(active=0) if store is None else store
+    owner, rows_before, room = object(), store.rows, store.capacity
+    row = store.borrow(owner, 1, window)
+    try:
+        for begin, end, first in windows(n, window, stride):
+            store.truncate(row, 0)
+            for start in range(begin, end, chunk):
+                stop = min(start + chunk, end)
+                logits = model.forward(store, ids[None, start:stop], row=row)[0]  # [seq, vocab]: position p predicts token p + 1
+                # predictions for targets t in [max(start + 1, first), min(stop + 1, end))
+                lo, hi = max(start + 1, first), min(stop + 1, end)
+                if lo >= hi:
+                    continue
+                predicting = logits[lo - 1 - start : hi - 1 - start]  # [hi - lo, vocab]
+                lp = log_softmax(predicting)
+                logprobs[lo - 1 : hi - 1] = lp[np.arange(hi - lo), ids[lo:hi]]
+                argmax[lo - 1 : hi - 1] = predicting.argmax(-1)
+            if progress:
+                progress(end, n)
+    finally:
+        store.give_back(owner, rows_before, room)
     return Score(tuple(int(t) for t in ids), logprobs, argmax)

@@ -226,11 +226,38 @@ def make_tiny_model(family: str, root: str):
     return path, model
 
 
-def onnx_model(exported: str):
-    from lmrt.runtime.manifest import load_manifest
-    from lmrt.runtime.model import OnnxCausalLM
+class DirectModel:
+    """A loaded model with one state store of its own, for tests that drive the graph directly:
+    ``reset`` empties the store, ``forward`` appends to its rows, ``prefill`` runs one prompt per row
+    and ``step`` one token per row of the decode batch."""
 
-    return OnnxCausalLM(exported, load_manifest(exported), provider="cpu")
+    def __init__(self, model):
+        self.model = model
+        self.cache = model.new_state(1, 1)
+
+    def reset(self, batch: int = 1, capacity: int | None = None) -> None:
+        context = self.model.context_length
+        self.cache.reset(batch, min(capacity or context, context))
+
+    def forward(self, input_ids, keep=None, row=None):
+        return self.model.forward(self.cache, input_ids, keep=keep, row=row)
+
+    def prefill(self, prompts, capacity=None):
+        import numpy as np
+
+        self.reset(len(prompts), capacity)
+        return np.stack([self.forward(p[None, :], keep=1, row=i)[0, -1] for i, p in enumerate(prompts)])
+
+    def step(self, tokens):
+        import numpy as np
+
+        return self.forward(np.asarray(tokens, dtype=np.int64)[:, None], keep=1)[:, 0]
+
+
+def onnx_model(exported: str) -> DirectModel:
+    from lmrt.runtime.model import LoadedModel
+
+    return DirectModel(LoadedModel(exported, provider="cpu"))
 
 
 def run_steps(model, chunks) -> list:

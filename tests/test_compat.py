@@ -43,8 +43,7 @@ def op_forms(path: str) -> set[str]:
 def logits(path: str) -> np.ndarray:
     gen = runtime.Generator(path, provider="cpu")
     ids = gen.encode(PROMPT)
-    gen.model.reset(1, len(ids))
-    return gen.model.forward(np.array([ids]))
+    return gen.model.forward(gen.model.new_state(1, len(ids)), np.array([ids]))
 
 
 def test_versions_map_to_the_newest_profile_they_run():
@@ -172,4 +171,4 @@ def test_steps_of_several_tokens_after_cached_ones_match_one_pass(tiny_models):
     full = run_steps(model, [ids])[0]
     chunked = np.concatenate(run_steps(model, [ids[:5], ids[5:13], ids[13:]]))
     np.testing.assert_allclose(chunked, full, atol=1e-5, rtol=0)
-    assert model.one_token_steps == (not at_least(ort.__version__, "1.20"))
+    assert model.model.one_token_steps == (not at_least(ort.__version__, "1.20"))

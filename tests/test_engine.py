@@ -11,7 +11,7 @@ import pytest
 
 from lmrt import runtime
 from lmrt.runtime import Engine, QueueFullError
-from lmrt.runtime.kv_cache import KVCache
+from lmrt.runtime.state_store import StateStore
 
 PROMPTS = [
     "The capital of France is",
@@ -57,7 +57,7 @@ def alone(gen, prompt, **settings):
 def test_engine_requests_at_once_equal_each_alone(llama, chunk):
     """Every prompt x setting submitted together to 3 slots (so some wait, some are prefilled in
     chunks while others decode, and rows move as requests finish) gives the Generator's result."""
-    engine = Engine(llama, slots=3, ctx_size=128, prefill_chunk=chunk)
+    engine = Engine(llama.model, slots=3, ctx_size=128, prefill_chunk=chunk)
     try:
         jobs = [(p, s) for p in PROMPTS for s in SETTINGS]
         results = [None] * len(jobs)
@@ -81,7 +81,7 @@ def test_engine_requests_at_once_equal_each_alone(llama, chunk):
 
 
 def test_prefix_reuse_gives_the_same_answer_and_counts_cached_tokens(llama):
-    engine = Engine(llama, slots=2, ctx_size=128, prefill_chunk=8)
+    engine = Engine(llama.model, slots=2, ctx_size=128, prefill_chunk=8)
     try:
         first = llama.encode(PROMPTS[2])
         texts, request = collect(engine, first, llama.config(max_new_tokens=10))
@@ -97,7 +97,7 @@ def test_prefix_reuse_gives_the_same_answer_and_counts_cached_tokens(llama):
 
 
 def test_cancel_frees_the_slot_and_others_go_on(llama):
-    engine = Engine(llama, slots=2, ctx_size=128)
+    engine = Engine(llama.model, slots=2, ctx_size=128)
     try:
         release = threading.Event()
 
@@ -126,7 +126,7 @@ def test_cancel_frees_the_slot_and_others_go_on(llama):
 
 
 def test_full_queue_refuses_at_once_and_drops_nothing(llama):
-    engine = Engine(llama, slots=1, ctx_size=128, max_queue=1)
+    engine = Engine(llama.model, slots=1, ctx_size=128, max_queue=1)
     try:
         release = threading.Event()
 
@@ -149,7 +149,7 @@ def test_full_queue_refuses_at_once_and_drops_nothing(llama):
 
 
 def test_a_failing_processor_ends_only_its_request(llama):
-    engine = Engine(llama, slots=2, ctx_size=128)
+    engine = Engine(llama.model, slots=2, ctx_size=128)
     try:
         def broken(ids, logits):
             raise RuntimeError("boom")
@@ -166,7 +166,7 @@ def test_a_failing_processor_ends_only_its_request(llama):
 
 
 def test_engine_refuses_what_a_slot_cannot_hold(llama):
-    engine = Engine(llama, slots=2, ctx_size=64)
+    engine = Engine(llama.model, slots=2, ctx_size=64)
     try:
         with pytest.raises(ValueError, match="more than a slot holds"):
             engine.request(llama.encode("Small"), llama.config(max_new_tokens=64), lambda e: None)
@@ -240,20 +240,20 @@ def test_an_abandoned_stream_stops_generating(llama):
 
 def test_cache_rows_move_without_changing_what_they_hold(llama):
     arch, io = llama.manifest.architecture, llama.manifest.graph.io
-    cache = KVCache(arch, io)
+    cache = StateStore(arch, io)
     cache.reset(4, 16, active=0)
     rng = np.random.default_rng(0)
     owners = ["a", "b", "c"]
     contents = {}
     for o in owners:
-        assert cache.claim(o, np.arange(5)) in (0,)
+        assert cache.claim(o, np.arange(5)) == 0
         row = cache.row_of(o)
         n = int(rng.integers(2, 12))
         ids = rng.integers(0, 100, size=(1, n))
-        for buf in cache._arrays:
+        for buf in cache.buffers.host_arrays():
             buf[row, :, :n] = rng.normal(size=buf[row, :, :n].shape)
         cache.advance(row, ids)
-        contents[o] = ([buf[row, :, :n].copy() for buf in cache._arrays], ids[0].tolist())
+        contents[o] = ([buf[row, :, :n].copy() for buf in cache.buffers.host_arrays()], ids[0].tolist())
         cache.activate(o)
     assert cache.owners() == owners and cache.active == 3
     cache.release("a")  # "c" moves into a's row; a's row keeps its positions for reuse
@@ -263,7 +263,7 @@ def test_cache_rows_move_without_changing_what_they_hold(llama):
         row = cache.row_of(owner)
         bufs, ids = contents[owner]
         assert cache.tokens(row).tolist() == ids
-        for buf, before in zip(cache._arrays, bufs):
+        for buf, before in zip(cache.buffers.host_arrays(), bufs):
             np.testing.assert_array_equal(buf[row, :, : len(ids)], before)
 
     for o in ("b", "c"):
@@ -273,8 +273,51 @@ def test_cache_rows_move_without_changing_what_they_hold(llama):
     shared = cache.claim("d", np.array(a_ids[:3] + [999, 998]))
     assert shared == 3
     row = cache.row_of("d")
-    np.testing.assert_array_equal(cache._arrays[0][row, :, :3], contents["a"][0][0][:, :3])
+    np.testing.assert_array_equal(cache.buffers.host_arrays()[0][row, :, :3], contents["a"][0][0][:, :3])
     cache.truncate(row, 1)
     assert cache.lengths[row] == 1 and cache.tokens(row).tolist() == a_ids[:1]
     with pytest.raises(ValueError):
         cache.truncate(row, 2)
+
+
+def test_a_generator_and_an_engine_share_one_loaded_model(llama):
+    """Each driver has its own state store and IO binding: a Generator generating on this thread
+    while an Engine over the same LoadedModel serves other requests gives both what they give alone."""
+    prompts = PROMPTS[:3]
+    expected = {p: alone(llama, p, max_new_tokens=24) for p in prompts}
+    direct = runtime.Generator(llama.model)
+    assert direct.model is llama.model
+    engine = Engine(llama.model, slots=2, ctx_size=128)
+    try:
+        served = {}
+
+        def serve(prompt):
+            texts, request = collect(engine, llama.encode(prompt), llama.config(max_new_tokens=24))
+            served[prompt] = [(texts[0], request.choices[0].tokens, request.choices[0].finish_reason)]
+
+        threads = [threading.Thread(target=serve, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        meanwhile = {p: [(c.text, c.token_ids, c.finish_reason) for c in direct.generate_batch([p], max_new_tokens=24)[0]] for p in prompts}
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive(), "an engine request did not finish"
+        assert served == expected
+        assert meanwhile == expected
+    finally:
+        engine.close()
+
+
+def test_beams_and_scoring_borrow_rows_of_the_generators_own_store(llama):
+    """Beam search and scoring run in rows lent by the Generator's one store, which afterwards is
+    as it was: same shape, and the row a finished generation left keeps its tokens for reuse."""
+    gen = runtime.Generator(llama.model)
+    gen.generate(PROMPTS[0], max_new_tokens=8)
+    store = gen._loop.store
+    before = (store.rows, store.capacity, store.tokens(0).tolist())
+    assert len(before[2]) > 0
+    beams = gen.generate_batch([PROMPTS[2]], num_beams=3, max_new_tokens=6)
+    assert beams == llama.generate_batch([PROMPTS[2]], num_beams=3, max_new_tokens=6)
+    assert gen.score(PROMPTS[4]).perplexity == llama.score(PROMPTS[4]).perplexity
+    assert gen._loop.store is store
+    assert (store.rows, store.capacity, store.tokens(0).tolist()) == before

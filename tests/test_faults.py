@@ -34,7 +34,7 @@ from lmrt.export import ExportError, export_model
 from lmrt.quantize import QuantizeError, quantize_directory, scheme_for
 from lmrt.runtime.compat import installed_onnxruntime
 from lmrt.runtime.manifest import ManifestError
-from lmrt.runtime.model import OnnxCausalLM
+from lmrt.runtime.model import LoadedModel
 from lmrt.runtime.model_dir import OutputError
 from lmrt.runtime.scoring import windows
 from lmrt.runtime.session import GraphError, create_session
@@ -436,7 +436,7 @@ def test_api_onnxruntime_refusing_escaping_external_data_is_one_line(work):
 def test_api_model_refuses_a_graph_of_another_export(work, tiny_models):
     manifest = runtime.load_manifest(work / "model")
     with pytest.raises(GraphError) as e:
-        OnnxCausalLM(str(work / "other"), manifest)  # the gpt2 graph under the llama manifest
+        LoadedModel(str(work / "other"), manifest=manifest)  # the gpt2 graph under the llama manifest
     assert "does not match lmrt.json" in _one_line(e)
 
 

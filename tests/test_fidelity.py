@@ -13,7 +13,7 @@ import torch
 from conftest import onnx_model, run_steps, torch_steps
 from lmrt import runtime
 from lmrt.runtime.manifest import load_manifest
-from lmrt.runtime.kv_cache import CacheFullError
+from lmrt.runtime.state_store import CacheFullError
 
 ATOL = 1e-4
 
@@ -159,12 +159,12 @@ def test_decode_step_writes_the_cache_in_place(tiny):
     model = onnx_model(exported)
     prompt = np.arange(5, 12)
     model.prefill([prompt], capacity=16)
-    before = [a.copy() for a in model.cache._arrays]
-    addresses = [v.data_ptr() for v in model.cache._values]
+    before = [a.copy() for a in model.cache.buffers.host_arrays()]
+    addresses = model.cache.buffers.data_pointers()
     model.step(np.array([7]))
-    assert [v.data_ptr() for v in model.cache._values] == addresses
+    assert model.cache.buffers.data_pointers() == addresses
     n = len(prompt)
-    for old, new in zip(before, model.cache._arrays):  # [1, kv_heads, 16, head_size]
+    for old, new in zip(before, model.cache.buffers.host_arrays()):  # [1, kv_heads, 16, head_size]
         np.testing.assert_array_equal(new[:, :, :n], old[:, :, :n])
         assert np.abs(new[:, :, n]).sum() > 0 and not new[:, :, n + 1 :].any()
     assert model.cache.lengths.tolist() == [n + 1]

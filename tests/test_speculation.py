@@ -10,7 +10,7 @@ from lmrt import runtime
 from lmrt.runtime.config import GenerationConfig
 from lmrt.runtime.sampling import Sampler, make_processors, run_processors
 from lmrt.runtime.speculation import PromptLookup, accept
-from conftest import FAMILIES
+from conftest import FAMILIES, DirectModel
 
 # Prompts whose continuation repeats them (proposals accepted) and ones that do not.
 REPEATING = [
@@ -150,7 +150,7 @@ def test_the_acceptance_rule_keeps_the_models_distribution(loaded):
     chi-square test over 20,000 draws); accepting the proposal whenever it is the argmax does not."""
     gen = loaded["llama"]
     config = GenerationConfig(temperature=1.3, top_k=12)
-    logits = gen.model.prefill([np.asarray(gen.encode(REPEATING[1]))], capacity=64)[0]
+    logits = DirectModel(gen.model).prefill([np.asarray(gen.encode(REPEATING[1]))], capacity=64)[0]
     probs = Sampler(config).probabilities(run_processors(make_processors(config, 0, frozenset()), np.array([], np.int64), logits))
     kept = np.flatnonzero(probs > 0)
     proposed = int(kept[np.argsort(probs[kept])[-2]])  # the second most likely token is proposed
@@ -190,14 +190,14 @@ def test_the_lookup_proposes_what_followed_the_latest_match_and_backs_off():
 def test_a_rewound_row_keeps_its_earlier_positions(loaded):
     """Speculation truncates rejected positions: earlier ones are untouched, and the next step gives
     what a row that never saw the rejected tokens gives."""
-    model = loaded["gpt2"].model
+    model = DirectModel(loaded["gpt2"].model)
     ids = np.asarray(loaded["gpt2"].encode(REPEATING[1]))
     model.prefill([ids], capacity=80)
-    reference = [a[0, :, : len(ids)].copy() for a in model.cache._arrays]
+    reference = [a[0, :, : len(ids)].copy() for a in model.cache.buffers.host_arrays()]
     model.forward(np.array([[7, 8, 9]]))  # three positions, then rewound
     model.cache.truncate(0, len(ids))
     assert model.cache.lengths.tolist() == [len(ids)] and model.cache.tokens(0).tolist() == ids.tolist()
-    for a, before in zip(model.cache._arrays, reference):
+    for a, before in zip(model.cache.buffers.host_arrays(), reference):
         np.testing.assert_array_equal(a[0, :, : len(ids)], before)
     after_rewind = model.step(np.array([11])).copy()
     model.prefill([ids], capacity=80)

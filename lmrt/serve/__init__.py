@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import threading
-from dataclasses import asdict
 from typing import Callable
 
 from .errors import ServeError
@@ -60,7 +59,7 @@ def serve(settings: ServeSettings, report: Callable[[str], None]) -> None:
     except ImportError as e:
         raise ServeError(f"lmrt serve needs the serve extra: pip install 'lmrt[serve]' ({e})") from None
     from ..precision import precision
-    from ..runtime import Encoder, Engine, Generator
+    from ..runtime import Encoder, Engine, LoadedModel
     from ..runtime.errors import first_line
 
     manifest = settings.manifest
@@ -76,9 +75,9 @@ def serve(settings: ServeSettings, report: Callable[[str], None]) -> None:
     def load() -> None:
         try:
             if generates:
-                gen = Generator(settings.model_dir, provider=settings.provider, threads=settings.threads)
-                engine = Engine(gen, **asdict(settings.engine_settings()))
-                how = (f"provider {gen.provider}, {settings.slots} slots x {settings.ctx_size} tokens, "
+                model = LoadedModel(settings.model_dir, provider=settings.provider, threads=settings.threads)
+                engine = Engine(model, settings.engine_settings())
+                how = (f"provider {model.provider}, {settings.slots} slots x {settings.ctx_size} tokens, "
                        f"KV cache {engine.kv_bytes / 1e6:.0f} MB reserved")  # fmt: skip
             else:
                 encoder = Encoder(settings.model_dir, provider=settings.provider, threads=settings.threads)

@@ -16,14 +16,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from ..runtime import Encoder, Engine
+from ..runtime import Encoder, Engine, LoadedModel
 from . import metrics
 from .bridge import EventStream, submit, unless_disconnected
 from .chat import ChatAnswer, parse_chat
 from .completions import TextAnswer, parse_completion
 from .embeddings import embeddings_response, parse_embeddings
 from .errors import APIError
-from .requests import ServedModel
 from .responses import now, sse
 
 
@@ -46,9 +45,9 @@ class ServerState:
         return self.engine is not None or self.encoder is not None
 
     @property
-    def model(self) -> ServedModel:
+    def model(self) -> LoadedModel:
         """The generation model the engine runs: its tokenizer, chat template and defaults."""
-        return self.engine.generator
+        return self.engine.model
 
 
 def create_app(state: ServerState) -> FastAPI:

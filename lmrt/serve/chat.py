@@ -13,13 +13,14 @@ from . import responses
 from .bridge import Run
 from .errors import APIError
 from .options import is_bool, read_options, read_value
-from .requests import GENERATION_FIELDS, ChatRequest, ServedModel, check_fields, check_model, read_generation, read_logprobs
+from ..runtime import LoadedModel
+from .requests import GENERATION_FIELDS, ChatRequest, check_fields, check_model, read_generation, read_logprobs
 from .tools import parse_tools, tool_calls, with_tools_described
 
 CHAT_FIELDS = GENERATION_FIELDS | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice"}
 
 
-def parse_chat(body: Any, model: ServedModel, served: str, ctx_size: int) -> ChatRequest:
+def parse_chat(body: Any, model: LoadedModel, served: str, ctx_size: int) -> ChatRequest:
     check_fields(body, CHAT_FIELDS, ("model", "messages"))
     check_model(body, served)
     messages = body["messages"]
@@ -91,7 +92,7 @@ class ChatAnswer:
     """Chat completion responses and chunks."""
 
     @staticmethod
-    async def whole(run: Run, model: ServedModel, model_name: str) -> dict:
+    async def whole(run: Run, model: LoadedModel, model_name: str) -> dict:
         got = await responses.collect(run)
         choices = []
         for i in range(run.choices):
@@ -102,7 +103,7 @@ class ChatAnswer:
         return {**head, "choices": choices, "usage": responses.usage(run, sum(got.tokens))}
 
     @staticmethod
-    async def stream(run: Run, model: ServedModel, model_name: str) -> AsyncIterator[dict]:
+    async def stream(run: Run, model: LoadedModel, model_name: str) -> AsyncIterator[dict]:
         head, extra = responses.head(model_name, "chatcmpl", "chat.completion.chunk"), responses.usage_field(run)
         for i in range(run.choices):
             delta = {"role": "assistant", "content": ""}

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from ..runtime import Event
+from ..runtime import Event, LoadedModel
 from ..runtime.checks import is_int
 from . import responses
 from .bridge import Run
 from .errors import APIError
 from .options import read_options, read_value
 from .requests import (
-    GENERATION_FIELDS, CompletionRequest, ServedModel, check_fields, check_model, read_generation, read_inputs, read_logprobs,
+    GENERATION_FIELDS, CompletionRequest, check_fields, check_model, read_generation, read_inputs, read_logprobs,
 )
 
 COMPLETION_FIELDS = GENERATION_FIELDS | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 
 
-def parse_completion(body: Any, model: ServedModel, served: str, ctx_size: int) -> CompletionRequest:
+def parse_completion(body: Any, model: LoadedModel, served: str, ctx_size: int) -> CompletionRequest:
     check_fields(body, COMPLETION_FIELDS, ("model", "prompt"))
     check_model(body, served)
     if body.get("echo"):
@@ -41,7 +41,7 @@ class TextAnswer:
     """Completion (text) responses and chunks."""
 
     @staticmethod
-    async def whole(run: Run, model: ServedModel, model_name: str) -> dict:
+    async def whole(run: Run, model: LoadedModel, model_name: str) -> dict:
         got = await responses.collect(run)
         choices = [
             {
@@ -56,7 +56,7 @@ class TextAnswer:
         return {**head, "choices": choices, "usage": responses.usage(run, sum(got.tokens))}
 
     @staticmethod
-    async def stream(run: Run, model: ServedModel, model_name: str) -> AsyncIterator[dict]:
+    async def stream(run: Run, model: LoadedModel, model_name: str) -> AsyncIterator[dict]:
         offsets = [0] * run.choices
 
         def choice(i: int, event: Event) -> dict:

@@ -19,7 +19,6 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict
 from typing import Callable
 from urllib.parse import unquote, urlparse
 
@@ -53,12 +52,12 @@ class LmrtReplica:
     """One engine and one copy of lmrt's HTTP app."""
 
     def __init__(self, settings: ServeSettings):
-        from ..runtime import Engine, Generator
+        from ..runtime import Engine, LoadedModel
         from .app import ServerState
 
         self.replica = serve.get_replica_context().replica_id.unique_id
-        generator = Generator(settings.model_dir, provider=settings.provider, threads=settings.threads)
-        self.engine = Engine(generator, **asdict(settings.engine_settings()))
+        model = LoadedModel(settings.model_dir, provider=settings.provider, threads=settings.threads)
+        self.engine = Engine(model, settings.engine_settings())
         self.state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES, engine=self.engine)
         self._stop = threading.Event()
         self._exporter = _MetricsExporter(self.replica)

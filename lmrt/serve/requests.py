@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping
 
-from ..runtime import ConfigError, GenerationConfig, Manifest
+from ..runtime import ConfigError, GenerationConfig, LoadedModel
 from ..runtime.checks import is_int, is_token_ids
 from .errors import APIError, config_error
 from .options import DEFAULT_PARAMS, REQUEST_FIELDS, GenerationOptions, is_bool, option_values, read_value
@@ -20,20 +20,6 @@ from .options import DEFAULT_PARAMS, REQUEST_FIELDS, GenerationOptions, is_bool,
 MAX_LOGPROBS = 20
 # The request fields of both generation endpoints besides the generation options.
 GENERATION_FIELDS = {"model", "stream", "stream_options", "user", "ignore_eos", *REQUEST_FIELDS}
-
-
-class ServedModel(Protocol):
-    """What the routes need of the model they serve: its tokenizer, chat template and defaults."""
-
-    manifest: Manifest
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, token_ids: Sequence[int]) -> str: ...
-
-    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
-
-    def config(self, **options: Any) -> GenerationConfig: ...
 
 
 @dataclass(frozen=True)
@@ -48,7 +34,7 @@ class GenerationRequest:
     ignore_eos: bool
     logprobs: int | None  # None: none; k: the chosen token's and k alternatives'
 
-    def to_config(self, model: ServedModel) -> GenerationConfig:
+    def to_config(self, model: LoadedModel) -> GenerationConfig:
         """The options over ``model``'s generation defaults. ``stop_token_ids`` come on top of the
         end-of-sequence ids, unless those are ignored (``ignore_eos``)."""
         options = option_values(self.options)

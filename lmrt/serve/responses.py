@@ -9,10 +9,9 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from ..runtime import Event, TokenLogprob
+from ..runtime import Event, LoadedModel, TokenLogprob
 from .bridge import Run, events
 from .errors import APIError
-from .requests import ServedModel
 
 
 def new_id(prefix: str) -> str:
@@ -48,7 +47,7 @@ def usage(run: Run, generated: int) -> dict:
     }
 
 
-def chat_logprobs(model: ServedModel, items: list[TokenLogprob]) -> dict:
+def chat_logprobs(model: LoadedModel, items: list[TokenLogprob]) -> dict:
     def entry(token: int, logprob: float) -> dict:
         text = model.decode([token])
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
@@ -56,7 +55,7 @@ def chat_logprobs(model: ServedModel, items: list[TokenLogprob]) -> dict:
     return {"content": [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]} for i in items]}
 
 
-def completion_logprobs(model: ServedModel, items: list[TokenLogprob], offset: int = 0) -> dict:
+def completion_logprobs(model: LoadedModel, items: list[TokenLogprob], offset: int = 0) -> dict:
     tokens = [model.decode([i.token]) for i in items]
     offsets, at = [], offset
     for t in tokens:

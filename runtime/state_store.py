@@ -1,63 +1,46 @@
-"""The key/value cache: preallocated rows, updated in place, and the bookkeeping of who uses which row.
+"""The state store: every row of a model's decoding state (today its KV cache), and who owns which.
 
-Per layer there is one key and one value buffer [rows, kv_heads, capacity, head_size]. The graph
-reads a buffer as ``past`` and writes the same memory as ``present`` (IO binding hands onnxruntime the
-same pointer for both), so a step copies no cache: it writes the new positions of each row and nothing
-else. Each row remembers the token ids whose keys and values it holds (``tokens``) and how many
-(``lengths``).
+Each row remembers the token ids whose state it holds (``tokens``) and how many (``lengths``); the
+memory itself is in ``state_buffers.StateBuffers``. Rows [0, active) are the decode batch: one step
+advances all of them together, each at its own length. The other rows are claimed by a sequence that
+is still being prefilled (fed through a one-row view), lent out as a block (beam search, scoring), or
+free. A free row keeps what it holds, so a new sequence that starts with the same tokens reuses them:
+the prefix-reuse policy lives here alone (``claim`` picks the free row sharing the longest prefix;
+``reserve`` keeps such rows when it grows the store). ``activate`` and ``release`` move a row into and
+out of the decode batch by swapping it with the batch's edge, so the batch stays contiguous and an
+idle row costs no compute. Rows are looked up by their owner (any object), since swaps move them.
 
-Rows [0, active) are the decode batch: one step advances all of them together, each at its own
-length. The other rows are either claimed by a sequence that is still being prefilled (it is fed
-through a one-row view) or free. A free row keeps what it holds, so a new sequence that starts with
-the same tokens reuses them (``claim`` picks the free row sharing the longest prefix and truncates it
-there). ``activate`` and ``release`` move a row into and out of the decode batch by swapping it with
-the batch's edge, so the batch stays contiguous and an idle row costs no compute. Rows are looked up
-by their owner (any object), since swaps move them.
-
-On CUDA the buffers live on the device. Moving rows (swaps, ``select`` for beams) goes through the
-host there; on the CPU it is numpy indexing on the buffers themselves.
+Each store has its own IO binding of its decode batch and its own logits buffer, so two drivers over
+one loaded model (a Generator and an Engine) never share a buffer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Iterable
+from typing import Any, Hashable, Iterable, Sequence
 
 import numpy as np
 
 from .manifest import Architecture, GraphIO
+from .state_buffers import StateBuffers
 
 
 class CacheFullError(ValueError):
-    """A request would write past the end of the preallocated cache."""
+    """A request would write past the end of the preallocated state."""
 
 
-class KVCache:
-    def __init__(self, arch: Architecture, io: GraphIO, device: str = "cpu"):
-        self._arch = arch
-        self._dtype = np.dtype(io.kv_dtype)
-        self._device = device  # "cpu" or "cuda"
-        self.names = [  # (past input, present output) per buffer
-            (past.format(layer=i), present.format(layer=i))
-            for i in range(arch.num_layers)
-            for past, present in ((io.past_key, io.present_key), (io.past_value, io.present_value))
-        ]
-        self.version = 0  # bumped whenever the buffers are replaced, so bindings know to follow
+class StateStore:
+    def __init__(self, arch: Architecture, io: GraphIO, device: str = "cpu", rows: int = 1, capacity: int = 1):
+        self.buffers = StateBuffers(arch, io, device)
         self._tick = 0  # release order of free rows: the least recently used is reused first
-        self.reset(1, 1, active=0)
-
-    @staticmethod
-    def bytes_per_position(arch: Architecture, io: GraphIO) -> int:
-        """Bytes one position of one row takes over all layers, keys and values."""
-        return 2 * arch.num_layers * arch.num_kv_heads * arch.head_size * np.dtype(io.kv_dtype).itemsize
+        self._binding = None  # (key, binding, logits) of the decode batch
+        self.reset(rows, capacity, active=0)
 
     # --- shape ---------------------------------------------------------------------------------
 
     def reset(self, rows: int, capacity: int, active: int | None = None) -> None:
         """``rows`` empty rows of up to ``capacity`` positions each, none owned; the first ``active``
         of them (default: all) form the decode batch."""
-        a = self._arch
-        shape = (rows, a.num_kv_heads, capacity, a.head_size)
-        self._set([np.zeros(shape, self._dtype) for _ in self.names])
+        self.buffers.allocate([self.buffers.empty(rows, capacity)])
         self._lengths = np.zeros(rows, dtype=np.int64)
         self._tokens = np.zeros((rows, capacity), dtype=np.int64)
         self._owners: list[Hashable | None] = [None] * rows
@@ -66,9 +49,9 @@ class KVCache:
         self.active = rows if active is None else active
 
     def resize(self, rows: int, capacity: int, keep: Iterable[int]) -> None:
-        """New buffers of ``rows`` x ``capacity`` holding the rows ``keep`` (every owned row among
-        them) at the front, in that order; the other rows start empty. Owned rows keep their owners,
-        and the decode batch its order."""
+        """Rows x capacity, holding the rows ``keep`` (every owned row among them) at the front, in
+        that order; the other rows start empty. Owned rows keep their owners, and the decode batch
+        its order."""
         keep = list(keep)
         owned = [r for r in range(self.rows) if self._owners[r] is not None]
         if not set(owned) <= set(keep) or len(keep) > rows:
@@ -78,36 +61,34 @@ class KVCache:
         used = int(self._lengths[keep].max(initial=0))
         if used > capacity:
             raise CacheFullError(f"a row holds {used} positions, more than the new capacity {capacity}")
-        old = self._host_arrays()
-        a = self._arch
-        arrays = []
-        for full in old:
-            new = np.zeros((rows, a.num_kv_heads, capacity, a.head_size), self._dtype)
-            new[: len(keep), :, :used] = full[keep, :, :used]
-            arrays.append(new)
-        tokens = np.zeros((rows, capacity), dtype=np.int64)
-        tokens[: len(keep), :used] = self._tokens[keep, :used]
-        lengths = np.zeros(rows, dtype=np.int64)
-        lengths[: len(keep)] = self._lengths[keep]
-        released = np.zeros(rows, dtype=np.int64)
-        released[: len(keep)] = self._released[keep]
-        owners = [self._owners[r] for r in keep] + [None] * (rows - len(keep))
-        self._set(arrays)
-        self._tokens, self._lengths, self._released, self._owners = tokens, lengths, released, owners
-        self._row = {o: r for r, o in enumerate(owners) if o is not None}
+        self.buffers.regrown(rows, capacity, keep, used)
+        self._tokens = _regrown(self._tokens[keep, :used], (rows, capacity))
+        self._lengths = _regrown(self._lengths[keep], (rows,))
+        self._released = _regrown(self._released[keep], (rows,))
+        self._owners = [self._owners[r] for r in keep] + [None] * (rows - len(keep))
+        self._row = {o: r for r, o in enumerate(self._owners) if o is not None}
+
+    def reserve(self, rows: int, capacity: int, prompts: Sequence[np.ndarray] = ()) -> None:
+        """Make room for ``rows`` more rows of ``capacity`` positions beside those owned. Rows in use
+        stay; so do the free rows that share a prefix with one of ``prompts`` (a chat's next turn
+        reuses its history), the longest shared first."""
+        if self.free_rows() >= rows and self.capacity >= capacity:
+            return
+        owned = self.owned_rows()
+        if owned:
+            capacity = max(capacity, self.capacity)
+        free = [r for r in range(self.active, self.rows) if self._owners[r] is None and self._lengths[r] <= capacity]
+        shared = {r: max((self.shared_prefix(r, p) for p in prompts), default=0) for r in free}
+        reuse = sorted((r for r in free if shared[r] > 0), key=lambda r: -shared[r])[:rows]
+        self.resize(len(owned) + rows, capacity, owned + reuse)
 
     @property
     def rows(self) -> int:
         return int(self._lengths.shape[0])
 
     @property
-    def batch(self) -> int:
-        """Rows in the decode batch (the same as ``active``)."""
-        return self.active
-
-    @property
     def capacity(self) -> int:
-        return int(self._shape[2])
+        return int(self.buffers.shape[2])
 
     @property
     def lengths(self) -> np.ndarray:
@@ -117,7 +98,7 @@ class KVCache:
         return view
 
     def tokens(self, row: int) -> np.ndarray:
-        """int64 [length]: the token ids whose keys and values row ``row`` holds (read-only)."""
+        """int64 [length]: the token ids whose state row ``row`` holds (read-only)."""
         view = self._tokens[row, : self._lengths[row]]
         view.flags.writeable = False
         return view
@@ -197,27 +178,44 @@ class KVCache:
     def copy_row(self, src: int, dst: int) -> None:
         """Make row ``dst`` hold what row ``src`` holds (several samples continuing one prompt)."""
         n = int(self._lengths[src])
-        self._move_positions([src], [dst], n)
+        self.buffers.move([src], [dst], n)
         self._tokens[dst, :n] = self._tokens[src, :n]
         self._lengths[dst] = n
 
-    def select(self, rows) -> None:
-        """Make the rows ``rows`` (int [new_batch], in that order, repeats allowed) the whole cache
-        and its decode batch; owners are dropped (beam search reorders its beams this way)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        used = int(self._lengths.max(initial=0))
-        kept = []
-        for full in self._host_arrays():
-            new = np.zeros((rows.shape[0], *self._shape[1:]), self._dtype)
-            new[:, :, :used] = full[rows, :, :used]  # only the positions in use
-            kept.append(new)
-        tokens, lengths = self._tokens[rows], self._lengths[rows]
-        self._set(kept)
-        self._tokens, self._lengths = tokens, lengths
-        self._owners = [None] * rows.shape[0]
-        self._row = {}
-        self._released = np.zeros(rows.shape[0], dtype=np.int64)
-        self.active = rows.shape[0]
+    # --- blocks lent out (beam search, scoring) ----------------------------------------------
+
+    def borrow(self, owner: Hashable, count: int, capacity: int) -> int:
+        """Append ``count`` empty rows of at least ``capacity`` positions after every row there is,
+        owned by ``owner`` until ``give_back``; returns the first one. The rows already there keep
+        their places and contents."""
+        if self.owns(owner):
+            raise ValueError("that owner already holds rows")
+        start = self.rows
+        self.resize(start + count, max(capacity, self.capacity), range(start))
+        self._owners[start:] = [(owner, i) for i in range(count)]
+        self._row.update({(owner, i): start + i for i in range(count)})
+        self._row[owner] = start
+        return start
+
+    def give_back(self, owner: Hashable, rows: int, capacity: int) -> None:
+        """End the loan of ``owner``'s block: the store returns to ``rows`` x ``capacity`` (what it was
+        before ``borrow``), keeping every other row."""
+        start = self._row.pop(owner)
+        count = self.rows - start
+        for i in range(count):
+            self._row.pop((owner, i), None)
+            self._owners[start + i] = None
+        self.resize(rows, capacity, range(start))
+
+    def reorder(self, start: int, sources: Sequence[int]) -> None:
+        """Rows [start, start + len(sources)) of a borrowed block take what the block's rows
+        ``start + sources[i]`` hold (repeats allowed): beam search keeps its best beams this way."""
+        src = [start + int(s) for s in sources]
+        dst = list(range(start, start + len(src)))
+        used = int(self._lengths[src].max(initial=0))
+        self.buffers.move(src, dst, used)
+        self._tokens[dst, :used] = self._tokens[src, :used]
+        self._lengths[dst] = self._lengths[src]
 
     # --- what a forward step uses ------------------------------------------------------------
 
@@ -239,16 +237,24 @@ class KVCache:
             np.put_along_axis(self._tokens[rows], at, ids, axis=1)
         self._lengths[rows] += seq
 
-    def bind(self, binding, start: int = 0, count: int | None = None) -> None:
-        """Bind every buffer as both past input and present output of ``binding``, for the rows
-        [start, start + count) (default: the decode batch)."""
-        count = self.active if count is None else count
-        shape = [count, *self._shape[1:]]
-        offset = start * int(np.prod(self._shape[1:])) * self._dtype.itemsize
-        for (past, present), value in zip(self.names, self._values):
-            ptr = value.data_ptr() + offset
-            binding.bind_input(past, self._device, 0, self._dtype, shape, ptr)
-            binding.bind_output(present, self._device, 0, self._dtype, shape, ptr)
+    def binding(self, session, start: int, count: int, logits_name: str, logits_shape: tuple, logits_dtype):
+        """An IO binding of rows [start, start + count) with a logits output of ``logits_shape``, and
+        that logits buffer. The decode batch's binding is kept while its rows stay, and its buffer
+        while the shape holds (a fresh buffer per step would cost page faults); other ranges get
+        fresh ones."""
+        batch = start == 0 and count == self.active
+        key = (self.buffers.version, count)
+        if batch and self._binding is not None and self._binding[0] == key:
+            binding, logits = self._binding[1], self._binding[2]
+        else:
+            binding, logits = session.io_binding(), None
+            self.buffers.bind(binding, start, count)
+        if logits is None or logits.shape != logits_shape:
+            logits = np.empty(logits_shape, logits_dtype)
+            binding.bind_output(logits_name, "cpu", 0, logits_dtype, list(logits_shape), logits.ctypes.data)
+        if batch:
+            self._binding = (key, binding, logits)
+        return binding, logits
 
     # --- moving rows -------------------------------------------------------------------------
 
@@ -256,7 +262,7 @@ class KVCache:
         if a == b:
             return
         n = int(max(self._lengths[a], self._lengths[b]))
-        self._move_positions([a, b], [b, a], n)
+        self.buffers.move([a, b], [b, a], n)
         self._tokens[[a, b], :n] = self._tokens[[b, a], :n]
         self._lengths[[a, b]] = self._lengths[[b, a]]
         self._released[[a, b]] = self._released[[b, a]]
@@ -265,31 +271,9 @@ class KVCache:
             if self._owners[r] is not None:
                 self._row[self._owners[r]] = r
 
-    def _move_positions(self, src: list[int], dst: list[int], n: int) -> None:
-        """Buffers' rows ``dst`` take the first ``n`` positions of rows ``src`` (read before written)."""
-        if n == 0:
-            return
-        if self._device == "cpu":
-            for full in self._arrays:
-                full[dst, :, :n] = full[src, :, :n]
-            return
-        arrays = self._host_arrays()
-        for full in arrays:
-            full[dst, :, :n] = full[src, :, :n]
-        self._set(arrays)
 
-    def _host_arrays(self) -> list[np.ndarray]:
-        return self._arrays if self._device == "cpu" else [value.numpy() for value in self._values]
-
-    def _set(self, arrays: list[np.ndarray]) -> None:
-        from .session import import_onnxruntime
-
-        ort = import_onnxruntime()
-        self._shape = arrays[0].shape
-        if self._device == "cpu":
-            self._arrays = arrays  # the OrtValues below share this memory: keep it alive
-            self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        else:
-            self._arrays = []
-            self._values = [ort.OrtValue.ortvalue_from_numpy(a, self._device, 0) for a in arrays]
-        self.version += 1
+def _regrown(kept: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Zeros of ``shape`` with ``kept`` in its leading corner."""
+    out = np.zeros(shape, dtype=kept.dtype)
+    out[tuple(slice(0, n) for n in kept.shape)] = kept
+    return out
