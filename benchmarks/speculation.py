@@ -35,20 +35,22 @@ def passage(path: str, start: str | None = None, lines: int = 60) -> str:
     """``lines`` lines of a file of this repository, from the first line starting with ``start``."""
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
         text = f.read().splitlines()
-    first = next((i for i, line in enumerate(text) if start and line.startswith(start)), 0)
+    first = next((i for i, line in enumerate(text) if line.startswith(start)), None) if start else 0
+    if first is None:
+        raise SystemExit(f"{path} has no line starting with {start!r}")
     return "\n".join(text[first : first + lines])
 
 
 def grounded_prompts() -> list[tuple[str, str]]:
     """(name, user message) for tasks whose answer repeats much of the passage."""
-    serving = passage("README.md", "How it works.", 18)
-    quantization = passage("README.md", "## Quantization", 30)
-    layout = passage("README.md", "## Layout", 40)
+    serving = passage("docs/serving.md", "How it works.", 18)
+    quantization = passage("docs/quantization.md", "# Quantization", 30)
+    layout = passage("docs/layout.md", "## Layout", 40)
     stopping = passage("runtime/stopping.py", lines=80)
     report = passage("benchmarks/report.py", lines=40)
     scheduler = passage("runtime/scheduler.py", "class Scheduler", 50)
-    routes = passage("README.md", "| route | what |", 9)
-    options = passage("README.md", "| option | default | what |", 11)
+    routes = passage("docs/serving.md", "| route | what |", 9)
+    options = passage("docs/serving.md", "| option | default | what |", 11)
     return [
         ("correct prose", f"Rewrite this text with every spelling mistake corrected. Output the whole text.\n\n{serving}"),
         ("second person", f"Rewrite this text addressing the reader as 'you'. Keep everything else the same.\n\n{quantization}"),

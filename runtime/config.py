@@ -51,7 +51,7 @@ def option(
 class GenerationConfig:
     """How to generate. Each field is a keyword of the Generator's and Engine's methods, a field of
     the server's requests and, unless marked Python-only, an option of ``lmrt generate`` and
-    ``lmrt chat``; ``GenerationConfig.describe()`` lists them with their help.
+    ``lmrt chat``; docs/cli.md lists them with their help (generated from this metadata).
 
     The processors run in transformers' order: repetition penalty, presence and frequency penalties,
     no-repeat n-grams, min_new_tokens, your logits processors; then a constraint's mask (json_schema,

@@ -14,26 +14,31 @@ PREFILL_CHUNK = 256  # prompt tokens read per step, the Generator's default too
 DEFAULT_CTX_SIZE = 2048  # positions per slot when ctx_size is not given (or the model's context if smaller)
 
 
-def _setting(default, help: str, flag: str):
-    return field(default=default, metadata={"help": help, "flag": flag})
+def _setting(default, help: str, flag: str, least: int):
+    return field(default=default, metadata={"help": help, "flag": flag, "least": least})
 
 
 @dataclass(frozen=True)
 class EngineSettings:
-    slots: int = _setting(4, "Sequences decoded together (each a cache row).", "--slots")
-    ctx_size: int | None = _setting(None, "Tokens per slot, prompt and output together [default: 2048, or the model's context if smaller].", "--ctx-size")
-    max_queue: int = _setting(64, "Requests that may wait for a slot; past that the server answers 503.", "--max-queue")
-    prefill_chunk: int = _setting(PREFILL_CHUNK, "Prompt tokens read per step while other sequences decode.", "--prefill-chunk")
+    slots: int = _setting(4, "Sequences decoded together (each a cache row).", "--slots", 1)
+    ctx_size: int | None = _setting(
+        None, "Tokens per slot, prompt and output together [default: 2048, or the model's context if smaller].", "--ctx-size", 2
+    )
+    max_queue: int = _setting(64, "Requests that may wait for a slot; past that the server answers 503.", "--max-queue", 0)
+    prefill_chunk: int = _setting(PREFILL_CHUNK, "Prompt tokens read per step while other sequences decode.", "--prefill-chunk", 1)
 
     def __post_init__(self) -> None:
-        if not is_int(self.slots) or self.slots < 1:
-            raise ValueError(f"slots must be a positive integer, got {self.slots!r}")
-        if self.ctx_size is not None and (not is_int(self.ctx_size) or self.ctx_size < 2):
-            raise ValueError(f"ctx_size must be an integer of at least 2, got {self.ctx_size!r}")
-        if not is_int(self.max_queue) or self.max_queue < 0:
-            raise ValueError(f"max_queue must be an integer >= 0, got {self.max_queue!r}")
-        if not is_int(self.prefill_chunk) or self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
+        for setting in fields(EngineSettings):
+            value, least = getattr(self, setting.name), setting.metadata["least"]
+            if value is None and setting.default is None:
+                continue
+            if not is_int(value) or value < least:
+                raise ValueError(f"{setting.name} must be an integer of at least {least}, got {value!r}")
+
+    @classmethod
+    def least(cls, name: str) -> int:
+        """The least value the setting ``name`` takes."""
+        return next(f.metadata["least"] for f in fields(EngineSettings) if f.name == name)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

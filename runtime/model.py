@@ -167,6 +167,12 @@ class LoadedModel:
         state.advance(start, ids)  # the rows now hold the new positions
         return logits.astype(np.float32, copy=False)  # fp16 graphs: sampling and scoring work in fp32
 
+    def sequence_logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 logits [n, vocab] at every position of ``token_ids``, run in one pass from an empty
+        state (a store of one row of its own)."""
+        ids = np.asarray([token_ids], dtype=np.int64)
+        return self.forward(self.new_state(1, ids.shape[1]), ids)[0].copy()
+
     def crosses_switch(self, length: int, seq: int) -> bool:
         """Whether a row holding ``length`` positions (rotated with the short table) would pass the
         LongRoPE switch by taking ``seq`` more, so that it must be fed again from its start."""

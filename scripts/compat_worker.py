@@ -52,8 +52,7 @@ def run(model_dir: str, out: str, forced: list[int] | None) -> dict:
         return row
     row.update(generated=True, tokens=tokens, text=gen.decode(tokens), seconds=time.perf_counter() - started)
     sequence = ids + (forced if forced is not None else tokens)
-    state = gen.model.new_state(1, len(sequence))
-    logits = gen.model.forward(state, np.array([sequence]))[0, len(ids) - 1 : -1]  # predicting each new token
+    logits = gen.model.sequence_logits(sequence)[len(ids) - 1 : -1]  # predicting each new token
     np.save(os.path.join(out, f"{name}.npy"), logits.astype(np.float32))
     from lmrt.quantize.evaltext import reference_text
     from lmrt.runtime.scoring import score_ids

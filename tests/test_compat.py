@@ -43,7 +43,7 @@ def op_forms(path: str) -> set[str]:
 def logits(path: str) -> np.ndarray:
     gen = runtime.Generator(path, provider="cpu")
     ids = gen.encode(PROMPT)
-    return gen.model.forward(gen.model.new_state(1, len(ids)), np.array([ids]))
+    return gen.model.sequence_logits(ids)[None]
 
 
 def test_versions_map_to_the_newest_profile_they_run():

@@ -118,3 +118,29 @@ def test_relative_links_lead_to_files(path):
 def test_relative_links_are_found():
     assert relative_links("[a](docs/cli.md#x) [b](https://x.org) [c](#y) `[d](e.md)`") == ["docs/cli.md#x"]
     assert "docs/installing.md" in relative_links(read(README))
+
+
+def layout_files(text: str) -> set[str]:
+    """The source files docs/layout.md's tree lists: one per line, folders nest by two spaces."""
+    tree = text.split("```\n", 2)[1]
+    listed, stack = set(), []
+    for line in tree.splitlines():
+        if not line.strip() or not line.startswith((" ", "lmrt/", "runtime/", "export/", "quantize/")):
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2
+        stack = stack[:depth] + [line.split()[0]]
+        if stack[-1].endswith(".py"):
+            listed.add("".join(stack))
+    return listed
+
+
+def test_the_layout_page_lists_every_source_file_once():
+    listed = layout_files(read(os.path.join(ROOT, "docs", "layout.md")))
+    actual = {
+        os.path.relpath(p, ROOT).replace(os.sep, "/")
+        for top in ("lmrt", "runtime", "export", "quantize")
+        for p in glob.glob(os.path.join(ROOT, top, "**", "*.py"), recursive=True)
+    }
+    assert len(actual) > 90
+    assert sorted(actual - listed) == [], "source files docs/layout.md does not list"
+    assert sorted(listed - actual) == [], "files docs/layout.md lists that do not exist"

@@ -82,9 +82,7 @@ def kquant_gguf(tmp_path_factory):
 
 
 def logits(model_dir: str, ids: list[int]) -> np.ndarray:
-    model = runtime.Generator(model_dir, provider="cpu").model
-    model.reset(1, len(ids))
-    return model.forward(np.asarray([ids]))[0].copy()
+    return runtime.LoadedModel(model_dir, provider="cpu").sequence_logits(ids)
 
 
 def test_int4_keeps_every_block_and_reproduces_the_dequantized_model(kquant_gguf, tmp_path):

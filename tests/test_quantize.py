@@ -141,11 +141,8 @@ def test_quantized_tiny_models_stay_close_to_fp32(tiny, tmp_path, precision):
     assert m.quality["passed"] and m.quality["positions"] >= 500
     # logits of the quantized graph against fp32 on the same tokens
     ids = runtime.Generator(exported).encode("The quick brown fox jumps over the lazy dog")
-    ref_all = runtime.Generator(exported).model
-    ref_all.reset(1, len(ids))
-    got_all = runtime.Generator(out).model
-    got_all.reset(1, len(ids))
-    ref, got = ref_all.forward(np.array([ids])), got_all.forward(np.array([ids]))  # [1, n, vocab]
+    ref = runtime.LoadedModel(exported).sequence_logits(ids)[None]  # [1, n, vocab]
+    got = runtime.LoadedModel(out).sequence_logits(ids)[None]
     rel = np.abs(got - ref).max() / np.abs(ref).max()
     assert rel < (0.02 if precision == "int8" else 0.15)
     assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= (0.9 if precision == "int8" else 0.6)

@@ -22,10 +22,6 @@ from ..runtime.engine_settings import EngineSettings
 from ..runtime.manifest import Manifest, load_manifest
 from .errors import ServeError
 
-# the least value of each count, as ``lmrt serve``'s errors state it
-COUNT_MINIMUMS = {"slots": 1, "max_queue": 0, "prefill_chunk": 1}
-
-
 def default_model_name(model_dir: str) -> str:
     """The model id clients send when --model-name is not given: the directory's name."""
     return os.path.basename(os.path.abspath(model_dir).rstrip(os.sep))
@@ -59,8 +55,8 @@ class ServeSettings(EngineSettings):
             except ValueError:
                 shown = context if self.ctx_size is None else self.ctx_size  # the default fails for a context under 2 only
                 raise ServeError(f"{self.flag('ctx_size')} must be from 2 to the model's context ({context}), got {shown}") from None
-        for name, least in COUNT_MINIMUMS.items():
-            value = getattr(self, name)
+        for name in ("slots", "max_queue", "prefill_chunk"):
+            value, least = getattr(self, name), self.least(name)
             if is_int(value) and value < least:
                 raise ServeError(f"{self.flag(name)} must be at least {least}, got {value}")
         if self.api_key is not None and not self.api_key.strip():
