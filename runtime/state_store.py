@@ -29,11 +29,11 @@ class CacheFullError(ValueError):
 
 
 class StateStore:
-    def __init__(self, arch: Architecture, io: GraphIO, device: str = "cpu", rows: int = 1, capacity: int = 1):
+    def __init__(self, arch: Architecture, io: GraphIO, device: str = "cpu"):
         self.buffers = StateBuffers(arch, io, device)
         self._tick = 0  # release order of free rows: the least recently used is reused first
         self._binding = None  # (key, binding, logits) of the decode batch
-        self.reset(rows, capacity, active=0)
+        self.reset(1, 1, active=0)
 
     # --- shape ---------------------------------------------------------------------------------
 
