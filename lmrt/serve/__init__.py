@@ -56,6 +56,7 @@ def serve(settings: ServeSettings, report: Callable[[str], None]) -> None:
         import uvicorn
 
         from .app import ServerState, create_app
+        from .response_store import ResponseStore
     except ImportError as e:
         raise ServeError(f"lmrt serve needs the serve extra: pip install 'lmrt[serve]' ({e})") from None
     from ..precision import precision
@@ -65,7 +66,7 @@ def serve(settings: ServeSettings, report: Callable[[str], None]) -> None:
     manifest = settings.manifest
     generates = manifest.task == "generate"
     sock = bind(settings.host, settings.port)
-    state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES)
+    state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES, response_store=ResponseStore(settings.stored_responses))
     server = uvicorn.Server(
         uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=5, access_log=False)
     )

@@ -23,7 +23,9 @@ from .chat import ChatAnswer, parse_chat
 from .completions import TextAnswer, parse_completion
 from .embeddings import embeddings_response, parse_embeddings
 from .errors import APIError
+from .response_store import ResponseStore
 from .responses import now, sse
+from . import responses_api
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ServerState:
     engine: Engine | None = None
     encoder: Encoder | None = None
     load_error: str | None = None
+    response_store: ResponseStore | None = None  # the answers kept for previous_response_id (None: none)
     embedding_requests: int = 0
     embedded_tokens: int = 0
 
@@ -121,6 +124,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request) -> Response:
         return await _complete(state, request, parse_completion, TextAnswer)
 
+    responses_api.register(app, state)
     return app
 
 

@@ -54,11 +54,13 @@ class LmrtReplica:
     def __init__(self, settings: ServeSettings):
         from ..runtime import Engine, LoadedModel
         from .app import ServerState
+        from .response_store import ResponseStore
 
         self.replica = serve.get_replica_context().replica_id.unique_id
         model = LoadedModel(settings.model_dir, provider=settings.provider, threads=settings.threads)
         self.engine = Engine(model, settings.engine_settings())
-        self.state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES, engine=self.engine)
+        self.state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES, engine=self.engine,
+                                 response_store=ResponseStore(settings.stored_responses))
         self._stop = threading.Event()
         self._exporter = _MetricsExporter(self.replica)
         threading.Thread(target=self._export, name="lmrt-ray-metrics", daemon=True).start()

@@ -44,6 +44,9 @@ class ServeSettings(EngineSettings):
     threads: int | None = field(
         default=None, metadata={"flag": "--threads", "help": "CPU threads (default: onnxruntime's choice, the physical cores)."}
     )
+    stored_responses: int = field(
+        default=256, metadata={"flag": "--stored-responses", "help": "Answers of POST /v1/responses kept for previous_response_id (0: none)."}
+    )
     manifest: Manifest = field(init=False, repr=False, compare=False)  # read from model_dir when built
 
     def __post_init__(self) -> None:
@@ -59,6 +62,8 @@ class ServeSettings(EngineSettings):
             value, least = getattr(self, name), self.least(name)
             if is_int(value) and value < least:
                 raise ServeError(f"{self.flag(name)} must be at least {least}, got {value}")
+        if not is_int(self.stored_responses) or self.stored_responses < 0:
+            raise ServeError(f"{self.flag('stored_responses')} must be an integer of at least 0, got {self.stored_responses}")
         if self.api_key is not None and not self.api_key.strip():
             raise ServeError(f"{self.flag('api_key')} is empty")
         super().__post_init__()  # what is not an integer at all
