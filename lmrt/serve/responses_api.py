@@ -27,7 +27,7 @@ def register(app: FastAPI, state) -> None:
     """The Responses routes on ``app``, answering from ``state`` (app's ServerState)."""
     from .app import _authorize, _engine, _json_body  # app registers these routes once it is loaded
 
-    store = state.response_store or ResponseStore(0)
+    store = ResponseStore(0) if state.response_store is None else state.response_store
 
     @app.post("/v1/responses")
     async def create(request: Request) -> Response:
