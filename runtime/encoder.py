@@ -105,6 +105,44 @@ class Encoder:
                     )
         return [enc.ids for enc in encodings]
 
+    def tokenize_pairs(
+        self, pairs: Sequence[tuple[str, str]], truncate: bool | None = None
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and token types of each (first, second) text pair, encoded as one sentence pair
+        the way the model's tokenizer joins them (the longer text cut first when too long)."""
+        pairs = _pairs(pairs)
+        truncate = self.truncate if truncate is None else truncate
+        encodings = self._tokenizer.encode_batch(pairs)
+        if not truncate:
+            for i, enc in enumerate(encodings):
+                if enc.overflowing:
+                    n = len(self._counter.encode(*pairs[i]).ids)
+                    raise ValueError(
+                        f"pair {i + 1} has {n} tokens, more than the model's {self.max_length}; "
+                        "shorten it or allow truncation"
+                    )
+        return [enc.ids for enc in encodings], [enc.type_ids for enc in encodings]
+
+    def pair_scores(
+        self, pairs: Sequence[tuple[str, str]], batch_size: int = DEFAULT_BATCH_SIZE, truncate: bool | None = None
+    ) -> np.ndarray:
+        """A cross-encoder's score of each (query, document) pair, float32 [len(pairs)], as
+        sentence-transformers' CrossEncoder gives it: the sigmoid of a single logit, or the softmax
+        score of the second label ("relevant") of two."""
+        return self.pair_scores_of_ids(*self.tokenize_pairs(pairs, truncate), batch_size)
+
+    def pair_scores_of_ids(
+        self, ids: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]], batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> np.ndarray:
+        """``pair_scores`` for pairs already tokenized (``tokenize_pairs``)."""
+        self._expect("classify")
+        if self.dimension > 2:
+            raise ValueError(f"{self.model_dir} has {self.dimension} labels; a cross-encoder has one logit (or two)")
+        logits = self.run_ids(ids, batch_size, type_ids)
+        if self.dimension == 1:
+            return label_scores(logits, "sigmoid")[:, 0]
+        return label_scores(logits, "softmax")[:, 1]
+
     def run(
         self, texts: str | Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE, truncate: bool | None = None
     ) -> np.ndarray:
@@ -112,9 +150,13 @@ class Encoder:
         embedding model, the logits of a classifier."""
         return self.run_ids(self.tokenize(texts, truncate), batch_size)
 
-    def run_ids(self, ids: Sequence[Sequence[int]], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    def run_ids(
+        self, ids: Sequence[Sequence[int]], batch_size: int = DEFAULT_BATCH_SIZE,
+        type_ids: Sequence[Sequence[int]] | None = None,
+    ) -> np.ndarray:
         """``run`` for texts already tokenized (special tokens included, at most ``max_length``
-        each), float32 [len(ids), dimension]."""
+        each), float32 [len(ids), dimension]; ``type_ids``: each token's type (a sentence pair's
+        second text: 1), for a graph that takes them (None: every token type 0)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if any(not 0 < len(one) <= self.max_length for one in ids):
@@ -130,6 +172,11 @@ class Encoder:
                 input_ids[r, : len(ids[i])] = ids[i]
                 mask[r, : len(ids[i])] = 1
             feeds = {self.io.input_ids: input_ids, self.io.attention_mask: mask}
+            if self.io.token_type_ids:
+                types = np.zeros_like(input_ids)
+                for r, i in enumerate(rows):
+                    types[r, : len(ids[i])] = type_ids[i] if type_ids is not None else 0
+                feeds[self.io.token_type_ids] = types
             out[rows] = self.session.run([self.io.output], feeds)[0]
         return out
 
@@ -187,6 +234,15 @@ def label_scores(logits: np.ndarray, score_function: str) -> np.ndarray:
         return np.exp(-np.logaddexp(0.0, -logits)).astype(np.float32)
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    if isinstance(pairs, (str, bytes, bytearray)) or not isinstance(pairs, Sequence):
+        raise ValueError(f"pairs must be a list of (text, text) pairs, got {type(pairs).__name__}")
+    for i, p in enumerate(pairs):
+        if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(t, str) for t in p)):
+            raise ValueError(f"pair {i + 1} is not two strings")
+    return [tuple(p) for p in pairs]
 
 
 def _texts(texts: str | Sequence[str]) -> list[str]:

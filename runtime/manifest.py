@@ -87,6 +87,7 @@ class EncoderIO:
 
     Inputs:  input_ids      int64 [batch, seq]
              attention_mask int64 [batch, seq]   1 for each token, then 0s (rows padded on the right)
+             token_type_ids int64 [batch, seq]   only when named: 0 for a pair's first text, 1 for its second
     Output:  output         float32 [batch, dimension]   "embed": the sentence embedding, pooled
                                                          (and L2-normalized) inside the graph;
                                                          "classify": the logits
@@ -95,6 +96,7 @@ class EncoderIO:
     input_ids: str = "input_ids"
     attention_mask: str = "attention_mask"
     output: str = "embeddings"
+    token_type_ids: str = ""  # "" when the graph takes none (type 0 is then inside the graph)
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,12 @@ DISTILBERT = EncoderFamily(
 FAMILIES: dict[str, EncoderFamily] = {t: f for f in (BERT, ROBERTA, DISTILBERT) for t in f.model_types}
 
 
+def takes_token_types(family: EncoderFamily, config) -> bool:
+    """Whether the graph takes token_type_ids: a family with token types, and more than one of them
+    (BERT's sentence pairs: 0 for the first text, 1 for the second)."""
+    return bool(family.token_type_embeddings) and int(getattr(config, "type_vocab_size", 1)) > 1
+
+
 def family_for(model_type: str) -> EncoderFamily:
     try:
         return FAMILIES[model_type]

@@ -1,7 +1,8 @@
 """The encoder graph, written from the weights of any family in ``families``.
 
-    input_ids, attention_mask [batch, seq]
-    -> token embeddings + position embeddings (+ token type 0, folded into the position table)
+    input_ids, attention_mask [batch, seq] (and token_type_ids, when io names it)
+    -> token embeddings + position embeddings + token type embeddings (when the graph takes no
+       token_type_ids, type 0, folded into the position table)
     -> LayerNorm
     -> per layer: one q/k/v MatMul, MultiHeadAttention (q/k/v biases and the padding mask inside),
        output MatMul, bias + residual, LayerNorm, MLP MatMul, BiasGelu / FastGelu (bias and GELU
@@ -78,12 +79,17 @@ def build_encoder(
     # position table is sliced, not gathered.
     first = int(config.pad_token_id) + 1 if family.positions_after_padding else 0
     positions = weights(family.position_embeddings + ".weight")[first : first + context_length]
-    if family.token_type_embeddings:
+    if family.token_type_embeddings and not io.token_type_ids:
         positions = positions + weights(family.token_type_embeddings + ".weight")[0]
     words = b.op("Gather", b.weight(family.word_embeddings + ".weight", weights(family.word_embeddings + ".weight")), input_ids)
     seq = b.op("Shape", input_ids, start=1, end=2)  # [1]
     table = b.op("Slice", b.weight("position_table", positions), b.const([0]), seq, b.const([0]))  # [seq, hidden]
-    x = norm(b.op("Add", words, table), family.embeddings_norm)
+    x = b.op("Add", words, table)
+    if io.token_type_ids:
+        types = b.input(io.token_type_ids, TensorProto.INT64, ["batch", "sequence"])
+        type_table = b.weight(family.token_type_embeddings + ".weight", weights(family.token_type_embeddings + ".weight"))
+        x = b.op("Add", x, b.op("Gather", type_table, types))
+    x = norm(x, family.embeddings_norm)
 
     key_padding_mask = b.op("Cast", mask, to=TensorProto.INT32)
     for i in range(int(config.num_hidden_layers)):

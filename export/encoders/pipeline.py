@@ -15,6 +15,7 @@ from ..architectures import Weights
 from ..errors import ExportError
 from ..graph import OPSET
 from ..stages import Steps, provenance, record_validation, write_model
+from .families import takes_token_types
 from .graph import build_encoder
 from .source import EncoderSource, load_encoder
 from .validate import validate_encoder
@@ -52,7 +53,8 @@ def export_encoder(
 
 def _write_directory(src: EncoderSource, out_dir: str, tolerance: float, step: Steps) -> Manifest:
     config = src.model.config
-    io = EncoderIO(output="logits" if src.task == "classify" else "embeddings")
+    types = "token_type_ids" if takes_token_types(src.family, config) else ""
+    io = EncoderIO(output="logits" if src.task == "classify" else "embeddings", token_type_ids=types)
     step(f"building the {src.family.family} {src.task} graph ({config.num_hidden_layers} layers)")
     model = build_encoder(
         src.family, config, Weights(src.base_model), Weights(src.model) if src.task == "classify" else None, io,

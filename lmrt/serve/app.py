@@ -25,7 +25,7 @@ from .embeddings import embeddings_response, parse_embeddings
 from .errors import APIError
 from .response_store import ResponseStore
 from .responses import now, sse
-from . import responses_api
+from . import rerank, responses_api
 
 
 @dataclass
@@ -125,6 +125,7 @@ def create_app(state: ServerState) -> FastAPI:
         return await _complete(state, request, parse_completion, TextAnswer)
 
     responses_api.register(app, state)
+    rerank.register(app, state)
     return app
 
 
