@@ -275,3 +275,12 @@ def test_bad_requests_are_400s_naming_the_field(server, case):
 def test_unknown_model_is_a_404(server):
     status, answer = server.raw("POST", "/v1/responses", json.dumps({"model": "other", "input": "hi"}).encode())
     assert status == 404 and answer["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("value", [-1, 1.5])
+def test_stored_responses_is_checked(smollm2, value):
+    from lmrt.serve.errors import ServeError
+    from lmrt.serve.settings import ServeSettings
+
+    with pytest.raises(ServeError, match="--stored-responses must be an integer of at least 0"):
+        ServeSettings(model_dir=smollm2[0], stored_responses=value)
