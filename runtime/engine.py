@@ -26,6 +26,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
+
 from .config import GenerationConfig
 from .decode_loop import DecodeLoop, LoopStats
 from .engine_settings import EngineSettings
@@ -95,15 +97,19 @@ class Engine:
 
     def score(self, token_ids: Sequence[int], top: int = 0) -> "Future[Score]":
         """A future of ``token_ids``' Score (``top``: with the likeliest tokens at each position),
-        computed on the engine's thread between two steps. Cancelling the future before it starts
-        skips it."""
+        computed on the engine's thread between two steps, in one window as long as the ids (at
+        most a slot's context). A single token has nothing to score: its Score is empty at once.
+        Cancelling the future before it starts skips it."""
         ids = list(token_ids)
         if len(ids) > self.ctx_size:
             raise ValueError(f"scoring {len(ids)} tokens needs more positions than a slot holds ({self.ctx_size})")
         if self._closing:
             raise RuntimeError("the engine is shut down")
         future: Future = Future()
-        self._jobs.put((lambda: score_ids(self.model, ids, top=top), future))
+        if len(ids) == 1:
+            future.set_result(Score((int(ids[0]),), np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)))
+            return future
+        self._jobs.put((lambda: score_ids(self.model, ids, window=len(ids), top=top), future))
         self._wake.set()
         return future
 

@@ -355,6 +355,7 @@ def test_engine_scores_on_its_thread_while_it_decodes(llama):
             expected_ranks = (logp > logp[np.arange(len(ids) - 1), ids[1:]][:, None]).sum(-1) + 1
             assert score.ranks.tolist() == expected_ranks.tolist()
         assert engine.status().slots_in_use == 0
+        assert engine.score(ids[:1]).result(60).num_scored == 0
         with pytest.raises(ValueError, match="positions"):
             engine.score(list(range(200)))
     finally:

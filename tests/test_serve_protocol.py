@@ -121,6 +121,8 @@ def test_max_tokens_zero_with_echo_only_scores(server, gen):
     assert out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(ids)
     np.testing.assert_allclose(choice.logprobs.token_logprobs[1:], gen.score(ids).logprobs, atol=2e-4)
     assert len(choice.logprobs.tokens) == len(ids)
+    single = client.completions.create(model=MODEL, prompt=ids[:1], echo=True, logprobs=1, max_tokens=0).choices[0]
+    assert single.logprobs.token_logprobs == [None] and single.text == gen.decode(ids[:1])
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=0)
     assert e.value.body["param"] == "max_tokens"
