@@ -31,7 +31,7 @@ import numpy as np
 from .engine_settings import PREFILL_CHUNK
 from .model import LoadedModel
 from .request import Choice, Event, Request, TokenLogprob
-from .sampling import log_softmax
+from .sampling import log_softmax, top_logprobs
 from .scheduler import Scheduler
 from .speculation import accept
 from .state_store import StateStore
@@ -266,9 +266,4 @@ class DecodeLoop:
 
 def _logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     logp = log_softmax(logits)
-    best = ()
-    if top > 0:
-        ids = np.argpartition(-logp, top - 1)[:top]
-        ids = ids[np.argsort(-logp[ids], kind="stable")]
-        best = tuple((int(i), float(logp[i])) for i in ids)
-    return TokenLogprob(int(token), float(logp[token]), best)
+    return TokenLogprob(int(token), float(logp[token]), top_logprobs(logp, top))

@@ -5,7 +5,9 @@ thread runs the decode loop (``decode_loop.DecodeLoop``) over a state store of `
 ``ctx_size`` positions each, reserved once at start. Each request's output goes to its own callback,
 from the engine's thread. ``cancel`` (any thread) takes a waiting request out of the queue at once and
 frees a running one's rows at the next step. When more requests wait for a row than the queue holds,
-``submit`` refuses at once with QueueFullError. No web framework here: the HTTP server
+``submit`` refuses at once with QueueFullError. ``score`` scores token ids (``scoring.score_ids``) on
+the engine's thread too, between two steps, so scoring and decoding never run the model at once; its
+state is a store of its own for the call, and the slots are left as they were. No web framework here: the HTTP server
 (``lmrt.serve``) and Python callers both use this class.
 
     model = LoadedModel("models/smollm2")
@@ -18,9 +20,13 @@ frees a running one's rows at the next step. When more requests wait for a row t
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
+
+import numpy as np
 
 from .config import GenerationConfig
 from .decode_loop import DecodeLoop, LoopStats
@@ -28,6 +34,7 @@ from .engine_settings import EngineSettings
 from .model import LoadedModel
 from .request import Event, Request, RequestBuilder
 from .scheduler import QueueFullError
+from .scoring import Score, score_ids
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class Engine:
         self._requests = RequestBuilder(model, self.ctx_size, "a slot holds", cap_budget=False)
         self._loop = DecodeLoop(model, model.new_state(self.slots, self.ctx_size, active=0), settings.prefill_chunk, settings.max_queue)
         self._wake = threading.Event()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (work, future) to run between steps
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="lmrt-engine", daemon=True)
         self._thread.start()
@@ -87,6 +95,24 @@ class Engine:
         self._loop.cancel(request)
         self._wake.set()
 
+    def score(self, token_ids: Sequence[int], top: int = 0) -> "Future[Score]":
+        """A future of ``token_ids``' Score (``top``: with the likeliest tokens at each position),
+        computed on the engine's thread between two steps, in one window as long as the ids (at
+        most a slot's context). A single token has nothing to score: its Score is empty at once.
+        Cancelling the future before it starts skips it."""
+        ids = list(token_ids)
+        if len(ids) > self.ctx_size:
+            raise ValueError(f"scoring {len(ids)} tokens needs more positions than a slot holds ({self.ctx_size})")
+        if self._closing:
+            raise RuntimeError("the engine is shut down")
+        future: Future = Future()
+        if len(ids) == 1:
+            future.set_result(Score((int(ids[0]),), np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)))
+            return future
+        self._jobs.put((lambda: score_ids(self.model, ids, window=len(ids), top=top), future))
+        self._wake.set()
+        return future
+
     def waiting(self) -> int:
         """Requests not yet given a slot."""
         return self._loop.scheduler.waiting()
@@ -109,6 +135,9 @@ class Engine:
         self._closing = True
         for request in list(self._loop.running) + self._loop.scheduler.drop_all():
             request.cancel()
+        while not self._jobs.empty():
+            _, future = self._jobs.get()
+            future.cancel()
         self._wake.set()
         self._thread.join(timeout)
 
@@ -117,16 +146,28 @@ class Engine:
     def _run(self) -> None:
         loop = self._loop
         while True:
+            if not self._jobs.empty():
+                self._run_job(*self._jobs.get())
             if not loop.busy:
                 if self._closing:
                     return
-                self._wake.wait()
-                self._wake.clear()
+                if self._jobs.empty():
+                    self._wake.wait()
+                    self._wake.clear()
                 continue
             try:
                 loop.step()
             except Exception as e:  # noqa: BLE001 - a model failure ends the running requests, not the server
                 loop.fail_all(e)
+
+    @staticmethod
+    def _run_job(work: Callable[[], object], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work())
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(e)
 
 
 __all__ = ["Engine", "EngineStatus", "QueueFullError"]

@@ -191,3 +191,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def top_logprobs(logp: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    """The ``k`` likeliest (token id, log-probability) of ``logp`` float [vocab], likeliest first
+    (ties in id order)."""
+    if k <= 0:
+        return ()
+    ids = np.argpartition(-logp, k - 1)[:k]
+    ids = ids[np.lexsort((ids, -logp[ids]))]
+    return tuple((int(i), float(logp[i])) for i in ids)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .checks import is_int
 from .model import LoadedModel
-from .sampling import log_softmax
+from .sampling import log_softmax, top_logprobs
 from .state_store import StateStore
 
 
@@ -27,6 +27,8 @@ class Score:
     token_ids: tuple[int, ...]
     logprobs: np.ndarray  # float64 [n - 1]: log p(token_ids[i + 1] | token_ids[: i + 1])
     argmax: np.ndarray  # int64 [n - 1]: the model's top-1 prediction at each scored position
+    ranks: np.ndarray  # int64 [n - 1]: 1 + how many tokens the model found likelier than token_ids[i + 1]
+    top: tuple[tuple[tuple[int, float], ...], ...] = ()  # per scored position, the ``top`` likeliest (id, logprob)
 
     @property
     def num_scored(self) -> int:
@@ -85,10 +87,12 @@ def score_ids(
     chunk: int = 256,
     progress: Callable[[int, int], None] | None = None,
     store: StateStore | None = None,
+    top: int = 0,
 ) -> Score:
     """Score ``token_ids`` (at least two) with ``model``; ``window`` defaults to the context length
     and ``stride`` to half the window (see ``resolve_windows``). The windows run in a row borrowed
-    from ``store`` (default: a store of its own); the store's other rows are left as they were."""
+    from ``store`` (default: a store of its own); the store's other rows are left as they were.
+    ``top``: also the ``top`` likeliest tokens at each scored position."""
     window, stride = resolve_windows(window, stride, model.context_length)
     ids = np.asarray(token_ids, dtype=np.int64)  # [n]
     n = ids.shape[0]
@@ -96,8 +100,12 @@ def score_ids(
         raise ValueError("scoring needs at least two tokens")
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
+    if not is_int(top) or top < 0:
+        raise ValueError(f"top must be a whole number >= 0, got {top!r}")
     logprobs = np.empty(n - 1, dtype=np.float64)
     argmax = np.empty(n - 1, dtype=np.int64)
+    ranks = np.empty(n - 1, dtype=np.int64)
+    best: list[tuple[tuple[int, float], ...]] = [()] * (n - 1)
     store = model.new_state(active=0) if store is None else store
     owner, rows_before, room = object(), store.rows, store.capacity
     row = store.borrow(owner, 1, window)
@@ -113,10 +121,14 @@ def score_ids(
                     continue
                 predicting = logits[lo - 1 - start : hi - 1 - start]  # [hi - lo, vocab]
                 lp = log_softmax(predicting)
-                logprobs[lo - 1 : hi - 1] = lp[np.arange(hi - lo), ids[lo:hi]]
+                chosen = lp[np.arange(hi - lo), ids[lo:hi]]
+                logprobs[lo - 1 : hi - 1] = chosen
                 argmax[lo - 1 : hi - 1] = predicting.argmax(-1)
+                ranks[lo - 1 : hi - 1] = (lp > chosen[:, None]).sum(-1) + 1
+                if top:
+                    best[lo - 1 : hi - 1] = [top_logprobs(row_lp, top) for row_lp in lp]
             if progress:
                 progress(end, n)
     finally:
         store.give_back(owner, rows_before, room)
-    return Score(tuple(int(t) for t in ids), logprobs, argmax)
+    return Score(tuple(int(t) for t in ids), logprobs, argmax, ranks, tuple(best) if top else ())

@@ -321,3 +321,42 @@ def test_beams_and_scoring_borrow_rows_of_the_generators_own_store(llama):
     assert gen.score(PROMPTS[4]).perplexity == llama.score(PROMPTS[4]).perplexity
     assert gen._loop.store is store
     assert (store.rows, store.capacity, store.tokens(0).tolist()) == before
+
+
+def test_engine_scores_on_its_thread_while_it_decodes(llama):
+    """``Engine.score`` runs between decode steps: scores (with the top alternatives) equal
+    ``score_ids`` alone, and the generation running meanwhile equals the Generator's."""
+    from lmrt.runtime.sampling import log_softmax
+    from lmrt.runtime.scoring import score_ids
+
+    engine = Engine(llama.model, slots=2, ctx_size=128)
+    try:
+        config = llama.config(max_new_tokens=40)
+        ids = llama.encode(PROMPTS[2])
+        finished = threading.Event()
+        texts = [""]
+
+        def on_event(event):
+            texts[0] += event.text
+            if event.finish_reason:
+                finished.set()
+
+        engine.submit(engine.request(llama.encode(PROMPTS[0]), config, on_event))
+        futures = [engine.score(ids, top=3) for _ in range(3)]
+        scores = [f.result(60) for f in futures]
+        assert finished.wait(60)
+        assert texts[0] == llama.generate(PROMPTS[0], max_new_tokens=40)
+        alone = score_ids(llama.model, ids, top=3)
+        logp = log_softmax(llama.model.sequence_logits(ids)[:-1])
+        for score in scores:
+            np.testing.assert_allclose(score.logprobs, alone.logprobs, atol=1e-5)
+            assert [[t for t, _ in best] for best in score.top] == [[t for t, _ in best] for best in alone.top]
+            assert all(len(best) == 3 and best[0][0] == a for best, a in zip(score.top, score.argmax))
+            expected_ranks = (logp > logp[np.arange(len(ids) - 1), ids[1:]][:, None]).sum(-1) + 1
+            assert score.ranks.tolist() == expected_ranks.tolist()
+        assert engine.status().slots_in_use == 0
+        assert engine.score(ids[:1]).result(60).num_scored == 0
+        with pytest.raises(ValueError, match="positions"):
+            engine.score(list(range(200)))
+    finally:
+        engine.close()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..runtime import Encoder, Engine, LoadedModel
-from . import metrics
+from . import metrics, rerank, responses_api, tokenize
 from .bridge import EventStream, submit, unless_disconnected
 from .chat import ChatAnswer, parse_chat
 from .completions import TextAnswer, parse_completion
@@ -25,7 +26,6 @@ from .embeddings import embeddings_response, parse_embeddings
 from .errors import APIError
 from .response_store import ResponseStore
 from .responses import now, sse
-from . import rerank, responses_api
 
 
 @dataclass
@@ -81,14 +81,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        _authorize(state, request)
-        _ready(state)
-        length = state.engine.ctx_size if state.engine else state.encoder.max_length
-        card = {
-            "id": state.model_name, "object": "model", "created": now(), "owned_by": "lmrt",
-            "max_model_len": length,
-        }  # fmt: skip
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [_card(state, request)]})
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> PlainTextResponse:
@@ -126,7 +119,21 @@ def create_app(state: ServerState) -> FastAPI:
 
     responses_api.register(app, state)
     rerank.register(app, state)
+    tokenize.register(app, state.model_name, partial(_authorized_engine, state), partial(_json_body, state), partial(_card, state))
     return app
+
+
+def _card(state: ServerState, request: Request) -> dict:
+    """The served model's card, for an authorized request."""
+    _authorize(state, request)
+    _ready(state)
+    length = state.engine.ctx_size if state.engine else state.encoder.max_length
+    return {"id": state.model_name, "object": "model", "created": now(), "owned_by": "lmrt", "max_model_len": length}
+
+
+def _authorized_engine(state: ServerState, request: Request) -> Engine:
+    _authorize(state, request)
+    return _engine(state)
 
 
 def _ready(state: ServerState) -> None:

@@ -11,6 +11,7 @@ also while the request still waits for a slot.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -18,40 +19,62 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from starlette.responses import StreamingResponse
 from starlette.types import Receive
 
-from ..runtime import ConfigError, Engine, Event, GenerationConfig, QueueFullError
+from ..runtime import ConfigError, Engine, Event, GenerationConfig, QueueFullError, Score
 from .errors import APIError
 from .requests import GenerationRequest
 
 
 @dataclass
 class Run:
-    """One HTTP request's engine requests (one per prompt), and their events as they arrive."""
+    """One HTTP request's engine requests (one per prompt), and their events as they arrive; the
+    prompts' scores when the request scores them."""
 
     request: GenerationRequest
     config: GenerationConfig
     engine: Engine
     queue: asyncio.Queue
     submitted: list = field(default_factory=list)  # the engine requests, one per prompt
+    scoring: list = field(default_factory=list)  # futures of the prompts' Scores, one per prompt
 
     @property
     def n(self) -> int:
-        return self.config.num_return_sequences
+        """Choices per prompt."""
+        return self.request.n
+
+    @property
+    def copies(self) -> int:
+        """Identical choices per generated sequence (choices that do not sample)."""
+        return self.request.copies(self.config)
 
     @property
     def choices(self) -> int:
         return len(self.request.prompts) * self.n
 
+    async def scores(self) -> list[Score]:
+        """The prompts' Scores, once the engine has computed them."""
+        try:
+            return [await asyncio.wrap_future(f) for f in self.scoring]
+        except CancelledError:  # the engine shut down first
+            raise APIError(503, "the server is shutting down", code="server_shutting_down") from None
+        except ValueError as e:
+            raise APIError(400, str(e), "prompt") from None
+
     def cancel(self) -> None:
         for r in self.submitted:
             self.engine.cancel(r)
+        for f in self.scoring:
+            f.cancel()
 
 
 def submit(engine: Engine, request: GenerationRequest, config: GenerationConfig) -> Run:
-    """Submit one engine request per prompt; a refusal cancels those already submitted."""
+    """Submit one engine request per prompt (none when the request only scores its prompts), and
+    each prompt's scoring when it asks for that; a refusal cancels those already submitted."""
     loop = asyncio.get_running_loop()
     run = Run(request, config, engine, asyncio.Queue())
     try:
-        for p, ids in enumerate(request.prompts):
+        if request.prompt_top is not None:
+            run.scoring = [engine.score(ids, request.prompt_top) for ids in request.prompts]
+        for p, ids in enumerate(request.prompts if request.generates else ()):
             engine_request = engine.request(ids, config, partial(_deliver, loop, run.queue, p), request.logprobs)
             run.submitted.append(engine.submit(engine_request))
     except QueueFullError as e:
@@ -75,16 +98,19 @@ def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, prompt: int,
 
 
 async def events(run: Run) -> AsyncIterator[tuple[int, Event]]:
-    """(choice index, event) until every choice has finished."""
-    open_choices = run.choices
-    while open_choices:
+    """(choice index, event) until every choice has finished; a sequence repeated as several
+    choices (``copies``) gives each of them its events."""
+    open_sequences = len(run.submitted) * run.config.num_return_sequences
+    copies = run.copies
+    while open_sequences:
         prompt, event = await run.queue.get()
         if event.finish_reason == "error":
             error = run.submitted[prompt].error
             raise APIError(500, f"generation failed: {type(error).__name__}: {error}")
         if event.finish_reason is not None:
-            open_choices -= 1
-        yield prompt * run.n + event.choice, event
+            open_sequences -= 1
+        for copy in range(copies):
+            yield prompt * run.n + event.choice * copies + copy, event
 
 
 async def unless_disconnected(receive: Receive, work: Awaitable, on_disconnect: Callable[[], None]) -> Any:

@@ -15,9 +15,9 @@ from .errors import APIError
 from .options import is_bool, read_options, read_value
 from ..runtime import LoadedModel
 from .requests import GENERATION_FIELDS, ChatRequest, check_fields, check_model, read_generation, read_logprobs
-from .tools import parse_tools, tool_calls, with_tools_described
+from .tools import calls_written, is_call, parse_tools, tool_calls, with_tools_described
 
-CHAT_FIELDS = GENERATION_FIELDS | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice"}
+CHAT_FIELDS = GENERATION_FIELDS | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"}
 
 
 def parse_chat(body: Any, model: LoadedModel, served: str, ctx_size: int) -> ChatRequest:
@@ -26,15 +26,16 @@ def parse_chat(body: Any, model: LoadedModel, served: str, ctx_size: int) -> Cha
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", "messages")
+    tools = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+    parallel = tools is not None and tools.parallel
     rendered = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or ("content" not in m and "tool_calls" not in m):
             raise APIError(400, f"messages[{i}] needs a 'role' and a 'content'", "messages")
-        rendered.append({**m, "content": _message_text(m, i)})
+        rendered.append({**m, "content": _message_text(m, i, parallel)})
     options, params = read_options(body, model.manifest.architecture.vocab_size)
-    tools = parse_tools(body.get("tools"), body.get("tool_choice"))
     if tools is not None:
-        rendered = with_tools_described(rendered, tools.functions)
+        rendered = with_tools_described(rendered, tools.functions, parallel)
     if tools is not None and tools.constraint:
         given = [params[name] for name in CONSTRAINT_FIELDS if getattr(options, name) is not None]
         if given:
@@ -51,6 +52,8 @@ def parse_chat(body: Any, model: LoadedModel, served: str, ctx_size: int) -> Cha
     except ChatTemplateError as e:
         raise APIError(400, str(e), "messages") from None
     fields = read_generation(body, options, params, [prompt], ctx_size, "messages", None)
+    if fields["stream"] and fields["prompt_logprobs"] is not None:
+        raise APIError(400, "'prompt_logprobs' are not streamed on chat: ask for the answer whole", "prompt_logprobs")
     if tools is None or not tools.constraint:
         return ChatRequest(**fields, logprobs=logprobs)
     if fields["stream"] and logprobs is not None:
@@ -58,9 +61,9 @@ def parse_chat(body: Any, model: LoadedModel, served: str, ctx_size: int) -> Cha
     return ChatRequest(**fields, logprobs=logprobs, tools=tuple(tools.functions))
 
 
-def _message_text(m: dict, i: int) -> str:
+def _message_text(m: dict, i: int, parallel: bool) -> str:
     """What a message says: its text, or for an assistant's earlier tool calls, those calls as the
-    JSON the model writes for them."""
+    JSON the model writes for them (a list of several with ``parallel``)."""
     calls = m.get("tool_calls")
     if calls:
         if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
@@ -72,8 +75,8 @@ def _message_text(m: dict, i: int) -> str:
                 arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
             except json.JSONDecodeError:
                 raise APIError(400, f"messages[{i}].tool_calls arguments must be JSON", "messages") from None
-            written.append(json.dumps({"name": c["function"].get("name"), "arguments": arguments}, ensure_ascii=False))
-        return "\n".join(written)
+            written.append({"name": c["function"].get("name"), "arguments": arguments})
+        return calls_written(written, parallel)
     return _text_content(m.get("content"), i)
 
 
@@ -100,7 +103,11 @@ class ChatAnswer:
             logprobs = responses.chat_logprobs(model, got.logprobs[i]) if run.request.logprobs is not None else None
             choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
         head = responses.head(model_name, "chatcmpl", "chat.completion")
-        return {**head, "choices": choices, "usage": responses.usage(run, sum(got.tokens))}
+        answer = {**head, "choices": choices, "usage": responses.usage(run, sum(got.tokens))}
+        if run.request.prompt_logprobs is not None:  # vLLM's, beside the choices
+            score = (await run.scores())[0]
+            answer["prompt_logprobs"] = responses.vllm_prompt_logprobs(model, score, run.request.prompt_logprobs)
+        return answer
 
     @staticmethod
     async def stream(run: Run, model: LoadedModel, model_name: str) -> AsyncIterator[dict]:
@@ -129,10 +136,14 @@ class ChatAnswer:
 
 
 def _chat_message(run: Run, text: str, reason: str | None) -> tuple[dict, str | None]:
-    """A chat answer's message and finish reason: with tools, a complete answer that is a call
-    comes as OpenAI's tool_calls (finish reason "tool_calls")."""
+    """A chat answer's message and finish reason: with tools, an answer that is a call comes as
+    OpenAI's tool_calls (finish reason "tool_calls"); one cut by the token budget (finish reason
+    "length") keeps the calls it completed, and never its JSON as content."""
     tools = run.request.tools
-    calls = tool_calls(text, tools) if tools and reason == "stop" else None
-    if calls:
-        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
-    return {"role": "assistant", "content": text}, responses.finish_reason(reason)
+    if not tools or not is_call(text) or reason not in ("stop", "length"):
+        return {"role": "assistant", "content": text}, responses.finish_reason(reason)
+    calls = tool_calls(text, tools)
+    if not calls and reason == "stop":  # not a call after all
+        return {"role": "assistant", "content": text}, "stop"
+    message = {"role": "assistant", "content": None, **({"tool_calls": calls} if calls else {})}
+    return message, "tool_calls" if reason == "stop" else "length"

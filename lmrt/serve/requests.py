@@ -18,8 +18,19 @@ from .errors import APIError, config_error
 from .options import DEFAULT_PARAMS, REQUEST_FIELDS, GenerationOptions, is_bool, option_values, read_value
 
 MAX_LOGPROBS = 20
+MAX_METADATA_KEYS = 16  # OpenAI's
+MAX_CHOICES = 128  # OpenAI's most choices per prompt
+# Standard fields that change nothing in the answer: accepted once their type is right.
+PASSIVE_FIELDS = {
+    "store": (is_bool, "true or false"),
+    "user": (lambda v: isinstance(v, str), "a string"),
+    "service_tier": (lambda v: isinstance(v, str), "a string"),
+    "metadata": (lambda v: isinstance(v, dict) and len(v) <= MAX_METADATA_KEYS
+                 and all(isinstance(x, str) for x in (*v.keys(), *v.values())),
+                 f"an object of at most {MAX_METADATA_KEYS} string keys with string values"),
+}  # fmt: skip
 # The request fields of both generation endpoints besides the generation options.
-GENERATION_FIELDS = {"model", "stream", "stream_options", "user", "ignore_eos", *REQUEST_FIELDS}
+GENERATION_FIELDS = {"model", "stream", "stream_options", "ignore_eos", "prompt_logprobs", *PASSIVE_FIELDS, *REQUEST_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -33,27 +44,43 @@ class GenerationRequest:
     include_usage: bool
     ignore_eos: bool
     logprobs: int | None  # None: none; k: the chosen token's and k alternatives'
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's log-probability and k alternatives'
+    echo: bool = False  # the answer starts with the prompt (with its log-probabilities under ``logprobs``)
+    generates: bool = True  # False: the prompts are only scored (max_tokens 0 with echo)
+
+    @property
+    def n(self) -> int:
+        """Choices per prompt."""
+        return self.options.num_return_sequences or 1
+
+    @property
+    def prompt_top(self) -> int | None:
+        """How many alternatives to score with each prompt token (None: the prompt is not scored)."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
     def to_config(self, model: LoadedModel) -> GenerationConfig:
         """The options over ``model``'s generation defaults. ``stop_token_ids`` come on top of the
-        end-of-sequence ids, unless those are ignored (``ignore_eos``)."""
+        end-of-sequence ids, unless those are ignored (``ignore_eos``). Several choices that do not
+        sample are one sequence, repeated (``copies``)."""
         options = option_values(self.options)
+        options.pop("num_return_sequences", None)
         stop_ids = options.pop("stop_token_ids", [])
         if stop_ids or self.ignore_eos:
             options["stop_token_ids"] = [*(() if self.ignore_eos else model.manifest.tokenizer.eos_token_ids), *stop_ids]
         try:
-            return model.config(**options)
+            config = model.config(**options)
+            return config.replace(num_return_sequences=self.n) if config.samples else config
         except ConfigError as e:
             raise self.error(e) from None
 
+    def copies(self, config: GenerationConfig) -> int:
+        """How many identical choices each of ``config``'s sequences makes."""
+        return self.n // config.num_return_sequences
+
     def error(self, e: ConfigError) -> APIError:
         """A 400 for an option GenerationConfig refused, naming the request field that set it."""
-        params = {**DEFAULT_PARAMS, **self.params}
-        if e.field == "num_return_sequences" and self.options.temperature is None:
-            # the engine does not beam-search: more than one sequence needs sampling
-            param = params[e.field]
-            return APIError(400, f"'{param}' above 1 needs sampling: set a temperature above 0", param)
-        return config_error(e, params)
+        return config_error(e, {**DEFAULT_PARAMS, **self.params})
 
 
 @dataclass(frozen=True)
@@ -124,6 +151,10 @@ def read_generation(
         options = dataclasses.replace(options, max_new_tokens=fit(prompts, max_tokens, ctx_size, prompt_param))
     else:
         fit(prompts, options.max_new_tokens, ctx_size, prompt_param)
+    for name, (check, what) in PASSIVE_FIELDS.items():
+        read_value(body, name, check, what)
+    if (options.num_return_sequences or 1) > MAX_CHOICES:
+        raise APIError(400, f"'{params['num_return_sequences']}' must be at most {MAX_CHOICES}", params["num_return_sequences"])
     stream = read_value(body, "stream", is_bool, "true or false") or False
     include_usage = False
     stream_options = body.get("stream_options")
@@ -134,7 +165,9 @@ def read_generation(
             raise APIError(400, "'stream_options' may hold 'include_usage' only", "stream_options")
         include_usage = read_value(stream_options, "include_usage", is_bool, "true or false") or False
     ignore_eos = read_value(body, "ignore_eos", is_bool, "true or false") or False
-    return dict(prompts=prompts, options=options, params=params, stream=stream, include_usage=include_usage, ignore_eos=ignore_eos)
+    prompt_logprobs = read_logprobs(body, "prompt_logprobs")
+    return dict(prompts=prompts, options=options, params=params, stream=stream, include_usage=include_usage,
+                ignore_eos=ignore_eos, prompt_logprobs=prompt_logprobs)  # fmt: skip
 
 
 def fit(prompts: list[list[int]], max_tokens: int | None, ctx_size: int, param: str) -> int:

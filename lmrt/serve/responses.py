@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from ..runtime import Event, LoadedModel, TokenLogprob
+from ..runtime import Event, LoadedModel, Score, TokenLogprob
 from .bridge import Run, events
 from .errors import APIError
 
@@ -57,16 +57,51 @@ def chat_logprobs(model: LoadedModel, items: list[TokenLogprob]) -> dict:
 
 def completion_logprobs(model: LoadedModel, items: list[TokenLogprob], offset: int = 0) -> dict:
     tokens = [model.decode([i.token]) for i in items]
-    offsets, at = [], offset
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
     return {
         "tokens": tokens,
         "token_logprobs": [i.logprob for i in items],
         "top_logprobs": [{model.decode([t]): lp for t, lp in i.top} for i in items],
-        "text_offset": offsets,
+        "text_offset": _offsets(tokens, offset),
     }
+
+
+def prompt_completion_logprobs(model: LoadedModel, score: Score, top: int) -> dict:
+    """An echoed prompt's log-probabilities in the completion shape: the first token has none (no
+    token comes before it), then each token's given the ones before it and ``top`` alternatives."""
+    alternatives = score.top or ((),) * score.num_scored
+    return {
+        "tokens": [model.decode([t]) for t in score.token_ids],
+        "token_logprobs": [None, *(float(lp) for lp in score.logprobs)],
+        "top_logprobs": [None, *({model.decode([t]): lp for t, lp in best[:top]} for best in alternatives)],
+        "text_offset": _offsets([model.decode([t]) for t in score.token_ids], 0),
+    }
+
+
+def joined_logprobs(first: dict, then: dict) -> dict:
+    """Two completion-shaped log-probability objects, one after the other."""
+    return {key: first[key] + then[key] for key in first}
+
+
+def vllm_prompt_logprobs(model: LoadedModel, score: Score, top: int) -> list:
+    """vLLM's ``prompt_logprobs``: None for the first token, then for each prompt token its own
+    logprob and rank and its ``top`` likeliest alternatives', by token id."""
+    alternatives = score.top or ((),) * score.num_scored
+    out: list = [None]
+    for token, logprob, rank, best in zip(score.token_ids[1:], score.logprobs, score.ranks, alternatives):
+        entry = {token: {"logprob": float(logprob), "rank": int(rank), "decoded_token": model.decode([token])}}
+        for place, (t, lp) in enumerate(best[:top], 1):
+            entry.setdefault(t, {"logprob": lp, "rank": place, "decoded_token": model.decode([t])})
+        out.append(entry)
+    return out
+
+
+def _offsets(pieces: list[str], start: int) -> list[int]:
+    """Where each of ``pieces`` starts in their concatenation placed at ``start``."""
+    offsets, at = [], start
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return offsets
 
 
 async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
