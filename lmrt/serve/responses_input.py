@@ -68,6 +68,8 @@ def read_responses(body: Any, store: ResponseStore) -> ResponsesAsk:
         chat["tools"] = [_chat_tool(t, i) for i, t in enumerate(_list(body, "tools"))]
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _chat_tool_choice(body["tool_choice"])
+    if body.get("tools") is not None and body.get("parallel_tool_calls") is not None:
+        chat["parallel_tool_calls"] = body["parallel_tool_calls"]
     fmt = _text_format(body)
     if fmt is not None:
         chat["response_format"] = fmt
