@@ -143,6 +143,24 @@ class Encoder:
             return label_scores(logits, "sigmoid")[:, 0]
         return label_scores(logits, "softmax")[:, 1]
 
+    def tokenize_keeping_last(self, texts: str | Sequence[str], keep: int | None) -> list[list[int]]:
+        """Token ids of each text, special tokens included, whole (``keep`` None) or cut to its last
+        ``keep`` tokens as vLLM's ``truncate_prompt_tokens`` cuts them: the special tokens at either
+        end stay, the text's first tokens go. ValueError when ``keep`` leaves no room for text."""
+        out = []
+        for enc in self._counter.encode_batch(_texts(texts)):
+            ids = list(enc.ids)
+            if keep is not None and len(ids) > keep:
+                mask = enc.special_tokens_mask
+                lead = next((i for i, special in enumerate(mask) if not special), len(mask))
+                trail = next((i for i, special in enumerate(reversed(mask)) if not special), 0)
+                room = keep - lead - trail
+                if room < 1:
+                    raise ValueError(f"keeping {keep} tokens leaves no room for text beside the {lead + trail} special tokens")
+                ids = ids[:lead] + ids[len(ids) - trail - room :]
+            out.append(ids)
+        return out
+
     def run(
         self, texts: str | Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE, truncate: bool | None = None
     ) -> np.ndarray:

@@ -559,9 +559,9 @@ def test_info_describes_an_encoder(run, classifiers):
     [
         (["embed", "{e}", "-"], "error: no texts: standard input was empty"),
         (["embed", "{e}", "word " * 200, "--no-truncate"], "tokens, more than the model's 48; shorten it or allow truncation"),
-        (["embed", "{e}", "x", "--batch-size", "0"], "error: batch_size must be a positive integer"),
+        (["embed", "{e}", "x", "--batch-size", "0"], "error: --batch-size must be a whole number, at least 1, got 0"),
         (["classify", "{e}", "x"], "holds an embedding model, which gives embeddings, not labels"),
-        (["classify", "{c}", "x", "-k", "0"], "error: top_k must be a positive integer"),
+        (["classify", "{c}", "x", "-k", "0"], "error: -k/--top-k must be a whole number, at least 1, got 0"),
         (["embed", "{c}", "x"], "holds a classifier, which gives labels, not embeddings"),
         (["embed", "{g}", "x"], "holds a model for the task 'generate'; load it with runtime.Generator"),
         (["generate", "{e}", "x"], "holds a model for the task 'embed'; load it with runtime.Encoder or `lmrt embed`"),

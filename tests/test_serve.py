@@ -551,10 +551,15 @@ def test_embeddings_equal_the_encoder(tmp_path_factory):
     server = Server(exported)
     try:
         client = server.client()
-        out = client.embeddings.create(model="embedder", input=texts)
+        # the last text is longer than the model takes: refused unless truncate_prompt_tokens asks to cut it
+        with pytest.raises(openai.BadRequestError, match="input 3 has"):
+            client.embeddings.create(model="embedder", input=texts)
+        out = client.embeddings.create(model="embedder", input=texts, extra_body={"truncate_prompt_tokens": -1})
         got = np.array([d.embedding for d in sorted(out.data, key=lambda d: d.index)], dtype=np.float32)
-        np.testing.assert_allclose(got, encoder.embed(texts), atol=1e-6)
-        assert out.usage.prompt_tokens == sum(len(t) for t in encoder.tokenize(texts))
+        kept = encoder.tokenize_keeping_last(texts, encoder.max_length)  # vLLM's cut: the last tokens kept
+        np.testing.assert_allclose(got[:3], encoder.embed(texts[:3]), atol=1e-6)
+        np.testing.assert_allclose(got, encoder.run_ids(kept), atol=1e-6)
+        assert out.usage.prompt_tokens == sum(len(t) for t in kept)
         packed = client.embeddings.create(model="embedder", input=texts[:2], encoding_format="base64")
         raw = server.raw("POST", "/v1/embeddings", json.dumps({"model": "embedder", "input": texts[:2], "encoding_format": "base64"}).encode())[1]
         decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in raw["data"]])

@@ -7,13 +7,13 @@ import sys
 import click
 
 from .errors import errors_to_one_line
-from .options import apply, runtime_options
+from .options import apply, at_least, runtime_options
 
 
 def encoder_options(fn):
     """Options shared by embed and classify."""
     return runtime_options(apply(fn, [
-        click.option("--batch-size", type=int, default=32, show_default=True,
+        click.option("--batch-size", type=int, default=32, show_default=True, callback=at_least(1),
                      help="Texts per run; texts are sorted by length, so each batch is padded only to its longest."),
         click.option("--no-truncate", is_flag=True,
                      help="Refuse a text longer than the model's maximum length instead of cutting it."),
@@ -51,7 +51,7 @@ def embed(model_dir, texts, batch_size, no_truncate, as_json, provider, threads)
 @click.command("classify")
 @click.argument("model_dir", type=click.Path())
 @click.argument("texts", metavar="TEXT...", nargs=-1, required=True)
-@click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Labels per text, best first.")
+@click.option("-k", "--top-k", type=int, default=1, show_default=True, callback=at_least(1), help="Labels per text, best first.")
 @encoder_options
 @errors_to_one_line
 def classify(model_dir, texts, top_k, batch_size, no_truncate, as_json, provider, threads) -> None:

@@ -16,7 +16,7 @@ from .options import at_least, runtime_options
 @click.option("--text", "text_file", type=click.Path(), help="UTF-8 text file (default: Python's reference manual).")
 @click.option("--max-tokens", type=int, callback=at_least(2), help="Score only the first N tokens.")
 @click.option("--window", type=int, help="Tokens per window (default: the model's context).")
-@click.option("--stride", type=int, help="Tokens between window starts (default: half a window).")
+@click.option("--stride", type=int, callback=at_least(1), help="Tokens between window starts (default: half a window).")
 @runtime_options
 @errors_to_one_line
 def eval_(model_dir, text_file, max_tokens, window, stride, provider, threads) -> None:

@@ -57,6 +57,7 @@ def serve(settings: ServeSettings, report: Callable[[str], None]) -> None:
 
         from .app import ServerState, create_app
         from .response_store import ResponseStore
+        from .protocol import MAX_HEAD_BYTES, JSONErrorsProtocol, long_urls_refused
     except ImportError as e:
         raise ServeError(f"lmrt serve needs the serve extra: pip install 'lmrt[serve]' ({e})") from None
     from ..precision import precision
@@ -66,9 +67,13 @@ def serve(settings: ServeSettings, report: Callable[[str], None]) -> None:
     manifest = settings.manifest
     generates = manifest.task == "generate"
     sock = bind(settings.host, settings.port)
-    state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES, response_store=ResponseStore(settings.stored_responses))
+    state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES, settings.body_timeout,
+                        response_store=ResponseStore(settings.stored_responses))
     server = uvicorn.Server(
-        uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=5, access_log=False)
+        uvicorn.Config(
+            long_urls_refused(create_app(state)), log_level="warning", timeout_graceful_shutdown=5, access_log=False,
+            http=JSONErrorsProtocol, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        )  # fmt: skip
     )
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}"

@@ -9,7 +9,6 @@ the engine's next step. This module holds the app, its authorization, error hand
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -19,11 +18,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..runtime import Encoder, Engine, LoadedModel
 from . import metrics, rerank, responses_api, tokenize
+from .body import read_json
 from .bridge import EventStream, submit, unless_disconnected
 from .chat import ChatAnswer, parse_chat
 from .completions import TextAnswer, parse_completion
 from .embeddings import embeddings_response, parse_embeddings
-from .errors import APIError
+from .errors import RETRY_AFTER_SECONDS, APIError, busy
 from .response_store import ResponseStore
 from .responses import now, sse
 
@@ -36,6 +36,7 @@ class ServerState:
     model_name: str
     api_key: str | None
     max_body_bytes: int
+    body_timeout: float  # seconds a request's body may take to arrive
     engine: Engine | None = None
     encoder: Encoder | None = None
     load_error: str | None = None
@@ -59,7 +60,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(404)
     async def not_found(request: Request, _e) -> JSONResponse:
@@ -76,7 +77,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         if not state.ready:
-            return JSONResponse({"status": "loading model"}, status_code=503)
+            return JSONResponse({"status": "loading model"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
@@ -138,7 +139,7 @@ def _authorized_engine(state: ServerState, request: Request) -> Engine:
 
 def _ready(state: ServerState) -> None:
     if not state.ready:
-        raise APIError(503, "the model is still loading", code="model_loading")
+        raise busy("the model is still loading", "model_loading")
 
 
 def _engine(state: ServerState) -> Engine:
@@ -159,19 +160,7 @@ def _authorize(state: ServerState, request: Request) -> None:
 
 
 async def _json_body(state: ServerState, request: Request) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > state.max_body_bytes:
-        raise APIError(413, f"the request body is larger than {state.max_body_bytes} bytes", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > state.max_body_bytes:
-            raise APIError(413, f"the request body is larger than {state.max_body_bytes} bytes", code="request_too_large")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    return await read_json(request, state.max_body_bytes, state.body_timeout)
 
 
 async def _complete(state: ServerState, request: Request, parse, answer) -> Response:

@@ -20,7 +20,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive
 
 from ..runtime import ConfigError, Engine, Event, GenerationConfig, QueueFullError, Score
-from .errors import APIError
+from .errors import APIError, busy
 from .requests import GenerationRequest
 
 
@@ -68,7 +68,12 @@ class Run:
 
 def submit(engine: Engine, request: GenerationRequest, config: GenerationConfig) -> Run:
     """Submit one engine request per prompt (none when the request only scores its prompts), and
-    each prompt's scoring when it asks for that; a refusal cancels those already submitted."""
+    each prompt's scoring when it asks for that; a refusal cancels those already submitted. More
+    prompts than the slots and the queue hold together could never all be taken: a 400, before any is."""
+    most = engine.slots + engine.max_queue
+    if len(request.prompts) > most:
+        raise APIError(400, f"{len(request.prompts)} prompts in one request, more than this server ever holds at once "
+                       f"({engine.slots} slots + a queue of {engine.max_queue} = {most})", "prompt", "too_many_prompts")  # fmt: skip
     loop = asyncio.get_running_loop()
     run = Run(request, config, engine, asyncio.Queue())
     try:
@@ -79,7 +84,7 @@ def submit(engine: Engine, request: GenerationRequest, config: GenerationConfig)
             run.submitted.append(engine.submit(engine_request))
     except QueueFullError as e:
         run.cancel()
-        raise APIError(503, str(e), code="server_busy") from None
+        raise busy(str(e), "server_busy") from None
     except ConfigError as e:  # a constraint found invalid once compiled
         run.cancel()
         raise request.error(e) from None

@@ -18,6 +18,9 @@ from .requests import GENERATION_FIELDS, ChatRequest, check_fields, check_model,
 from .tools import calls_written, is_call, parse_tools, tool_calls, with_tools_described
 
 CHAT_FIELDS = GENERATION_FIELDS | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"}
+# The roles a message may have, and the role a chat template sees ("developer" is OpenAI's newer
+# name of "system", which templates know).
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 def parse_chat(body: Any, model: LoadedModel, served: str, ctx_size: int) -> ChatRequest:
@@ -32,7 +35,9 @@ def parse_chat(body: Any, model: LoadedModel, served: str, ctx_size: int) -> Cha
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or ("content" not in m and "tool_calls" not in m):
             raise APIError(400, f"messages[{i}] needs a 'role' and a 'content'", "messages")
-        rendered.append({**m, "content": _message_text(m, i, parallel)})
+        if m["role"] not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}; got '{m['role'][:40]}'", "messages")
+        rendered.append({**m, "role": ROLES[m["role"]], "content": _message_text(m, i, parallel)})
     options, params = read_options(body, model.manifest.architecture.vocab_size)
     if tools is not None:
         rendered = with_tools_described(rendered, tools.functions, parallel)

@@ -97,8 +97,8 @@ def _logit_bias(bias: Any, name: str, vocab: int):
         raise APIError(400, f"'{name}' must map token ids to numbers", name)
     ids, values = [], []
     for key, value in bias.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) < vocab):
-            raise APIError(400, f"'{name}' key {key!r} is not a token id below {vocab}", name)
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= len(str(vocab)) and int(key) < vocab):
+            raise APIError(400, f"'{name}' key {key[:20]!r} is not a token id below {vocab}", name)
         if not is_number(value) or not -100 <= value <= 100:
             raise APIError(400, f"'{name}' values must be numbers from -100 to 100", name)
         ids.append(int(key))
@@ -194,14 +194,17 @@ GenerationOptions.__doc__ = """The generation options a request set, checked; No
 
 def read_options(body: dict, vocab: int) -> tuple[Any, dict[str, str]]:
     """The request's GenerationOptions and, for each option it set, the request field that set it.
-    When several aliases of one option are given, the first in the metadata's order counts."""
+    Several aliases of one option may be given with the same value only (then the first in the
+    metadata's order is named in errors)."""
     values: dict[str, Any] = {}
     params: dict[str, str] = {}
     for name, (field, read) in REQUEST_FIELDS.items():
-        if field in values or body.get(name) is None:
+        if body.get(name) is None:
             continue
         value = read(body[name], name, vocab)
-        if value is not None:
+        if value is not None and field in values and value != values[field]:
+            raise APIError(400, f"'{params[field]}' and '{name}' set the same option to different values; give one", name)
+        if value is not None and field not in values:
             values[field], params[field] = value, name
     return GenerationOptions(**values), params
 

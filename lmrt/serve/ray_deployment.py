@@ -59,7 +59,7 @@ class LmrtReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         model = LoadedModel(settings.model_dir, provider=settings.provider, threads=settings.threads)
         self.engine = Engine(model, settings.engine_settings())
-        self.state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES, engine=self.engine,
+        self.state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES, settings.body_timeout, engine=self.engine,
                                  response_store=ResponseStore(settings.stored_responses))
         self._stop = threading.Event()
         self._exporter = _MetricsExporter(self.replica)

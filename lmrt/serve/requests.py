@@ -108,6 +108,9 @@ def check_fields(body: Any, allowed: set[str], required: tuple[str, ...]) -> Non
 
 
 def check_model(body: dict, served: str) -> None:
+    """The model named is the one served; and ``user`` (an end user's id, which changes nothing) is a
+    string, as OpenAI's requests have it."""
+    read_value(body, "user", lambda v: isinstance(v, str), "a string")
     name = read_value(body, "model", lambda v: isinstance(v, str), "a string")
     if name != served:
         raise APIError(404, f"the model '{name}' does not exist; this server serves '{served}'", "model", "model_not_found")

@@ -14,13 +14,16 @@ take it as it is.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 
-from ..runtime.checks import is_int
+from ..runtime.checks import is_int, is_number
 from ..runtime.engine_settings import EngineSettings
 from ..runtime.manifest import Manifest, load_manifest
 from .errors import ServeError
+
+MAX_PORT = 65535
 
 def default_model_name(model_dir: str) -> str:
     """The model id clients send when --model-name is not given: the directory's name."""
@@ -33,7 +36,7 @@ class ServeSettings(EngineSettings):
 
     model_dir: str
     host: str = field(default="127.0.0.1", metadata={"flag": "--host", "help": "Address to listen on (0.0.0.0: every interface)."})
-    port: int = field(default=8000, metadata={"flag": "--port", "help": "Port to listen on (0: any free one)."})
+    port: int = field(default=8000, metadata={"flag": "--port", "help": "Port to listen on, 0 to 65535 (0: any free one)."})
     api_key: str | None = field(
         default=None, repr=False, metadata={"flag": "--api-key", "help": "Require 'Authorization: Bearer KEY' on every route but /health."}
     )
@@ -46,6 +49,9 @@ class ServeSettings(EngineSettings):
     )
     stored_responses: int = field(
         default=256, metadata={"flag": "--stored-responses", "help": "Answers of POST /v1/responses kept for previous_response_id (0: none)."}
+    )
+    body_timeout: float = field(
+        default=30.0, metadata={"flag": "--body-timeout", "help": "Seconds a request's body may take to arrive; past that: 408."}
     )
     manifest: Manifest = field(init=False, repr=False, compare=False)  # read from model_dir when built
 
@@ -64,6 +70,10 @@ class ServeSettings(EngineSettings):
                 raise ServeError(f"{self.flag(name)} must be at least {least}, got {value}")
         if not is_int(self.stored_responses) or self.stored_responses < 0:
             raise ServeError(f"{self.flag('stored_responses')} must be an integer of at least 0, got {self.stored_responses}")
+        if not (is_int(self.port) and 0 <= self.port <= MAX_PORT):
+            raise ServeError(f"{self.flag('port')} must be from 0 to {MAX_PORT} (0: any free port), got {self.port}")
+        if not (is_number(self.body_timeout) and 0 < self.body_timeout < math.inf):
+            raise ServeError(f"{self.flag('body_timeout')} must be a number of seconds above 0, got {self.body_timeout}")
         if self.api_key is not None and not self.api_key.strip():
             raise ServeError(f"{self.flag('api_key')} is empty")
         super().__post_init__()  # what is not an integer at all
