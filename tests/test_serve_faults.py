@@ -201,7 +201,7 @@ FIELDS = [  # (route, fields besides the model, the words the message must hold)
     ("/v1/completions", {"prompt": "hi", "max_tokens": 1e30}, "'max_tokens' must be a positive integer"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 10**30}, "max_tokens asks for"),
     ("/v1/completions", {"prompt": "hi", "seed": 10**30}, "'seed' must be"),
-    ("/v1/completions", {"prompt": "hi", "n": 10**30, "temperature": 1}, "slots"),
+    ("/v1/completions", {"prompt": "hi", "n": 10**30, "temperature": 1}, "'n' must be at most"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 10**30}, "'logprobs' must be from 0 to 20"),
     ("/v1/completions", {"prompt": "hi", "min_tokens": 10**30}, "'min_tokens' must be"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"1" * 5000: 1}}, "is not a token id below"),
