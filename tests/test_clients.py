@@ -263,7 +263,7 @@ def test_langchain_structured_output_json_schema(server, gen, recorder):
     chat = chat_openai(server, recorder, max_tokens=STRUCTURED_TOKENS)
     city = chat.with_structured_output(City, method="json_schema").invoke(QUESTION)
     assert recorder.last["response_format"]["type"] == "json_schema"
-    assert city == City.model_validate_json(expected_chat(gen, recorder.last))
+    assert city.model_dump() == City.model_validate_json(expected_chat(gen, recorder.last)).model_dump()
 
 
 def test_langchain_structured_output_function_calling(server, recorder):
@@ -333,7 +333,7 @@ def test_instructor_extracts_a_pydantic_model(server, gen, recorder, mode):
     )
     assert isinstance(city, City)
     if mode == "JSON_SCHEMA":
-        assert city == City.model_validate_json(expected_chat(gen, recorder.last))
+        assert city.model_dump() == City.model_validate_json(expected_chat(gen, recorder.last)).model_dump()
     else:
         assert recorder.last["tool_choice"]["function"]["name"] == "City"
 
