@@ -28,11 +28,6 @@ STRUCTURED_TOKENS = 80  # the budget of JSON answers and tool calls
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 EXTRACT = [{"role": "user", "content": "Extract the city: Rome is the capital of Italy."}]  # JSON answers: one clear
 # answer (with a schema that allows more keys, the reply to QUESTION is near a tie between two names)
-CITY_SCHEMA = {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "country": {"type": "string"}},
-    "required": ["name", "country"],
-}
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
