@@ -37,10 +37,16 @@ def export_model(
     precision: str = "fp32",
     task: str | None = None,
     target: str | None = None,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    weights: str | None = None,
     **quantize_options: Any,
 ) -> Manifest:
     """Export ``source`` (hub id, Hugging Face directory or .gguf file, or a ``Source`` already
-    loaded with ``load_source``) into the directory ``output``.
+    loaded with ``load_source``; or an ``nn.Module`` of your own, with its ``tokenizer``: a
+    tokenizer.json path, a tokenizers.Tokenizer, a transformers tokenizer or a list of tokens, see
+    docs/own-models.md; ``max_length`` caps its sequences; or "path/to/model.py:make_model" with
+    ``weights``, a state_dict file, to build it) into the directory ``output``.
 
     ``precision``: "fp32"; "fp16" (a float16 graph, for GPU providers); "int8" or "int4" (the fp32
     export, validated, then quantized behind the quality gate; ``quantize_options`` go to
@@ -63,9 +69,19 @@ def export_model(
         profile = resolve_target(target)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    source_path = source.source if isinstance(source, Source) else source
-    output = check_target(output, force, sources=[source_path] if os.path.exists(source_path) else [])
-    if isinstance(source, str):
+    from .own.factory import is_module_source
+
+    named = isinstance(source, (str, os.PathLike)) and is_module_source(os.fspath(source))  # model.py:make_model
+    own = named or not isinstance(source, (str, os.PathLike, Source))  # a module of the caller's (export/own)
+    if own and (precision == "fp16" or task not in (None, "generate")):
+        raise ExportError("a module of your own is exported to generate, as fp32, int8 or int4")
+    if not own and (tokenizer is not None or max_length is not None or weights is not None):
+        raise ExportError("tokenizer, max_length and weights apply to a module; a Hugging Face or GGUF source brings its own")
+    if weights is not None and not named:
+        raise ExportError("weights go with a module named as path/to/model.py:make_model; load them into your module yourself")
+    source_path = "" if own else source.source if isinstance(source, Source) else os.fspath(source)
+    output = check_target(output, force, sources=[source_path] if source_path and os.path.exists(source_path) else [])
+    if isinstance(source, str) and not own:
         locate(source)  # fail fast on a bad path, before the slow imports
     scheme = None
     if precision in ("int8", "int4"):
@@ -78,6 +94,14 @@ def export_model(
         check_gate(scheme, quantize_options.get("max_increase"), quantize_options.get("eval_text"))
     elif quantize_options:
         raise ExportError(f"{', '.join(sorted(quantize_options))} apply to int8 / int4 exports only")
+    if own:
+        from .own import export_module
+
+        if named:
+            from .own.factory import build_module
+
+            source = build_module(os.fspath(source), weights)
+        return export_module(source, output, tokenizer, tolerance, progress, scheme, force, profile, max_length, **quantize_options)
     task = detect_task(source_path, task)
     remove_leftovers(output, progress)
     if task != "generate":

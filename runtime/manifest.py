@@ -18,12 +18,13 @@ from typing import Any
 
 from .model_dir import MANIFEST_FILE, ManifestError
 from .paths import FILE, check_external_data, check_file, contained_path, file_fields
+from .state_spec import DECODINGS, StateSpec, read_state
 from .tokenizer_file import load_tokenizer
 from .typed_json import section, typed
 
 __all__ = [  # the paths and the tokenizer are imported from here too
     "Architecture", "EncoderIO", "EncoderInfo", "FILE", "FORMAT_NAME", "FORMAT_VERSION", "Graph", "GraphIO",
-    "MANIFEST_FILE", "Manifest", "ManifestError", "TASKS", "TokenizerInfo", "contained_path", "file_fields",
+    "MANIFEST_FILE", "Manifest", "ManifestError", "StateSpec", "TASKS", "TokenizerInfo", "contained_path", "file_fields",
     "load_manifest", "load_tokenizer", "require_task",
 ]  # fmt: skip
 
@@ -57,7 +58,8 @@ class GraphIO:
 
     Inputs:  input_ids      int64 [batch, seq]
              attention_mask int64 [batch, total]   row b: 1 for each of its cached + new positions,
-                                                  then 0s (rows are padded on the right)
+                                                  then 0s (rows are padded on the right); "" when
+                                                  the graph takes none (recurrent graphs)
              position_ids   int64 [batch, seq]     only when named (families with learned positions)
              logits_to_keep int64 []               logits are computed for the last this-many positions
              past key/value float [batch, kv_heads, capacity, head_size]   one pair per layer
@@ -106,6 +108,11 @@ class Graph:
     opset: int
     dtype: str
     io: GraphIO | EncoderIO = field(default_factory=GraphIO)  # EncoderIO for the encoder tasks
+    # The decoding state, tensor by tensor (state_spec.py); empty: the KV cache the architecture describes
+    state: tuple[StateSpec, ...] = ()
+    # "step": each step runs the new tokens over the state; "window": no state, every step re-runs the
+    # row's tokens (a module of one's own without a cache), up to context_length of them
+    decoding: str = "step"
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,9 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tokenizer"]["eos_token_ids"] = list(self.tokenizer.eos_token_ids)
+        for name, default in (("state", ()), ("decoding", "step")):
+            if getattr(self.graph, name) == default:
+                del d["graph"][name]  # a KV cache stepped over, as every manifest before said it
         if self.encoder is None:
             del d["encoder"]
         else:
@@ -176,12 +186,17 @@ class Manifest:
             raise ManifestError(f"unknown task {task!r} in the manifest; this lmrt knows {', '.join(TASKS)}")
         graph = dict(section(d, "graph"))
         io = typed(GraphIO if task == "generate" else EncoderIO, graph.pop("io", {}), "graph.io")
+        state = read_state(graph.pop("state", []))
+        if graph.get("decoding", "step") not in DECODINGS:
+            raise ManifestError(f"malformed manifest: graph.decoding must be one of {', '.join(DECODINGS)}, got {graph.get('decoding')!r}")
+        stateless = state or graph.get("decoding") == "window"
         tok = dict(section(d, "tokenizer"))
         if isinstance(tok.get("eos_token_ids"), list):
             tok["eos_token_ids"] = tuple(tok["eos_token_ids"])
         architecture = typed(Architecture, section(d, "architecture"), "architecture")
+        attention = ("num_layers", "num_heads", "num_kv_heads", "head_size")  # 0 for a module of one's own
         for f in fields(Architecture):
-            value, least = getattr(architecture, f.name), 0 if f.default == 0 else 1  # 0 is "none" where it is the default
+            value, least = getattr(architecture, f.name), 0 if f.default == 0 or (stateless and f.name in attention) else 1  # 0 is "none" where it is the default
             if isinstance(value, int) and value < least:
                 raise ManifestError(f"malformed manifest: architecture.{f.name} must be at least {least}, got {value}")
         extra = {}
@@ -198,7 +213,7 @@ class Manifest:
             encoder = typed(EncoderInfo, info, "encoder")
         return cls(
             architecture=architecture,
-            graph=typed(Graph, {**graph, "io": io}, "graph"),
+            graph=typed(Graph, {**graph, "io": io, "state": state}, "graph"),
             tokenizer=typed(TokenizerInfo, tok, "tokenizer"),
             task=task,
             encoder=encoder,

@@ -22,7 +22,8 @@ from .config import ConfigError, GenerationConfig
 from .manifest import Manifest, load_manifest, load_tokenizer, require_task
 from .memory import settle_memory, trim_heap
 from .session import available_providers, check_graph_io, create_session, resolve_provider
-from .state_buffers import StateBuffers
+from .state_buffers import bytes_per_position
+from .state_spec import state_of
 from .state_store import CacheFullError, StateStore
 
 MULTI_TOKEN_STEPS_SINCE = "1.20"
@@ -48,6 +49,11 @@ class LoadedModel:
         settle_memory(self.model_dir, self.manifest)
         self._io = self.manifest.graph.io
         self._logits_dtype = np.dtype(self._io.logits_dtype)
+        # every tensor of a row's state, as the manifest declares it (or the KV cache of its architecture)
+        self.state_specs = state_of(self.manifest)
+        # a fixed (recurrent) state cannot go back to an earlier position: no speculation here
+        self.rolls_back = all(spec.kind == "kv" for spec in self.state_specs)
+        self.window = self.manifest.graph.decoding == "window"  # no state: each step re-runs the row's tokens
         self.session_seconds = 0.0  # time spent inside onnxruntime, for measuring Python's share
         # LongRoPE: past this many positions the graph rotates with its long table (0: never)
         self.rotary_switch_after = self.manifest.architecture.rotary_switch_after
@@ -68,15 +74,15 @@ class LoadedModel:
     @property
     def bytes_per_position(self) -> int:
         """State bytes one position of one row takes."""
-        return StateBuffers.bytes_per_position(self.manifest.architecture, self._io)
+        return bytes_per_position(self.state_specs)
 
     def new_state(self, rows: int = 1, capacity: int = 1, active: int | None = None) -> StateStore:
         """A state store for this model: ``rows`` empty rows of ``capacity`` positions, the first
         ``active`` of them (default: all) in its decode batch. It lives where attention runs: onnxruntime's CUDA
         GroupQueryAttention takes float16 only, so a float32 graph runs attention, and keeps its
         state, on the CPU."""
-        on_gpu = self.provider in ("cuda", "tensorrt") and self._io.kv_dtype == "float16"
-        store = StateStore(self.manifest.architecture, self._io, "cuda" if on_gpu else "cpu")
+        on_gpu = self.provider in ("cuda", "tensorrt") and self._io.kv_dtype == "float16" and self.rolls_back
+        store = StateStore(self.manifest.architecture, self._io, "cuda" if on_gpu else "cpu", self.state_specs)
         store.reset(rows, capacity, active)
         return store
 
@@ -130,6 +136,8 @@ class LoadedModel:
         For fp32 graphs the logits of a decode-batch call are the store's logits buffer itself, reused
         by its next call of the same shape: copy them to keep them longer."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if self.window:
+            return self._run_window(state, ids, ids.shape[1] if keep is None else keep, row)
         if row is not None and ids.shape[0] == 1 and self.crosses_switch(int(state.lengths[row]), ids.shape[1]):
             # keys cached so far were rotated with the short table: feed the row again from its start
             ids = np.concatenate([state.tokens(row), ids[0]])[None, :]
@@ -156,7 +164,8 @@ class LoadedModel:
         total = lengths + seq  # [batch]
         mask = (np.arange(int(total.max())) < total[:, None]).astype(np.int64)  # [batch, total]: right-padded
         binding.bind_cpu_input(io.input_ids, ids)
-        binding.bind_cpu_input(io.attention_mask, mask)
+        if io.attention_mask:
+            binding.bind_cpu_input(io.attention_mask, mask)
         if io.position_ids:
             positions = lengths[:, None] + np.arange(seq, dtype=np.int64)  # [batch, seq]
             binding.bind_cpu_input(io.position_ids, positions)
@@ -166,6 +175,25 @@ class LoadedModel:
         self.session_seconds += time.perf_counter() - began
         state.advance(start, ids)  # the rows now hold the new positions
         return logits.astype(np.float32, copy=False)  # fp16 graphs: sampling and scoring work in fp32
+
+    def _run_window(self, state: StateStore, ids: np.ndarray, keep: int, row: int | None) -> np.ndarray:
+        """A window graph's step: each row's tokens so far and ``ids`` run from the start (rows padded
+        on the right: the graph is causal, so padding changes no earlier position), the logits of
+        each row's last ``keep`` positions returned."""
+        count, seq = ids.shape
+        start = 0 if row is None else row
+        if row is None and count != state.active:
+            raise ValueError(f"{count} rows of input for a decode batch of {state.active}")
+        state.check_room(start, count, seq)
+        ends = state.lengths[start : start + count] + seq
+        window = np.zeros((count, int(ends.max())), dtype=np.int64)
+        for i in range(count):
+            window[i, : ends[i]] = np.concatenate([state.tokens(start + i), ids[i]])
+        began = time.perf_counter()
+        logits = self.session.run([self._io.logits], {self._io.input_ids: window})[0]  # [count, longest, vocab]
+        self.session_seconds += time.perf_counter() - began
+        state.advance(start, ids)
+        return np.stack([logits[i, ends[i] - keep : ends[i]] for i in range(count)]).astype(np.float32, copy=False)
 
     def sequence_logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 logits [n, vocab] at every position of ``token_ids``, run in one pass from an empty

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .config import GenerationConfig
+from .config import ConfigError, GenerationConfig
 from .memory import check_fits
 from .sampling import Processor, Sampler, make_processors
 from .speculation import PromptLookup
@@ -192,6 +192,10 @@ class RequestBuilder:
         activations to int8 (--compute int8) turns that rounding into visible differences, so a
         near-tied greedy choice could go either way depending on how positions are grouped: there it
         runs only when asked for ("on")."""
+        if not self.model.rolls_back:  # a recurrent state keeps no snapshots to go back to
+            if config.speculation == "on":
+                raise ConfigError("speculation", "is on, but this model's recurrent state cannot go back to drop rejected tokens; use auto or off")
+            return False
         if config.speculation != "auto":
             return config.speculation == "on"
         return not config.samples and self.model.manifest.quantization.get("compute") != "int8"

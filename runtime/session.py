@@ -135,17 +135,20 @@ _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64":
 
 def expected_io(manifest) -> tuple[dict[str, tuple[str, dict[int, int]]], dict[str, tuple[str, dict[int, int]]]]:
     """The inputs and outputs the manifest promises: name -> (onnxruntime type, {axis: size})."""
+    from .state_spec import state_of
+
     io, a = manifest.graph.io, manifest.architecture
-    ids, kv, logits = _ORT_TYPES["int64"], _ORT_TYPES.get(io.kv_dtype, io.kv_dtype), _ORT_TYPES.get(io.logits_dtype, io.logits_dtype)
-    cache = {1: a.num_kv_heads, 3: a.head_size}
-    inputs = {io.input_ids: (ids, {}), io.attention_mask: (ids, {}), io.logits_to_keep: (ids, {})}
-    if io.position_ids:
-        inputs[io.position_ids] = (ids, {})
+    ids, logits = _ORT_TYPES["int64"], _ORT_TYPES.get(io.logits_dtype, io.logits_dtype)
+    inputs = {io.input_ids: (ids, {})}
+    for name in (io.attention_mask, io.position_ids, io.logits_to_keep):
+        if name:
+            inputs[name] = (ids, {})
     outputs = {io.logits: (logits, {2: a.vocab_size})}
-    for layer in range(a.num_layers):
-        for names, side in (((io.past_key, io.past_value), inputs), ((io.present_key, io.present_value), outputs)):
-            for name in names:
-                side[name.format(layer=layer)] = (kv, cache)
+    for spec in state_of(manifest):
+        dtype = _ORT_TYPES.get(spec.dtype, spec.dtype)
+        axes = [1, *range(3, len(spec.shape) + 2)] if spec.kind == "kv" else range(1, len(spec.shape) + 1)
+        sizes = dict(zip(axes, spec.shape))
+        inputs[spec.past], outputs[spec.present] = (dtype, sizes), (dtype, sizes)
     return inputs, outputs
 
 

@@ -1,81 +1,67 @@
 """The memory behind a state store: one preallocated buffer per state tensor, and their binding.
 
-Today every state tensor is a key or a value of one attention layer, [rows, kv_heads, capacity,
-head_size], that grows along its sequence axis ("kv"). The graph reads a buffer as ``past`` and writes
-the same memory as ``present`` (IO binding hands onnxruntime one pointer for both), so a step copies
-no state: it writes the new positions of each row and nothing else.
+A "kv" tensor (an attention layer's keys or values, [rows, heads, capacity, head_size]) grows along
+its sequence axis. The graph reads its buffer as ``past`` and writes the same memory as ``present``
+(IO binding hands onnxruntime one pointer for both), so a step copies no state: it writes the new
+positions of each row and nothing else. A "fixed" tensor ([rows, *shape], a recurrent layer's h or
+c) is rewritten whole by every step, so its ``present`` goes to a second buffer of the same shape
+and ``commit`` copies the rows a step ran back (a graph may read a state after writing its successor,
+so one buffer for both would not be safe); it is small beside the step that computed it.
 
-On CUDA the buffers live on the device; moving rows goes through the host there, while on the CPU it
-is numpy indexing on the buffers themselves. The store (``state_store.py``) decides which rows move;
-this file only moves them.
+On CUDA the buffers live on the device (kv tensors only); moving rows goes through the host there,
+while on the CPU it is numpy indexing on the buffers themselves. The store (``state_store.py``)
+decides which rows move; this file only moves them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from .manifest import Architecture, GraphIO
+from .state_spec import StateSpec, kv_cache
 
 
-@dataclass(frozen=True)
-class StateTensor:
-    """One tensor of a row's state: the graph's input and output names and its kind ("kv": grows
-    along axis 2 of [rows, heads, positions, size])."""
-
-    past: str
-    present: str
-    kind: str = "kv"
-
-
-def state_tensors(arch: Architecture, io: GraphIO) -> list[StateTensor]:
-    """The state tensors of a decoder graph, as its manifest names them."""
-    return [
-        StateTensor(past.format(layer=i), present.format(layer=i))
-        for i in range(arch.num_layers)
-        for past, present in ((io.past_key, io.present_key), (io.past_value, io.present_value))
-    ]
+def bytes_per_position(tensors: Sequence[StateSpec]) -> int:
+    """Bytes one position of one row takes over every growing (kv) tensor."""
+    return sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors if t.kind == "kv")
 
 
 class StateBuffers:
-    """The buffers of ``rows`` x ``capacity`` positions, and a cached binding of the decode batch."""
+    """The buffers of ``rows`` x ``capacity`` positions, and a cached binding of the decode batch.
+    ``state``: every tensor of a row's state (none: a window graph); None: the KV cache of ``arch``."""
 
-    def __init__(self, arch: Architecture, io: GraphIO, device: str = "cpu"):
-        self.tensors = state_tensors(arch, io)
-        self._per_row = (arch.num_kv_heads, arch.head_size)
-        self.dtype = np.dtype(io.kv_dtype)
+    def __init__(self, arch: Architecture, io: GraphIO, device: str = "cpu", state: Sequence[StateSpec] | None = None):
+        self.tensors = kv_cache(arch, io) if state is None else tuple(state)
+        self.fixed = any(t.kind == "fixed" for t in self.tensors)
+        if self.fixed and device != "cpu":
+            raise ValueError("fixed (recurrent) state is kept on the CPU")
         self.device = device  # "cpu" or "cuda"
         self.version = 0  # bumped whenever the buffers are replaced, so bindings know to follow
-        self.allocate([self.empty(1, 1)])
+        self.rows = self.capacity = 0
+        self.allocate(self.empty(1, 1), 1, 1)
 
-    @staticmethod
-    def bytes_per_position(arch: Architecture, io: GraphIO) -> int:
-        """Bytes one position of one row takes over all layers, keys and values."""
-        return 2 * arch.num_layers * arch.num_kv_heads * arch.head_size * np.dtype(io.kv_dtype).itemsize
+    def _shape(self, t: StateSpec, rows: int, capacity: int) -> tuple[int, ...]:
+        return (rows, t.shape[0], capacity, *t.shape[1:]) if t.kind == "kv" else (rows, *t.shape)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self._shape
+    def empty(self, rows: int, capacity: int) -> list[np.ndarray]:
+        """Zeros (every tensor's initial value) for ``rows`` rows of ``capacity`` positions."""
+        return [np.zeros(self._shape(t, rows, capacity), t.dtype) for t in self.tensors]
 
-    def empty(self, rows: int, capacity: int) -> np.ndarray:
-        heads, size = self._per_row
-        return np.zeros((rows, heads, capacity, size), self.dtype)
-
-    def allocate(self, arrays: list[np.ndarray]) -> None:
-        """Hold ``arrays`` (one per tensor; a single one is repeated as zeros of its shape)."""
+    def allocate(self, arrays: list[np.ndarray], rows: int, capacity: int) -> None:
+        """Hold ``arrays`` (one per tensor, in the order of ``tensors``) of ``rows`` x ``capacity``."""
         from .session import import_onnxruntime
 
         ort = import_onnxruntime()
-        if len(arrays) == 1 and len(self.tensors) > 1:
-            arrays = [arrays[0]] + [np.zeros_like(arrays[0]) for _ in self.tensors[1:]]
-        self._shape = arrays[0].shape
+        self.rows, self.capacity = rows, capacity
         if self.device == "cpu":
             self._arrays = arrays  # the OrtValues below share this memory: keep it alive
             self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         else:
             self._arrays = []
             self._values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in arrays]
+        self._next = [np.empty_like(a) if t.kind == "fixed" else None for t, a in zip(self.tensors, arrays)]
         self.version += 1
 
     def host_arrays(self) -> list[np.ndarray]:
@@ -84,33 +70,57 @@ class StateBuffers:
 
     def regrown(self, rows: int, capacity: int, keep: list[int], used: int) -> None:
         """New buffers of ``rows`` x ``capacity`` whose first rows hold the first ``used`` positions
-        of the rows ``keep``, in that order."""
-        arrays = []
-        for full in self.host_arrays():
-            new = self.empty(rows, capacity)
-            new[: len(keep), :, :used] = full[keep, :, :used]
-            arrays.append(new)
-        self.allocate(arrays)
+        of the rows ``keep`` (a fixed tensor: their whole state), in that order."""
+        arrays = self.empty(rows, capacity)
+        for t, full, new in zip(self.tensors, self.host_arrays(), arrays):
+            if t.kind == "kv":
+                new[: len(keep), :, :used] = full[keep, :, :used]
+            else:
+                new[: len(keep)] = full[keep]
+        self.allocate(arrays, rows, capacity)
 
     def move(self, src: list[int], dst: list[int], n: int) -> None:
-        """Rows ``dst`` take the first ``n`` positions of rows ``src`` (all read before any is written)."""
-        if n == 0:
-            return
+        """Rows ``dst`` take the first ``n`` positions of rows ``src`` (a fixed tensor: their whole
+        state), all read before any is written."""
         arrays = self.host_arrays()
-        for full in arrays:
-            full[dst, :, :n] = full[src, :, :n]
-        if self.device != "cpu":
-            self.allocate(arrays)
+        for t, full in zip(self.tensors, arrays):
+            if t.kind == "fixed":
+                full[dst] = full[src]
+            elif n:
+                full[dst, :, :n] = full[src, :, :n]
+        if self.device != "cpu" and n:
+            self.allocate(arrays, self.rows, self.capacity)
+
+    def clear(self, rows: list[int]) -> None:
+        """Fixed tensors of ``rows`` back to their initial value (the rows start again from nothing)."""
+        for t, full in zip(self.tensors, self._arrays):
+            if t.kind == "fixed":
+                full[rows] = 0
+
+    def commit(self, start: int, count: int) -> None:
+        """After a step over rows [start, start + count): their fixed tensors take what it wrote."""
+        for full, written in zip(self._arrays, self._next):
+            if written is not None:
+                full[start : start + count] = written[start : start + count]
 
     def bind(self, binding, start: int, count: int) -> None:
-        """Bind every buffer as both past input and present output of ``binding``, for the rows
-        [start, start + count)."""
-        shape = [count, *self._shape[1:]]
-        offset = start * int(np.prod(self._shape[1:])) * self.dtype.itemsize
-        for tensor, value in zip(self.tensors, self._values):
+        """Bind every buffer as the past input of ``binding`` for the rows [start, start + count),
+        and as its present output (a kv tensor: the same memory; a fixed one: its second buffer)."""
+        for t, value, written in zip(self.tensors, self._values, self._next):
+            shape = [count, *self._shape(t, 1, self.capacity)[1:]]
+            dtype = np.dtype(t.dtype)
+            offset = start * int(np.prod(shape[1:])) * dtype.itemsize
             ptr = value.data_ptr() + offset
-            binding.bind_input(tensor.past, self.device, 0, self.dtype, shape, ptr)
-            binding.bind_output(tensor.present, self.device, 0, self.dtype, shape, ptr)
+            binding.bind_input(t.past, self.device, 0, dtype, shape, ptr)
+            out = ptr if written is None else written.ctypes.data + offset
+            binding.bind_output(t.present, self.device, 0, dtype, shape, out)
 
     def data_pointers(self) -> list[int]:
         return [value.data_ptr() for value in self._values]
+
+
+def regrown_array(kept: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Zeros of ``shape`` with ``kept`` in its leading corner."""
+    out = np.zeros(shape, dtype=kept.dtype)
+    out[tuple(slice(0, n) for n in kept.shape)] = kept
+    return out

@@ -1,4 +1,5 @@
-"""The state store: every row of a model's decoding state (today its KV cache), and who owns which.
+"""The state store: every row of a model's decoding state (a KV cache, or fixed recurrent state), and
+who owns which.
 
 Each row remembers the token ids whose state it holds (``tokens``) and how many (``lengths``); the
 memory itself is in ``state_buffers.StateBuffers``. Rows [0, active) are the decode batch: one step
@@ -21,16 +22,23 @@ from typing import Any, Hashable, Iterable, Sequence
 import numpy as np
 
 from .manifest import Architecture, GraphIO
-from .state_buffers import StateBuffers
+from .state_buffers import StateBuffers, regrown_array as _regrown
+from .state_spec import StateSpec
 
 
 class CacheFullError(ValueError):
     """A request would write past the end of the preallocated state."""
 
 
+class RollbackError(ValueError):
+    """A row's fixed (recurrent) state cannot go back to an earlier position: no snapshots are kept."""
+
+
 class StateStore:
-    def __init__(self, arch: Architecture, io: GraphIO, device: str = "cpu"):
-        self.buffers = StateBuffers(arch, io, device)
+    """``state``: every tensor of a row's state (``state_spec.state_of``); None: the KV cache of ``arch``."""
+
+    def __init__(self, arch: Architecture, io: GraphIO, device: str = "cpu", state: Sequence[StateSpec] | None = None):
+        self.buffers = StateBuffers(arch, io, device, state)
         self._tick = 0  # release order of free rows: the least recently used is reused first
         self._binding = None  # (key, binding, logits) of the decode batch
         self.reset(1, 1, active=0)
@@ -40,7 +48,7 @@ class StateStore:
     def reset(self, rows: int, capacity: int, active: int | None = None) -> None:
         """``rows`` empty rows of up to ``capacity`` positions each, none owned; the first ``active``
         of them (default: all) form the decode batch."""
-        self.buffers.allocate([self.buffers.empty(rows, capacity)])
+        self.buffers.allocate(self.buffers.empty(rows, capacity), rows, capacity)
         self._lengths = np.zeros(rows, dtype=np.int64)
         self._tokens = np.zeros((rows, capacity), dtype=np.int64)
         self._owners: list[Hashable | None] = [None] * rows
@@ -78,7 +86,7 @@ class StateStore:
         if owned:
             capacity = max(capacity, self.capacity)
         free = [r for r in range(self.active, self.rows) if self._owners[r] is None and self._lengths[r] <= capacity]
-        shared = {r: max((self.shared_prefix(r, p) for p in prompts), default=0) for r in free}
+        shared = {r: max((self.reusable_prefix(r, p) for p in prompts), default=0) for r in free}
         reuse = sorted((r for r in free if shared[r] > 0), key=lambda r: -shared[r])[:rows]
         self.resize(len(owned) + rows, capacity, owned + reuse)
 
@@ -88,7 +96,12 @@ class StateStore:
 
     @property
     def capacity(self) -> int:
-        return int(self.buffers.shape[2])
+        return int(self.buffers.capacity)
+
+    @property
+    def rolls_back(self) -> bool:
+        """Whether a row can go back to any earlier position: a KV cache can, a fixed state only to 0."""
+        return not self.buffers.fixed
 
     @property
     def lengths(self) -> np.ndarray:
@@ -133,13 +146,13 @@ class StateStore:
         best, shared = free[int(np.argmin(self._released[free]))], 0
         if ids is not None and len(ids) > 1:
             for r in free:
-                n = self.shared_prefix(r, ids)
+                n = self.reusable_prefix(r, ids)
                 if n > shared or (n == shared and n > 0 and self._released[r] < self._released[best]):
                     best, shared = r, n
         shared = min(shared, len(ids) - 1) if ids is not None else 0
         self._owners[best] = owner
         self._row[owner] = best
-        self._lengths[best] = shared
+        self.truncate(best, shared)
         return shared
 
     def shared_prefix(self, row: int, ids: np.ndarray) -> int:
@@ -149,6 +162,14 @@ class StateStore:
             return 0
         differ = np.flatnonzero(self._tokens[row, :n] != ids[:n])
         return int(differ[0]) if differ.size else n
+
+    def reusable_prefix(self, row: int, ids: np.ndarray) -> int:
+        """Leading tokens of ``ids`` a sequence claiming row ``row`` need not run again: the shared
+        prefix; a fixed state's: all the row holds (fewer than ``ids``) or nothing, it cannot go back."""
+        n = self.shared_prefix(row, ids)
+        if self.buffers.fixed and (n != self._lengths[row] or n >= len(ids)):
+            return 0
+        return n
 
     def activate(self, owner: Hashable) -> None:
         """Move ``owner``'s row into the decode batch (at its end)."""
@@ -170,9 +191,14 @@ class StateStore:
         self._released[row] = self._tick
 
     def truncate(self, row: int, length: int) -> None:
-        """Forget row ``row``'s positions from ``length`` on (they stay in memory, unused)."""
+        """Forget row ``row``'s positions from ``length`` on (they stay in memory, unused). A fixed
+        state goes back only to the start (RollbackError otherwise): it keeps no snapshots."""
         if not 0 <= length <= self._lengths[row]:
             raise ValueError(f"cannot truncate a row of {self._lengths[row]} positions to {length}")
+        if self.buffers.fixed and length < self._lengths[row]:
+            if length:
+                raise RollbackError(f"a recurrent state cannot go back from position {self._lengths[row]} to {length}: it keeps no snapshots")
+            self.buffers.clear([row])
         self._lengths[row] = length
 
     def copy_row(self, src: int, dst: int) -> None:
@@ -236,6 +262,7 @@ class StateStore:
             at = self._lengths[rows][:, None] + np.arange(seq)
             np.put_along_axis(self._tokens[rows], at, ids, axis=1)
         self._lengths[rows] += seq
+        self.buffers.commit(start, count)
 
     def binding(self, session, start: int, count: int, logits_name: str, logits_shape: tuple, logits_dtype):
         """An IO binding of rows [start, start + count) with a logits output of ``logits_shape``, and
@@ -271,9 +298,3 @@ class StateStore:
             if self._owners[r] is not None:
                 self._row[self._owners[r]] = r
 
-
-def _regrown(kept: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Zeros of ``shape`` with ``kept`` in its leading corner."""
-    out = np.zeros(shape, dtype=kept.dtype)
-    out[tuple(slice(0, n) for n in kept.shape)] = kept
-    return out

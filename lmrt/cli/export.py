@@ -72,12 +72,23 @@ TARGET = click.option(
     callback=checked(lambda v: math.isfinite(v) and v > 0, "a finite number above 0"),
     help="Largest logit difference from PyTorch allowed, relative to the largest logit [default: 1e-3; fp16 2e-2].",
 )
+@click.option("--weights", type=click.Path(), help="A module of your own: its state_dict (torch.save(model.state_dict())).")
+@click.option(
+    "--tokenizer", type=click.Path(),
+    help="A module of your own: its tokenizer.json, or its vocabulary (a JSON list, or one token per line in a .txt).",
+)  # fmt: skip
+@click.option("--max-length", type=click.IntRange(min=2), help="A module of your own: the longest sequence (a stateless one's window).")
 @errors_to_one_line
 @writes_a_directory
-def export(source, output, fp16, int8, int4, task, force, target, tolerance, max_ppl_increase, allow_degraded, eval_text, compute) -> None:
+def export(
+    source, output, fp16, int8, int4, task, force, target, tolerance, max_ppl_increase, allow_degraded, eval_text, compute,
+    weights, tokenizer, max_length,
+) -> None:  # fmt: skip
     """Export SOURCE to an ONNX model directory, validated against PyTorch.
 
-    SOURCE is a Hugging Face Hub id, a local Hugging Face model directory, or a .gguf file.
+    SOURCE is a Hugging Face Hub id, a local Hugging Face model directory, or a .gguf file; or a
+    PyTorch module of your own, as path/to/model.py:make_model (a function or class that builds it)
+    with --weights and --tokenizer (docs: Your own PyTorch model).
     With --int8 / --int4 the validated fp32 graph is quantized and must pass the quality gate:
     perplexity on an evaluation text may not rise more than --max-ppl-increase over fp32. From a
     GGUF file (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), the file's own blocks are kept
@@ -91,6 +102,7 @@ def export(source, output, fp16, int8, int4, task, force, target, tolerance, max
       lmrt export ./my-finetuned-llama -o models/mine --int8 --force
       lmrt export gpt2 -o models/gpt2
       lmrt export ./all-MiniLM-L6-v2 -o models/minilm --int8
+      lmrt export model.py:make_model --weights lm.pt --tokenizer vocab.json -o models/lstm --int8
     """
     precision = one_of(fp16=fp16, int8=int8, int4=int4) or "fp32"
     options = {}
@@ -104,7 +116,8 @@ def export(source, output, fp16, int8, int4, task, force, target, tolerance, max
         from ..export import export_model
     except ImportError as e:
         raise CliError(f"export needs the export extra: pip install 'lmrt[export]' ({e})") from None
-    export_model(source, output, force=force, tolerance=tolerance, precision=precision, task=task, target=target, **options)
+    own = {k: v for k, v in (("weights", weights), ("tokenizer", tokenizer), ("max_length", max_length)) if v is not None}
+    export_model(source, output, force=force, tolerance=tolerance, precision=precision, task=task, target=target, **own, **options)
 
 
 @click.command("quantize")

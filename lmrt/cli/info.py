@@ -31,8 +31,8 @@ def info(model_dir: str) -> None:
     a, t, p, v = m.architecture, m.tokenizer, m.provenance, m.validation
     size = directory_size(model_dir)
     rows = [
-        ("model", f"{a.model_type} ({a.family} family), {a.num_layers} layers, hidden {a.hidden_size}"),
-        ("attention", f"{a.num_heads} heads, {a.num_kv_heads} KV heads, head size {a.head_size}"),
+        ("model", f"{a.model_type} ({a.family} family)" + (f", {a.num_layers} layers, hidden {a.hidden_size}" if a.num_layers else "")),
+        state_row(m),
         ("vocabulary", str(a.vocab_size)),
         ("context", f"{a.context_length} tokens"),
         ("weights", weights_row(m, size)),
@@ -72,6 +72,19 @@ def info(model_dir: str) -> None:
     rows.append(onnxruntime_row(m))
     rows.append(("providers", ", ".join(available_providers()) or "none"))
     print_rows(rows)
+
+
+def state_row(m) -> tuple[str, str]:
+    """What a step keeps: the KV cache's attention, a declared state (a recurrent model's h and c per
+    layer), or nothing (a window graph, re-run each step)."""
+    a = m.architecture
+    if m.graph.decoding == "window":
+        return ("decoding", f"no state: each step runs the sequence again, up to its window of {a.context_length} tokens (slower than a cache)")
+    if not m.graph.state:
+        return ("attention", f"{a.num_heads} heads, {a.num_kv_heads} KV heads, head size {a.head_size}")
+    tensors = ", ".join(f"{s.past.removeprefix('past_state.')} {s.kind} {list(s.shape)}" for s in m.graph.state)
+    note = "; carried step by step (no speculation; a prefix is reused only as a whole row)" if any(s.kind == "fixed" for s in m.graph.state) else ""
+    return ("state", f"{tensors} per sequence{note}")
 
 
 def installed_onnxruntime_version() -> str | None:
