@@ -201,9 +201,10 @@ class DecodeLoop:
             processed = logits
             for fn in choice.processors:
                 processed = fn(choice.history, processed)
-            if constraint is not None:
-                processed = constraint.mask(processed)
-            token = choice.sampler(processed) if proposed is None else accept(choice.sampler, processed, proposed)[0]
+            if constraint is not None:  # masked, and kept within reach of a complete answer in the budget left
+                token = constraint.choose(choice.sampler, processed, request.budget - len(choice.tokens))
+            else:
+                token = choice.sampler(processed) if proposed is None else accept(choice.sampler, processed, proposed)[0]
             text, reason = choice.stop(token)
             if constraint is not None and reason != "stop":
                 constraint.advance(token)

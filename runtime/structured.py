@@ -6,8 +6,10 @@ request carries a constraint. ``Grammars`` (one per Generator) holds llguidance'
 tokenizer, built once from tokenizer.json, and compiles a request's constraint before any generation:
 a bad schema, regex or grammar is a ``ConfigError`` naming its option. Each generated sequence gets
 its own ``Constraint``: ``mask(logits)`` leaves only the tokens that keep the output a prefix of
-something the constraint accepts (once the output is complete, only the stop tokens), and
-``advance(token)`` moves it past the chosen token.
+something the constraint accepts (once the output is complete, only the stop tokens),
+``choose(sampler, logits, remaining)`` draws the next token within what is left of the budget (its
+``budget.BudgetGuard`` keeps a complete answer within reach), and ``advance(token)`` moves it past the
+chosen token.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .budget import BudgetGuard, Vocabulary
 from .config import CONSTRAINT_FIELDS, ConfigError
 
 if TYPE_CHECKING:
@@ -74,6 +77,7 @@ class Grammars:
         self._json = tokenizer_json
         self.vocab_size = vocab_size
         self._tokenizers: dict[frozenset[int], Any] = {}  # by stop ids: llguidance's "end" tokens
+        self._vocabulary: Vocabulary | None = None  # the tokens a completion search tries, read once
 
     def _tokenizer(self, stop_ids: frozenset[int]):
         if stop_ids not in self._tokenizers:
@@ -99,7 +103,10 @@ class Grammars:
         start = llg.LLMatcher(tokenizer, source, log_level=0)
         if start.is_error():
             raise ConfigError(name, f"is not valid: {_first_line(start.get_error())}")
-        return lambda: Constraint(start.deep_copy(), self.vocab_size, stop_ids)
+        if self._vocabulary is None:
+            self._vocabulary = Vocabulary(tokenizer, self.vocab_size)
+        vocabulary, first = self._vocabulary, {}  # the first measure is the same for every sequence of a request
+        return lambda: Constraint(start.deep_copy(), self.vocab_size, stop_ids, vocabulary, first)
 
 
 def _first_line(message: str) -> str:
@@ -109,11 +116,12 @@ def _first_line(message: str) -> str:
 class Constraint:
     """One sequence's position in its constraint."""
 
-    def __init__(self, matcher, vocab_size: int, stop_ids: frozenset[int]):
+    def __init__(self, matcher, vocab_size: int, stop_ids: frozenset[int], vocabulary: Vocabulary, first: dict):
         self.matcher = matcher
         self.vocab_size = vocab_size
         self._stop_ids = stop_ids
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        self.guard = BudgetGuard(matcher, vocabulary, stop_ids, first)
 
     @property
     def complete(self) -> bool:
@@ -135,11 +143,17 @@ class Constraint:
         np.copyto(out, logits, where=allowed)
         return out
 
+    def choose(self, sampler, logits: np.ndarray, remaining: int) -> int:
+        """The next token: ``sampler`` over ``logits`` masked, kept within reach of a complete answer
+        in the ``remaining`` tokens of the budget (this one included)."""
+        return self.guard.choose(sampler, self.mask(logits), remaining)
+
     def advance(self, token: int) -> None:
         if token in self._stop_ids:
             return
         self.matcher.consume_token(token)
         self._check()
+        self.guard.advanced(token)
 
     def _check(self) -> None:
         if self.matcher.is_error():
