@@ -96,13 +96,7 @@ class Encoder:
         truncate = self.truncate if truncate is None else truncate
         encodings = self._tokenizer.encode_batch(texts)
         if not truncate:
-            for i, enc in enumerate(encodings):
-                if enc.overflowing:
-                    n = len(self._counter.encode(texts[i]).ids)
-                    raise ValueError(
-                        f"text {i + 1} has {n} tokens, more than the model's {self.max_length}; "
-                        "shorten it or allow truncation"
-                    )
+            self._refuse_overflow(encodings, [(text,) for text in texts], "text")
         return [enc.ids for enc in encodings]
 
     def tokenize_pairs(
@@ -114,14 +108,16 @@ class Encoder:
         truncate = self.truncate if truncate is None else truncate
         encodings = self._tokenizer.encode_batch(pairs)
         if not truncate:
-            for i, enc in enumerate(encodings):
-                if enc.overflowing:
-                    n = len(self._counter.encode(*pairs[i]).ids)
-                    raise ValueError(
-                        f"pair {i + 1} has {n} tokens, more than the model's {self.max_length}; "
-                        "shorten it or allow truncation"
-                    )
+            self._refuse_overflow(encodings, pairs, "pair")
         return [enc.ids for enc in encodings], [enc.type_ids for enc in encodings]
+
+    def _refuse_overflow(self, encodings, inputs: Sequence[tuple[str, ...]], what: str) -> None:
+        """ValueError naming the first input (a text, or a pair of texts) longer than the model."""
+        for i, enc in enumerate(encodings):
+            if enc.overflowing:
+                n = len(self._counter.encode(*inputs[i]).ids)
+                raise ValueError(f"{what} {i + 1} has {n} tokens, more than the model's {self.max_length}; "
+                                 "shorten it or allow truncation")
 
     def pair_scores(
         self, pairs: Sequence[tuple[str, str]], batch_size: int = DEFAULT_BATCH_SIZE, truncate: bool | None = None

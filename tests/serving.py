@@ -14,6 +14,17 @@ import pytest
 
 from conftest import wait_for_serve_url
 
+# Two functions the tool-calling tests offer: one with an enum and a bounded string, one with
+# bounded integers.
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+]  # fmt: skip
+
 
 class Server:
     """A ``lmrt serve`` subprocess on a free port of 127.0.0.1."""
@@ -35,15 +46,22 @@ class Server:
         return openai.OpenAI(base_url=self.base + "/v1", api_key=api_key, max_retries=0, timeout=120, **kw)
 
     def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict | str]:
+        """(status, the JSON answer or the text) of one request."""
+        status, _headers, answer = self.request(method, path, body, headers)
+        return status, answer
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, dict | str]:
+        """(status, headers in lower case, the JSON answer or the text) of one request."""
         conn = http.client.HTTPConnection(self.host, int(self.port), timeout=60)
         conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         response = conn.getresponse()
         data = response.read().decode("utf-8")
         conn.close()
         try:
-            return response.status, json.loads(data)
+            answer = json.loads(data)
         except json.JSONDecodeError:
-            return response.status, data
+            answer = data
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
 
     def metric(self, name: str, headers: dict | None = None) -> float:
         status, text = self.raw("GET", "/metrics", headers=headers)

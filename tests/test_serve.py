@@ -18,7 +18,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from serving import Server, wait_for  # noqa: E402
+from serving import TOOLS, Server, wait_for  # noqa: E402
 from lmrt import runtime  # noqa: E402
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
@@ -340,14 +340,6 @@ PERSON = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}},
-        "required": ["city", "unit"], "additionalProperties": False}}},
-    {"type": "function", "function": {"name": "add", "parameters": {
-        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
-        "required": ["a", "b"], "additionalProperties": False}}},
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

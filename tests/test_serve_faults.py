@@ -52,16 +52,7 @@ def model(chat_model) -> str:
 def post(server: Server, path: str, body, headers: dict | None = None, method: str = "POST") -> tuple[int, dict, object]:
     """(status, headers in lower case, the JSON answer or the text) of one request."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    conn = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-    response = conn.getresponse()
-    text = response.read().decode("utf-8")
-    conn.close()
-    try:
-        answer = json.loads(text)
-    except json.JSONDecodeError:
-        answer = text
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
+    return server.request(method, path, data, headers)
 
 
 def exchange(server: Server, *pieces: bytes, timeout: float = 20, pause: float = 0.2) -> tuple[bytes, bool]:

@@ -13,7 +13,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from serving import Server  # noqa: E402
+from serving import TOOLS, Server  # noqa: E402
 from lmrt import runtime  # noqa: E402
 from lmrt.runtime.sampling import log_softmax  # noqa: E402
 
@@ -22,14 +22,6 @@ pytestmark = pytest.mark.real_model
 MODEL = "model"  # the served name: the model directory's
 CTX = 1024
 PROMPTS = ["The capital of France is", "Question: what do bees make?\nAnswer:"]
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}},
-        "required": ["city", "unit"], "additionalProperties": False}}},
-    {"type": "function", "function": {"name": "add", "parameters": {
-        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
-        "required": ["a", "b"], "additionalProperties": False}}},
-]  # fmt: skip
 
 
 def _call(i: int, name: str, arguments: dict) -> dict:
