@@ -3,6 +3,7 @@ raw HTTP for what that client will not send. Every answer is compared with the G
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -574,3 +575,27 @@ def test_embeddings_equal_the_encoder(tmp_path_factory):
 def test_a_generation_server_gives_no_embeddings(tiny_server):
     status, answer = tiny_server.raw("POST", "/v1/embeddings", json.dumps({"model": MODEL, "input": "hi"}).encode())
     assert status == 400 and answer["error"]["code"] == "model_not_embedding"
+
+
+def test_the_mailbox_hands_a_burst_of_events_over_in_order_waking_the_loop_once():
+    """Events posted from the engine's thread while the loop is busy arrive together, in order, for
+    each request's queue, through one wake-up of the loop; a later event wakes it again."""
+    from lmrt.serve.bridge import Mailbox
+
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    call_soon_threadsafe = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *args: (wakeups.append(args), call_soon_threadsafe(*args))[1]
+    box, first, second = Mailbox(loop), asyncio.Queue(), asyncio.Queue()
+    burst = [(first, 0, "a"), (second, 1, "b"), (first, 0, "c"), (second, 1, "d")]
+    poster = threading.Thread(target=lambda: [box.post(*item) for item in burst])
+    poster.start()
+    poster.join()
+    loop.run_until_complete(asyncio.sleep(0))
+    assert len(wakeups) == 1
+    assert [first.get_nowait() for _ in range(2)] == [(0, "a"), (0, "c")]
+    assert [second.get_nowait() for _ in range(2)] == [(1, "b"), (1, "d")]
+    box.post(first, 0, "e")
+    loop.run_until_complete(asyncio.sleep(0))
+    assert len(wakeups) == 2 and first.get_nowait() == (0, "e") and first.empty()
+    loop.close()

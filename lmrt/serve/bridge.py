@@ -11,6 +11,8 @@ also while the request still waits for a slot.
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from functools import partial
@@ -74,13 +76,13 @@ def submit(engine: Engine, request: GenerationRequest, config: GenerationConfig)
     if len(request.prompts) > most:
         raise APIError(400, f"{len(request.prompts)} prompts in one request, more than this server ever holds at once "
                        f"({engine.slots} slots + a queue of {engine.max_queue} = {most})", "prompt", "too_many_prompts")  # fmt: skip
-    loop = asyncio.get_running_loop()
+    box = mailbox(asyncio.get_running_loop())
     run = Run(request, config, engine, asyncio.Queue())
     try:
         if request.prompt_top is not None:
             run.scoring = [engine.score(ids, request.prompt_top) for ids in request.prompts]
         for p, ids in enumerate(request.prompts if request.generates else ()):
-            engine_request = engine.request(ids, config, partial(_deliver, loop, run.queue, p), request.logprobs)
+            engine_request = engine.request(ids, config, partial(box.post, run.queue, p), request.logprobs)
             run.submitted.append(engine.submit(engine_request))
     except QueueFullError as e:
         run.cancel()
@@ -94,12 +96,42 @@ def submit(engine: Engine, request: GenerationRequest, config: GenerationConfig)
     return run
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, prompt: int, event: Event) -> None:
-    """From the engine's thread: hand ``event`` of prompt ``prompt`` to the event loop."""
-    try:
-        loop.call_soon_threadsafe(queue.put_nowait, (prompt, event))
-    except RuntimeError:  # the event loop is closed: the server is shutting down
-        pass
+class Mailbox:
+    """Events from the engine's thread to one event loop, handed over in bunches: the events of one
+    decode step (one per running request) wake the loop once, not once each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, tuple[int, Event]]] = []
+        self._lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue, prompt: int, event: Event) -> None:
+        """From the engine's thread: hand ``event`` of prompt ``prompt`` to ``queue`` on the loop."""
+        with self._lock:
+            self._pending.append((queue, (prompt, event)))
+            if len(self._pending) > 1:  # a hand-over is already on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._hand_over)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
+_mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The one mailbox of ``loop``."""
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = Mailbox(loop)
+    return box
 
 
 async def events(run: Run) -> AsyncIterator[tuple[int, Event]]:
