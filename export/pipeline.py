@@ -40,12 +40,15 @@ def export_model(
     tokenizer: Any = None,
     max_length: int | None = None,
     weights: str | None = None,
+    state: Any = None,
     **quantize_options: Any,
 ) -> Manifest:
     """Export ``source`` (hub id, Hugging Face directory or .gguf file, or a ``Source`` already
     loaded with ``load_source``; or an ``nn.Module`` of your own, with its ``tokenizer``: a
     tokenizer.json path, a tokenizers.Tokenizer, a transformers tokenizer or a list of tokens, see
-    docs/own-models.md; ``max_length`` caps its sequences; or "path/to/model.py:make_model" with
+    docs/own-models.md; ``max_length`` caps its sequences; ``state`` declares the state a module with
+    ``forward(ids, state) -> (logits, new_state)`` carries ({name: (kind, per-row shape)}, or
+    "infer"); or "path/to/model.py:make_model" with
     ``weights``, a state_dict file, to build it) into the directory ``output``.
 
     ``precision``: "fp32"; "fp16" (a float16 graph, for GPU providers); "int8" or "int4" (the fp32
@@ -75,8 +78,8 @@ def export_model(
     own = named or not isinstance(source, (str, os.PathLike, Source))  # a module of the caller's (export/own)
     if own and (precision == "fp16" or task not in (None, "generate")):
         raise ExportError("a module of your own is exported to generate, as fp32, int8 or int4")
-    if not own and (tokenizer is not None or max_length is not None or weights is not None):
-        raise ExportError("tokenizer, max_length and weights apply to a module; a Hugging Face or GGUF source brings its own")
+    if not own and (tokenizer is not None or max_length is not None or weights is not None or state is not None):
+        raise ExportError("tokenizer, max_length, weights and state apply to a module; a Hugging Face or GGUF source brings its own")
     if weights is not None and not named:
         raise ExportError("weights go with a module named as path/to/model.py:make_model; load them into your module yourself")
     source_path = "" if own else source.source if isinstance(source, Source) else os.fspath(source)
@@ -101,7 +104,7 @@ def export_model(
             from .own.factory import build_module
 
             source = build_module(os.fspath(source), weights)
-        return export_module(source, output, tokenizer, tolerance, progress, scheme, force, profile, max_length, **quantize_options)
+        return export_module(source, output, tokenizer, tolerance, progress, scheme, force, profile, max_length, state, **quantize_options)
     task = detect_task(source_path, task)
     remove_leftovers(output, progress)
     if task != "generate":

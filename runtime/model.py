@@ -54,6 +54,7 @@ class LoadedModel:
         # a fixed (recurrent) state cannot go back to an earlier position: no speculation here
         self.rolls_back = all(spec.kind == "kv" for spec in self.state_specs)
         self.window = self.manifest.graph.decoding == "window"  # no state: each step re-runs the row's tokens
+        self.declared = self.manifest.graph.decoding == "declared"  # a module's own state, fed at each row's length
         self.session_seconds = 0.0  # time spent inside onnxruntime, for measuring Python's share
         # LongRoPE: past this many positions the graph rotates with its long table (0: never)
         self.rotary_switch_after = self.manifest.architecture.rotary_switch_after
@@ -81,7 +82,7 @@ class LoadedModel:
         ``active`` of them (default: all) in its decode batch. It lives where attention runs: onnxruntime's CUDA
         GroupQueryAttention takes float16 only, so a float32 graph runs attention, and keeps its
         state, on the CPU."""
-        on_gpu = self.provider in ("cuda", "tensorrt") and self._io.kv_dtype == "float16" and self.rolls_back
+        on_gpu = self.provider in ("cuda", "tensorrt") and self._io.kv_dtype == "float16" and self.rolls_back and not self.declared
         store = StateStore(self.manifest.architecture, self._io, "cuda" if on_gpu else "cpu", self.state_specs)
         store.reset(rows, capacity, active)
         return store
@@ -136,8 +137,9 @@ class LoadedModel:
         For fp32 graphs the logits of a decode-batch call are the store's logits buffer itself, reused
         by its next call of the same shape: copy them to keep them longer."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        if self.window:
-            return self._run_window(state, ids, ids.shape[1] if keep is None else keep, row)
+        if self.window or self.declared:
+            run = self._run_window if self.window else self._run_declared
+            return run(state, ids, ids.shape[1] if keep is None else keep, row)
         if row is not None and ids.shape[0] == 1 and self.crosses_switch(int(state.lengths[row]), ids.shape[1]):
             # keys cached so far were rotated with the short table: feed the row again from its start
             ids = np.concatenate([state.tokens(row), ids[0]])[None, :]
@@ -194,6 +196,30 @@ class LoadedModel:
         self.session_seconds += time.perf_counter() - began
         state.advance(start, ids)
         return np.stack([logits[i, ends[i] - keep : ends[i]] for i in range(count)]).astype(np.float32, copy=False)
+
+    def _run_declared(self, state: StateStore, ids: np.ndarray, keep: int, row: int | None) -> np.ndarray:
+        """A declared state's step: the graph takes every state tensor at exactly its rows' length
+        (no padding, no mask: the module's code sees its own state), so the rows run in groups of one
+        length, each group's kv tensors gaining the new positions."""
+        count, seq = ids.shape
+        start = 0 if row is None else row
+        if row is None and count != state.active:
+            raise ValueError(f"{count} rows of input for a decode batch of {state.active}")
+        state.check_room(start, count, seq)
+        lengths = state.lengths[start : start + count]
+        names = [self._io.logits] + [t.present for t in state.buffers.tensors]
+        logits = np.empty((count, keep, self.vocab_size), np.float32)
+        for length in np.unique(lengths):
+            group = np.flatnonzero(lengths == length)
+            feeds = {self._io.input_ids: ids[group], self._io.logits_to_keep: np.array(keep, np.int64)}
+            feeds.update(state.buffers.exact(start + group, int(length)))
+            began = time.perf_counter()
+            out = self.session.run(names, feeds)
+            self.session_seconds += time.perf_counter() - began
+            logits[group] = out[0]
+            state.buffers.take(start + group, int(length), out[1:])
+        state.advance(start, ids)
+        return logits
 
     def sequence_logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 logits [n, vocab] at every position of ``token_ids``, run in one pass from an empty

@@ -103,6 +103,20 @@ class StateBuffers:
             if written is not None:
                 full[start : start + count] = written[start : start + count]
 
+    def exact(self, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """The past inputs of rows ``rows`` that all hold ``length`` positions, each state at exactly
+        that length (a declared state's graph takes no padding); CPU buffers only."""
+        return {t.past: full[rows, :, :length] if t.kind == "kv" else full[rows] for t, full in zip(self.tensors, self._arrays)}
+
+    def take(self, rows: np.ndarray, length: int, presents: Sequence[np.ndarray]) -> None:
+        """A declared state's step wrote ``presents`` for ``rows`` (of ``length`` positions before it):
+        a kv tensor keeps its new positions, a fixed one's successor waits for ``commit``."""
+        for t, full, written, present in zip(self.tensors, self._arrays, self._next, presents):
+            if t.kind == "kv":
+                full[rows, :, length : present.shape[2]] = present[:, :, length:]
+            else:
+                written[rows] = present
+
     def bind(self, binding, start: int, count: int) -> None:
         """Bind every buffer as the past input of ``binding`` for the rows [start, start + count),
         and as its present output (a kv tensor: the same memory; a fixed one: its second buffer)."""

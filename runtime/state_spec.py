@@ -20,7 +20,10 @@ from .model_dir import ManifestError
 from .typed_json import typed
 
 KINDS = ("kv", "fixed")
-DECODINGS = ("step", "window")  # a graph stepped over its state; a graph re-run over the whole window
+# "step": a graph stepped over its state bound in place (rows padded, an attention mask);
+# "declared": a module's own state, each tensor fed at exactly its rows' length and returned grown
+# (kv) or replaced (fixed), rows of one length run together; "window": re-run over the whole window
+DECODINGS = ("step", "declared", "window")
 DTYPES = ("float32", "float16")
 INITIAL_VALUES = ("zeros",)
 

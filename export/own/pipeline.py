@@ -3,6 +3,8 @@ returns logits) → a validated model directory, in one of two kinds found from 
 
 - recurrent (``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` inside): a step graph whose states are graph
   inputs and outputs (``recurrent.py``), each sequence's state a "fixed" row of the runtime's store;
+- declared state (``forward(ids, state) -> (logits, new_state)``, ``state=`` or inferred): a step
+  graph over the module's own state tensors (``declared.py``), "kv" ones growing by each step;
 - stateless (any other causal module): a whole-window graph re-run over the row's tokens at each
   step (``window.py``), as said once at export and in ``lmrt info``.
 
@@ -23,12 +25,13 @@ from ...runtime.model_dir import DATA_FILE, GRAPH_FILE, TOKENIZER_FILE, remove_l
 from ..errors import ExportError
 from ..graph import OPSET
 from ..stages import Steps, provenance, record_validation, write_model
+from .declared import DeclaredStep, FromNothing, carries_state, declared_specs, traced_state
 from .module import check_causal, evaluated, logits_vocabulary, probe
 from .recurrent import StepModule, recurrent_layers
 from .trace import trace_graph
 from .validate import validate_module
 from .vocabulary import load_tokenizer, special_ids
-from .window import WindowModule, window_length
+from .window import WindowModule, position_table, window_length
 
 RECURRENT_CONTEXT = 4096  # a recurrent state does not grow: the longest sequence, by default
 _NO_CACHE = dict(attention_mask="", position_ids="", past_key="", past_value="", present_key="", present_value="")
@@ -44,14 +47,14 @@ class Kind:
     arch: Architecture
     io: GraphIO
     state: tuple[StateSpec, ...]
-    decoding: str  # "step" or "window" (the manifest's graph.decoding)
+    decoding: str  # "step", "declared" or "window" (the manifest's graph.decoding)
     tracing: str  # the step line of the export
     note: str = ""  # said once, before it: what the kind costs
 
 
 def export_module(
     module, output: str, tokenizer: Any, tolerance: float, progress, scheme=None, force: bool = False,
-    target=None, max_length: int | None = None, **quantize_options: Any,
+    target=None, max_length: int | None = None, state: Any = None, **quantize_options: Any,
 ) -> Manifest:  # fmt: skip
     """Export ``module`` into ``output`` (checked by ``export_model``); see the module docstring."""
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
@@ -60,9 +63,11 @@ def export_module(
     template = getattr(tokenizer, "chat_template", None)
     step = Steps(progress)
     with evaluated(module):
-        vocab = logits_vocabulary(module, tok.get_vocab_size(with_added_tokens=True))
-        kind = module_kind(module, vocab, max_length)
-        check_causal(module, vocab, tolerance)
+        stateful = carries_state(module, state)
+        whole = FromNothing(module) if stateful else module  # forward(ids) -> logits, either way
+        vocab = logits_vocabulary(whole, tok.get_vocab_size(with_added_tokens=True))
+        kind = declared_kind(module, vocab, max_length, state) if stateful else module_kind(module, vocab, max_length)
+        check_causal(whole, vocab, tolerance)
         remove_leftovers(output, progress)
         source = SimpleNamespace(source=f"{type(module).__module__}.{type(module).__qualname__}", kind="pytorch module")
         info = TokenizerInfo(file=TOKENIZER_FILE, chat_template=template if isinstance(template, str) else None, **special_ids(tok))
@@ -71,7 +76,7 @@ def export_module(
             if kind.note:
                 step.report(kind.note)
             step(kind.tracing)
-            graph = trace_graph(kind.wrapper, probe(vocab, 2, 3), list(kind.state), keep=kind.decoding == "step")
+            graph = trace_graph(kind.wrapper, probe(vocab, 2, 3), list(kind.state), keep=kind.decoding != "window")
             graph.producer_name, graph.producer_version = "lmrt", __version__
             step("writing the graph")
             save_graph(graph, out_dir)
@@ -85,7 +90,7 @@ def export_module(
             )
             manifest.write(out_dir)
             step("validating against the module (one pass and step by step)")
-            result = validate_module(out_dir, manifest, module)
+            result = validate_module(out_dir, manifest, whole)
             if not result["greedy_tokens_identical"]:
                 raise ExportError("validation failed: greedy decoding with the graph chose other tokens than the module; nothing was written")
             return record_validation(out_dir, manifest, result, tolerance, "logits")
@@ -115,6 +120,23 @@ def module_kind(module, vocab: int, max_length: int | None) -> Kind:
         "and each step runs the sequence so far again (correct, slower than a cache)"
     )
     return Kind(WindowModule(module), arch, WINDOW_IO, (), "window", f"tracing the whole-window graph ({window} tokens)", note)
+
+
+def declared_kind(module, vocab: int, max_length: int | None, declaration: Any) -> Kind:
+    """A module with its own state: a step graph over its state tensors, the declaration checked
+    against one traced step. A kv state grows with the sequence, so it needs a bound: the module's
+    position table or ``max_length=``."""
+    template, found = traced_state(module, vocab)
+    specs = declared_specs(declaration, found)
+    grows = any(s.kind == "kv" for s in specs)
+    context = window_length(module, max_length)[0] if grows or position_table(module) else max_length or RECURRENT_CONTEXT
+    arch = Architecture(
+        family="declared", model_type=type(module).__name__.lower(), num_layers=0, num_heads=0, num_kv_heads=0,
+        head_size=0, hidden_size=embedding_width(module), vocab_size=vocab, context_length=context,
+    )  # fmt: skip
+    counts = ", ".join(f"{sum(s.kind == k for s in specs)} {k}" for k in ("kv", "fixed") if any(s.kind == k for s in specs))
+    tracing = f"tracing the step graph (the module's own state: {counts} tensors, carried by lmrt)"
+    return Kind(DeclaredStep(module, template), arch, RECURRENT_IO, specs, "declared" if grows else "step", tracing)
 
 
 def embedding_width(module) -> int:

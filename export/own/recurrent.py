@@ -78,9 +78,14 @@ class StepModule(nn.Module):
         finally:
             for r in self.layers:
                 r.layer.__dict__.pop("forward", None)
-        seq = torch.ones_like(input_ids[0]).sum()  # a traced size, not a constant of the example
-        keep = torch.arange(logits_to_keep) + (seq - logits_to_keep)
-        return (logits.index_select(1, keep), *new_states)
+        return (last_positions(logits, input_ids, logits_to_keep), *new_states)
+
+
+def last_positions(logits: torch.Tensor, input_ids: torch.Tensor, logits_to_keep: torch.Tensor) -> torch.Tensor:
+    """The logits [batch, keep, vocab] of the last ``logits_to_keep`` positions."""
+    seq = torch.ones_like(input_ids[0]).sum()  # a traced size, not a constant of the example
+    keep = torch.arange(logits_to_keep) + (seq - logits_to_keep)
+    return logits.index_select(1, keep)
 
 
 def _carrying(layer: nn.RNNBase, carried: list[torch.Tensor], new_states: list[torch.Tensor]):
@@ -104,6 +109,12 @@ def model_logits(module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     out = module(input_ids)
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         out = out[0]
+    return as_logits(out, input_ids)
+
+
+def as_logits(out, input_ids: torch.Tensor) -> torch.Tensor:
+    """A forward's logits ``out`` as [batch, seq, vocab] for ``input_ids`` [batch, seq]
+    ([batch * seq, vocab] reshaped), or ExportError in one line."""
     if not isinstance(out, torch.Tensor):
         raise ExportError(f"the module's forward returned {type(out).__name__}; lmrt needs forward(ids [batch, seq]) -> logits [batch, seq, vocab]")
     batch, seq = input_ids.shape

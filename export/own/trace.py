@@ -15,6 +15,7 @@ from ...runtime.state_spec import StateSpec
 from ..errors import ExportError
 from ..graph import OPSET
 
+EXAMPLE_PAST = 2  # positions a kv state holds in the traced example (not 0: a size the tracer could fold)
 _OPERATOR = re.compile(r"(?:operator|op)\s*'?((?:aten|prim|onnx)::\w+|\w+)'?", re.IGNORECASE)
 
 
@@ -25,12 +26,13 @@ def trace_graph(step: torch.nn.Module, example_ids: torch.Tensor, specs: list[St
     import onnx
 
     batch, seq = example_ids.shape
-    states = [torch.zeros((batch, *s.shape)) for s in specs]
+    states = [torch.zeros(example_shape(s, batch)) for s in specs]
     args = (example_ids, torch.tensor(seq), *states) if keep else (example_ids,)
     inputs = ["input_ids"] + (["logits_to_keep"] if keep else []) + [s.past for s in specs]
     outputs = ["logits"] + [s.present for s in specs]
     axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "keep" if keep else "seq"}}
-    axes.update({name: {0: "batch"} for s in specs for name in (s.past, s.present)})
+    for s in specs:  # a kv state's positions: those held before the step, and after it
+        axes[s.past], axes[s.present] = ({0: "batch", 2: "past"}, {0: "batch", 2: "total"}) if s.kind == "kv" else ({0: "batch"}, {0: "batch"})
     buffer = io.BytesIO()
     try:
         # quiet: TorchScript's tracer warnings, its deprecation notice, the IR it prints on a failure
@@ -45,6 +47,13 @@ def trace_graph(step: torch.nn.Module, example_ids: torch.Tensor, specs: list[St
     except Exception as e:  # the tracer and the exporter raise many kinds
         raise ExportError(f"the module cannot be traced into ONNX: {untraceable(e)}") from None
     return onnx.load_from_string(buffer.getvalue())
+
+
+def example_shape(spec: StateSpec, batch: int) -> tuple[int, ...]:
+    """A state tensor's shape in the traced example: a kv one holds EXAMPLE_PAST positions already."""
+    if spec.kind == "kv":
+        return (batch, spec.shape[0], EXAMPLE_PAST, *spec.shape[1:])
+    return (batch, *spec.shape)
 
 
 def untraceable(e: Exception) -> str:

@@ -35,8 +35,8 @@ def window_length(module: nn.Module, max_length: int | None) -> tuple[int, str]:
         return max_length, "max_length"
     if table is None:
         raise ExportError(
-            "the module has no recurrent layer and no position table (an nn.Embedding named like pos, position "
-            "or wpe) to take its window from; pass max_length="
+            "the module has no recurrent layer and no position table (an nn.Embedding named like pos, position or wpe) "
+            "to take its longest sequence from; pass max_length="
         )
     return table[1], f"its position table {table[0]}"
 

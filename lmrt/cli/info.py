@@ -84,6 +84,8 @@ def state_row(m) -> tuple[str, str]:
         return ("attention", f"{a.num_heads} heads, {a.num_kv_heads} KV heads, head size {a.head_size}")
     tensors = ", ".join(f"{s.past.removeprefix('past_state.')} {s.kind} {list(s.shape)}" for s in m.graph.state)
     note = "; carried step by step (no speculation; a prefix is reused only as a whole row)" if any(s.kind == "fixed" for s in m.graph.state) else ""
+    if m.graph.decoding == "declared":
+        note += "; the module's own state, rows of one length run together"
     return ("state", f"{tensors} per sequence{note}")
 
 
