@@ -189,9 +189,11 @@ class RequestBuilder:
         """Whether a request with ``config`` uses prompt-lookup speculation. "auto" means for greedy
         decoding with a graph that computes in float: there a pass that checks several positions gives
         the logits that steps of one position give, to float rounding. A graph that rounds its
-        activations to int8 (--compute int8) turns that rounding into visible differences, so a
-        near-tied greedy choice could go either way depending on how positions are grouped: there it
-        runs only when asked for ("on")."""
+        activations to int8 (--compute int8) turns that rounding into visible differences (it starts
+        in onnxruntime's attention, which rounds a pass of one position differently from a pass of
+        several), so a near-tied greedy choice could go either way depending on how
+        positions are grouped: there it runs only when asked for ("on"); docs/benchmarks.md records
+        how often the tokens change."""
         if not self.model.rolls_back:  # a recurrent state keeps no snapshots to go back to
             if config.speculation == "on":
                 raise ConfigError("speculation", "is on, but this model's recurrent state cannot go back to drop rejected tokens; use auto or off")
