@@ -15,20 +15,12 @@ import torch
 openai = pytest.importorskip("openai")
 
 from serving import Server  # noqa: E402
-from test_own_models import WORDS, LstmLM, TinyGPT, train  # noqa: E402
+from test_own_models import WORDS, LstmLM, TinyGPT, one_torch_thread, train  # noqa: E402,F401 (one_torch_thread: autouse)
 from lmrt.export import export_model  # noqa: E402
 from lmrt.runtime import Generator  # noqa: E402
 
 PROMPTS = ["the cat", "a bird saw the dog on the", "the dog ran after the cat . the bird"]
 CTX = 32  # the GPT's window: every prompt and its answer fit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=["lstm", "gpt"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_own_models import WORDS, torch_beam_search, torch_perplexity, train
+from test_own_models import WORDS, one_torch_thread, torch_beam_search, torch_perplexity, train  # noqa: F401 (one_torch_thread: autouse)
 from lmrt.export import ExportError, export_model
 from lmrt.runtime import Engine, Generator
 from lmrt.runtime.manifest import load_manifest
@@ -20,14 +20,6 @@ VOCAB = sorted(set(WORDS.split()))
 DATA = [VOCAB.index(w) for w in WORDS.split()]
 PROMPTS = ["the cat", "a bird saw the dog on", "the dog ran to the park . the"]
 HEADS, HEAD_SIZE, MEMORY = 4, 16, 48
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class KvAttention(nn.Module):
@@ -121,11 +113,13 @@ def exported(tmp_path_factory, module, name: str, steps: int, **options):
 
 @pytest.fixture(scope="module")
 def kv_gpt(tmp_path_factory):
+    torch.manual_seed(0)  # the initial weights too: the answers the tests check are the same each run
     return exported(tmp_path_factory, KvGPT(len(VOCAB)), "kv", 60)  # state inferred: forward(ids, state)
 
 
 @pytest.fixture(scope="module")
 def fading(tmp_path_factory):
+    torch.manual_seed(0)
     return exported(tmp_path_factory, FadingMemory(len(VOCAB)), "fading", 80, state={"memory": ("fixed", (MEMORY,))})
 
 
