@@ -3,7 +3,8 @@ server should read, fields that contradict themselves, more work than it can hol
 stall, lie or leave, oversized embeddings, and flags out of range. Each case gets the right 4xx with
 OpenAI's JSON error body (never a 500, a hang or a traceback in the server's log).
 
-One server (the tiny Llama with a chat template, 2 slots, a queue of 2) takes the whole suite: the
+One server (the tiny Llama with a chat template, 2 slots, a queue of 2) takes the suite, but for the
+full queue, which needs streams long enough to hold the slots (SmolLM2, 2 slots, a queue of 2): the
 first test records its /health and a greedy answer, the last finds them the same and its busy gauges
 back at 0. Raw sockets and http.client send what the openai client will not.
 """
@@ -238,27 +239,40 @@ def test_more_prompts_than_the_server_holds_is_a_400_naming_the_limit(server, mo
     assert len(ok.choices) == most
 
 
-def test_a_refused_request_leaves_the_queue_at_once_and_503s_carry_retry_after(server, model, chat_model):
+@pytest.mark.real_model
+def test_a_refused_request_leaves_the_queue_at_once_and_503s_carry_retry_after(smollm2):
     """Two long streams hold both slots; a request of three prompts then finds room for two in the
     queue and none for the third: 503 with Retry-After, and its two queued prompts leave at once,
-    so the next request of two prompts is queued and answered."""
-    conn = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
-    hold = {"model": model, "prompt": ["Once upon", "A long"], "max_tokens": 110, "ignore_eos": True, "stream": True}
-    conn.request("POST", "/v1/completions", body=json.dumps(hold), headers={"Content-Type": "application/json"})
-    streaming = conn.getresponse()
-    assert streaming.status == 200 and streaming.readline().startswith(b"data: ")
-    wait_for(lambda: server.metric("llamacpp:requests_processing") == 2 and server.metric("llamacpp:requests_deferred") == 0,
-             "both held prompts to run")  # fmt: skip
-    status, headers, answer = post(server, "/v1/completions", {"model": model, "prompt": ["a", "b", "c"], "max_tokens": 2})
-    assert_error(status, answer, 503, "server_busy", "busy")
-    assert headers["retry-after"] == "1"
-    assert server.metric("llamacpp:requests_deferred") == 0
-    assert server.metric("llamacpp:requests_processing") == 2  # the streams still hold the slots
-    queued = server.client().completions.create(model=model, prompt=["Small", "Big"], max_tokens=3)
-    gen = runtime.Generator(chat_model)
-    assert [c.text for c in queued.choices] == [gen.generate(p, max_new_tokens=3) for p in ("Small", "Big")]
-    streaming.read()
-    conn.close()
+    so the next request of two prompts is queued, and answered once the streams' client leaves.
+    (SmolLM2, not the tiny model: its streams of 400 tokens hold the slots for seconds, where the tiny
+    model's end within a tenth of one.)"""
+    path, model = smollm2[0], "model"
+    server = Server(path, "--slots", str(SLOTS), "--max-queue", str(QUEUE), "--ctx-size", "512")
+    try:
+        conn = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
+        hold = {"model": model, "prompt": ["Once upon", "A long"], "max_tokens": 400, "ignore_eos": True, "stream": True}
+        conn.request("POST", "/v1/completions", body=json.dumps(hold), headers={"Content-Type": "application/json"})
+        streaming = conn.getresponse()
+        assert streaming.status == 200 and streaming.readline().startswith(b"data: ")
+        wait_for(lambda: server.metric("llamacpp:requests_processing") == 2 and server.metric("llamacpp:requests_deferred") == 0,
+                 "both held prompts to run")  # fmt: skip
+        status, headers, answer = post(server, "/v1/completions", {"model": model, "prompt": ["a", "b", "c"], "max_tokens": 2})
+        assert_error(status, answer, 503, "server_busy", "busy")
+        assert headers["retry-after"] == "1"
+        assert server.metric("llamacpp:requests_deferred") == 0
+        assert server.metric("llamacpp:requests_processing") == 2  # the streams still hold the slots
+        queued: list = []
+        asking = threading.Thread(target=lambda: queued.append(server.client().completions.create(model=model, prompt=["Small", "Big"], max_tokens=3)))
+        asking.start()
+        wait_for(lambda: server.metric("llamacpp:requests_deferred") == 2, "the next request's prompts to be queued")
+        conn.sock.shutdown(socket.SHUT_RDWR)  # the streams' client leaves: their slots go to the queue
+        conn.close()
+        asking.join(60)
+        gen = runtime.Generator(path)
+        assert [c.text for c in queued[0].choices] == [gen.generate(p, max_new_tokens=3) for p in ("Small", "Big")]
+        no_tracebacks(server)
+    finally:
+        server.stop()
 
 
 @pytest.mark.real_model
