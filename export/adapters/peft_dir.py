@@ -54,7 +54,7 @@ def read_peft(peft_dir: str) -> PeftLora:
     config = _config(peft_dir)
     kind = config.get("peft_type")
     if kind != "LORA":
-        raise AdapterError(f"{peft_dir} holds a {kind or 'non-LoRA'} adapter; lmrt adds LoRA adapters only")
+        raise AdapterError(f"{peft_dir} holds an adapter of PEFT type {kind}; lmrt adds LoRA adapters only")
     for key, default, what in REFUSED:
         if config.get(key, default) not in (default, None, {}, [], False):
             raise AdapterError(f"{peft_dir} uses {what}, which lmrt does not support; train a plain LoRA adapter")
