@@ -128,6 +128,11 @@ class LoadedModel:
             raise ConfigError("stop_token_ids", f"must be token ids below the vocabulary size ({self.vocab_size}), got {beyond[0]}")
         return frozenset(ids)
 
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters of the model directory, in slot order (slot 0 is the base model)."""
+        return () if self.adapters is None else self.adapters.names
+
     def adapter_slot(self, name: str | None) -> int:
         """The slot a row using adapter ``name`` runs with (None: 0, the base model); ConfigError
         naming the adapters there are for a name this directory does not hold."""

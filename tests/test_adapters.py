@@ -296,3 +296,34 @@ def test_other_families_match_peft(tmp_path, family, targets):
     assert relative_difference(ref, torch_logits(model, ids)) > 100 * DEFAULT_TOLERANCE
     prompt = ids[:6]
     assert greedy(runtime.Generator(exported), prompt, "a") == torch_greedy(adapted, prompt, 12)
+
+
+def test_the_server_serves_each_adapter_as_a_model_of_its_own(llama):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import Server
+
+    gen = runtime.Generator(llama["adapted"])
+    base = os.path.basename(llama["adapted"])
+    server = Server(llama["adapted"], "--slots", "3", "--ctx-size", "96")
+    try:
+        client = server.client()
+        cards = {m.id: m for m in client.models.list().data}
+        assert set(cards) == {base, "a", "b"}
+        assert cards["a"].parent == cards["b"].parent == base and getattr(cards[base], "parent", None) is None
+        asks = [("a", TEXT_A[:22]), ("b", TEXT_B[:16]), (base, TEXT_A[:22])] * 2
+
+        def complete(ask):
+            model, prompt = ask
+            out = client.completions.create(model=model, prompt=prompt, max_tokens=12)
+            return out.model, out.choices[0].text
+
+        with ThreadPoolExecutor(len(asks)) as pool:
+            answers = list(pool.map(complete, asks))
+        for (model, prompt), (named, text) in zip(asks, answers):
+            assert named == model
+            assert text == gen.generate(prompt, adapter=None if model == base else model, max_new_tokens=12)
+        status, body = server.raw("POST", "/v1/completions", json.dumps({"model": "c", "prompt": "x"}).encode())
+        assert status == 404 and body["error"]["message"] == f"the model 'c' does not exist; this server serves '{base}', 'a', 'b'"
+    finally:
+        server.stop()

@@ -82,7 +82,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [_card(state, request)]})
+        card = _card(state, request)
+        adapters = state.model.adapter_names if state.engine is not None else ()  # LoRA adapters: models of their own
+        return JSONResponse({"object": "list", "data": [card, *({**card, "id": n, "parent": card["id"]} for n in adapters)]})
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> PlainTextResponse:
@@ -172,7 +174,8 @@ async def _complete(state: ServerState, request: Request, parse, answer) -> Resp
     model = state.model
     parsed = parse(body, model, state.model_name, engine.ctx_size)
     run = submit(engine, parsed, parsed.to_config(model))
+    name = parsed.adapter or state.model_name  # the model id the request named
     if parsed.stream:
-        return EventStream(sse(answer.stream(run, model, state.model_name)), on_disconnect=run.cancel)
-    result = await unless_disconnected(request.receive, answer.whole(run, model, state.model_name), run.cancel)
+        return EventStream(sse(answer.stream(run, model, name)), on_disconnect=run.cancel)
+    result = await unless_disconnected(request.receive, answer.whole(run, model, name), run.cancel)
     return Response(status_code=499) if result is None else JSONResponse(result)
