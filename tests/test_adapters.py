@@ -190,12 +190,23 @@ def test_an_int8_base_keeps_the_adapters_effect(llama, tmp_path):
     quantize_directory(llama["base"], int8, scheme_for("int8"), gguf=None, max_increase=1.0, **quiet)
     add_adapter(int8, llama["peft"]["a"], "a", **quiet)
     fp32, q = runtime.Generator(llama["adapted"]), runtime.Generator(int8)
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(os.path.join(int8, q.manifest.graph.file), load_external_data=False).graph.node}
     prompt = llama["encode"](TEXT_A)[:6]
     assert greedy(q, prompt, "a", 8) == greedy(fp32, prompt, "a", 8)
     ids = llama["encode"](TEXT_A)
     adapted, reference, plain = q.score(ids, adapter="a").perplexity, fp32.score(ids, adapter="a").perplexity, q.score(ids).perplexity
     assert adapted < plain / 4  # the adapter's text is far likelier with it than without it
     assert adapted == pytest.approx(reference, rel=0.1)
+
+
+def test_an_int4_base_keeps_the_adapters_effect(llama, tmp_path):
+    int4 = str(tmp_path / "int4")
+    quantize_directory(llama["base"], int4, scheme_for("int4"), gguf=None, max_increase=1.0, allow_degraded=True, **quiet)
+    add_adapter(int4, llama["peft"]["b"], "b", **quiet)
+    q, fp32 = runtime.Generator(int4), runtime.Generator(llama["adapted"])
+    ids = llama["encode"](TEXT_B)
+    adapted, plain = q.score(ids, adapter="b").perplexity, q.score(ids).perplexity
+    assert adapted < plain / 4 and adapted < 2 * fp32.score(ids, adapter="b").perplexity
     with pytest.raises(QuantizeError, match="has LoRA adapters"):
         quantize_directory(llama["adapted"], str(tmp_path / "again"), scheme_for("int8"), gguf=None, **quiet)
 
@@ -215,6 +226,8 @@ def test_the_command_line_adds_an_adapter_and_generates_with_it(llama, tmp_path)
     result = runner.invoke(main, ["generate", target, prompt, "--adapter", "nope"])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "--adapter 'nope' is not an adapter of this model; it has support" in result.stderr
+    result = runner.invoke(main, ["info", target])
+    assert result.exit_code == 0 and "support (rank 4, 7 modules)" in result.stdout
     result = runner.invoke(main, ["adapter", target, llama["peft"]["a"], "--name", "support"])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "already has an adapter named 'support'" in result.stderr
 
