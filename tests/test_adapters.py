@@ -202,11 +202,11 @@ def test_an_int8_base_keeps_the_adapters_effect(llama, tmp_path):
 def test_an_int4_base_keeps_the_adapters_effect(llama, tmp_path):
     int4 = str(tmp_path / "int4")
     quantize_directory(llama["base"], int4, scheme_for("int4"), gguf=None, max_increase=1.0, allow_degraded=True, **quiet)
-    add_adapter(int4, llama["peft"]["b"], "b", **quiet)
+    add_adapter(int4, llama["peft"]["a"], "a", **quiet)
     q, fp32 = runtime.Generator(int4), runtime.Generator(llama["adapted"])
-    ids = llama["encode"](TEXT_B)
-    adapted, plain = q.score(ids, adapter="b").perplexity, q.score(ids).perplexity
-    assert adapted < plain / 4 and adapted < 2 * fp32.score(ids, adapter="b").perplexity
+    ids = llama["encode"](TEXT_A)
+    adapted, plain = q.score(ids, adapter="a").perplexity, q.score(ids).perplexity
+    assert adapted < plain / 4 and adapted < 2 * fp32.score(ids, adapter="a").perplexity
     with pytest.raises(QuantizeError, match="has LoRA adapters"):
         quantize_directory(llama["adapted"], str(tmp_path / "again"), scheme_for("int8"), gguf=None, **quiet)
 
