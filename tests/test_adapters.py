@@ -324,6 +324,7 @@ def test_the_server_serves_each_adapter_as_a_model_of_its_own(llama):
         cards = {m.id: m for m in client.models.list().data}
         assert set(cards) == {base, "a", "b"}
         assert cards["a"].parent == cards["b"].parent == base and getattr(cards[base], "parent", None) is None
+        assert client.models.retrieve("b").parent == base
         asks = [("a", TEXT_A[:22]), ("b", TEXT_B[:16]), (base, TEXT_A[:22])] * 2
 
         def complete(ask):

@@ -82,9 +82,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        card = _card(state, request)
-        adapters = state.model.adapter_names if state.engine is not None else ()  # LoRA adapters: models of their own
-        return JSONResponse({"object": "list", "data": [card, *({**card, "id": n, "parent": card["id"]} for n in adapters)]})
+        return JSONResponse({"object": "list", "data": _cards(state, request)})
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> PlainTextResponse:
@@ -122,16 +120,19 @@ def create_app(state: ServerState) -> FastAPI:
 
     responses_api.register(app, state)
     rerank.register(app, state)
-    tokenize.register(app, state.model_name, partial(_authorized_engine, state), partial(_json_body, state), partial(_card, state))
+    tokenize.register(app, state.model_name, partial(_authorized_engine, state), partial(_json_body, state), partial(_cards, state))
     return app
 
 
-def _card(state: ServerState, request: Request) -> dict:
-    """The served model's card, for an authorized request."""
+def _cards(state: ServerState, request: Request) -> list[dict]:
+    """The served model's card, then one per LoRA adapter (a model of its own, the base its
+    ``parent``), for an authorized request."""
     _authorize(state, request)
     _ready(state)
     length = state.engine.ctx_size if state.engine else state.encoder.max_length
-    return {"id": state.model_name, "object": "model", "created": now(), "owned_by": "lmrt", "max_model_len": length}
+    card = {"id": state.model_name, "object": "model", "created": now(), "owned_by": "lmrt", "max_model_len": length}
+    adapters = state.model.adapter_names if state.engine is not None else ()
+    return [card, *({**card, "id": name, "parent": state.model_name} for name in adapters)]
 
 
 def _authorized_engine(state: ServerState, request: Request) -> Engine:
