@@ -33,6 +33,8 @@ REFUSED = (
     ("layer_replication", None, "replicated layers (layer_replication)"),
     ("trainable_token_indices", None, "trained token embeddings (trainable_token_indices)"),
     ("target_parameters", None, "parameters as targets (target_parameters)"),
+    ("use_qalora", False, "QALoRA (use_qalora)"),
+    ("alora_invocation_tokens", None, "activated LoRA (alora_invocation_tokens)"),
 )
 
 
