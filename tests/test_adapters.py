@@ -226,6 +226,12 @@ def test_the_command_line_adds_an_adapter_and_generates_with_it(llama, tmp_path)
     result = runner.invoke(main, ["generate", target, prompt, "--adapter", "nope"])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "--adapter 'nope' is not an adapter of this model; it has support" in result.stderr
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT_A, encoding="utf-8")
+    expected_ppl = runtime.Generator(llama["adapted"]).score(TEXT_A, adapter="a").perplexity
+    result = runner.invoke(main, ["eval", target, "--text", str(text), "--adapter", "support"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"perplexity {expected_ppl:.4f}"
     result = runner.invoke(main, ["info", target])
     assert result.exit_code == 0 and "support (rank 4, 7 modules)" in result.stdout
     result = runner.invoke(main, ["adapter", target, llama["peft"]["a"], "--name", "support"])
