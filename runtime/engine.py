@@ -128,7 +128,7 @@ class Engine:
             requests_processing=len(loop.running),
             requests_waiting=self.waiting(),
             kv_bytes=self.kv_bytes,
-            stats=dataclasses.replace(loop.stats),
+            stats=dataclasses.replace(loop.stats, adapter_requests=dict(loop.stats.adapter_requests)),
         )
 
     def close(self, timeout: float = 10.0) -> None:

@@ -343,6 +343,7 @@ def test_the_server_serves_each_adapter_as_a_model_of_its_own(llama):
         for (model, prompt), (named, text) in zip(asks, answers):
             assert named == model
             assert text == gen.generate(prompt, adapter=None if model == base else model, max_new_tokens=12)
+        assert [server.metric(f'lmrt:adapter_requests_total{{adapter="{n}"}}') for n in ("a", "b")] == [2, 2]
         status, body = server.raw("POST", "/v1/completions", json.dumps({"model": "c", "prompt": "x"}).encode())
         assert status == 404 and body["error"]["message"] == f"the model 'c' does not exist; this server serves '{base}', 'a', 'b'"
     finally:
