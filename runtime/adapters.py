@@ -10,6 +10,7 @@ are bound to each IO binding of the model; a row picks its adapter through its s
 from __future__ import annotations
 
 import hashlib
+import zipfile
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def _read(model_dir: str, entry: AdapterEntry, lora: Lora) -> dict[str, np.ndarr
     try:
         with np.load(path, allow_pickle=False) as npz:
             matrices = {key: np.asarray(npz[key], np.float32) for key in npz.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ManifestError(f"cannot read adapter {entry.name!r} from {path} ({e})") from None
     sizes = {p.projection: (p.in_features, p.out_features) for p in lora.inputs}
     projections = {key.rpartition(".")[0] for key in matrices}
