@@ -284,7 +284,7 @@ def test_adapters_lmrt_cannot_compute_or_that_belong_elsewhere_are_refused(llama
     refused(lora("pattern", target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}), "rank per module")
     refused(lora("bias", target_modules=["q_proj"], bias="lora_only"), "trained biases")
     refused(lora("embed", target_modules=["embed_tokens"]), "embedding")
-    refused(lora("head", target_modules=["lm_head"]), "lm_head, which this llama model's graph does not have")
+    refused(lora("head", target_modules=["lm_head"]), "adapts lm_head and holds its weights whole")
     ia3 = save_untrained(model, str(tmp_path / "ia3"), peft.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
     refused(ia3, "holds an adapter of PEFT type IA3; lmrt adds LoRA adapters only")
     gpt2 = make_tiny_model("gpt2", str(tmp_path))[1]

@@ -96,11 +96,18 @@ def _matrices(peft_dir: str, rank: int) -> dict[str, tuple[np.ndarray, np.ndarra
     found: dict[str, dict[str, np.ndarray]] = {}
     try:
         with safe_open(path, framework="pt") as f:
-            for key in f.keys():
+            keys = list(f.keys())
+            others = [k for k in keys if LORA_KEY.fullmatch(k) is None]
+            if others:  # the most telling one named: an embedding's LoRA, DoRA, or the first other tensor
+                key = next((k for k in others if "lora_embedding" in k), next((k for k in others if "lora_magnitude" in k), others[0]))
+                whole = re.fullmatch(r"base_model\.model\.(.+)\.base_layer\.weight", key)
+                if whole:  # PEFT saves an embedding or lm_head target's own weights beside its LoRA
+                    raise AdapterError(f"{path} adapts {whole[1]} and holds its weights whole (an embedding or lm_head "
+                                       "target); lmrt adapts each layer's attention and MLP projections only")  # fmt: skip
+                what = "an embedding's LoRA" if "lora_embedding" in key else "DoRA's magnitude vector" if "lora_magnitude" in key else "not a LoRA matrix"
+                raise AdapterError(f"{path} holds {key} ({what}); lmrt adds LoRA adapters of linear projections only")
+            for key in keys:
                 match = LORA_KEY.fullmatch(key)
-                if match is None:
-                    what = "DoRA's magnitude vector" if "lora_magnitude" in key else "an embedding's LoRA" if "lora_embedding" in key else "not a LoRA matrix"
-                    raise AdapterError(f"{path} holds {key} ({what}); lmrt adds LoRA adapters of linear projections only")
                 found.setdefault(match["module"], {})[match["kind"]] = f.get_tensor(key).float().numpy()
     except AdapterError:
         raise
