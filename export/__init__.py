@@ -7,9 +7,9 @@ Needs the ``export`` extra (torch, transformers, onnx, gguf, accelerate); they a
 ``export_model`` is first used, so ``ExportError`` is cheap to import.
 """
 
-from .errors import ExportError
+from .errors import AdapterError, ExportError
 
-__all__ = ["ExportError", "export_model"]
+__all__ = ["AdapterError", "ExportError", "add_adapter", "export_model"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from .pipeline import export_model
 
         return export_model
+    if name == "add_adapter":
+        from .adapters import add_adapter
+
+        return add_adapter
     raise AttributeError(name)

@@ -57,6 +57,8 @@ def quantize_directory(
     manifest = load_manifest(source_dir)
     if manifest.quantization:
         raise QuantizeError(f"{source_dir} is already quantized ({manifest.quantization.get('name')}); start from an fp32 export")
+    if manifest.lora is not None:
+        raise QuantizeError(f"{source_dir} has LoRA adapters; quantize the model without them, then add them to the result")
     if manifest.graph.dtype != "float32":
         raise QuantizeError(f"{source_dir} holds a {manifest.graph.dtype} graph; quantization starts from float32")
     if os.path.realpath(source_dir) == os.path.realpath(output):

@@ -65,7 +65,7 @@ def beam_search(
     states = [_Prompt(p, b, make_processors(config, len(p), stop_ids)) for p, b in zip(prompts, budgets)]
     capacity = max(len(p) + b for p, b in zip(prompts, budgets))
     owner, rows, room = object(), store.rows, store.capacity
-    start = store.borrow(owner, len(prompts) * k, capacity)
+    start = store.borrow(owner, len(prompts) * k, capacity, model.adapter_slot(config.adapter))
     try:
         # The first step runs one row per prompt: transformers starts every beam but the first at -1e9,
         # so only the first beam's continuations can be chosen.

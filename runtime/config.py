@@ -116,6 +116,10 @@ class GenerationConfig:
         (), "The output is exactly one of these strings (repeatable; needs lmrt[structured]).", flag="--choice", multiple=True,
         aliases=("guided_choice",),
     )
+    adapter: str | None = option(
+        None, "Generate with this LoRA adapter of the model directory (`lmrt adapter` adds them; none: the base model).",
+        server=False,
+    )
     logits_processors: tuple[LogitsProcessor, ...] = option(
         (), "Callables (token_ids, logits) -> logits, run after the built-in penalties and before sampling.", cli=False,
         aliases=("logit_bias",),
@@ -189,6 +193,8 @@ class GenerationConfig:
                 raise bad("stop_token_ids", "must be a list of non-negative integers or None")
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
         self._check_constraint(bad)
+        if self.adapter is not None and not (isinstance(self.adapter, str) and self.adapter):
+            raise bad("adapter", "must be the name of one of the model's adapters, or None")
         for name in ("max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size", "num_beams", "num_return_sequences"):
             object.__setattr__(self, name, int(getattr(self, name)))
         if self.seed is not None:

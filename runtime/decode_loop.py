@@ -24,7 +24,7 @@ budget is spent. Everything a request produces goes to its ``on_event`` callback
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,6 +51,7 @@ class LoopStats:
     proposed_tokens: int = 0  # speculation: tokens proposed for checking
     accepted_tokens: int = 0  # of those, accepted
     requests_finished: int = 0
+    adapter_requests: dict[str, int] = field(default_factory=dict)  # of those, per LoRA adapter
 
 
 class DecodeLoop:
@@ -248,6 +249,9 @@ class DecodeLoop:
             if request in self.running:
                 self.running.remove(request)
             self.stats.requests_finished += 1
+            if request.adapter:
+                name = self.model.adapter_names[request.adapter - 1]
+                self.stats.adapter_requests[name] = self.stats.adapter_requests.get(name, 0) + 1
 
     def fail(self, request: Request, error: Exception) -> None:
         """End ``request`` because of ``error`` (its consumer finds it in ``request.error``)."""

@@ -95,12 +95,13 @@ class Engine:
         self._loop.cancel(request)
         self._wake.set()
 
-    def score(self, token_ids: Sequence[int], top: int = 0) -> "Future[Score]":
-        """A future of ``token_ids``' Score (``top``: with the likeliest tokens at each position),
+    def score(self, token_ids: Sequence[int], top: int = 0, adapter: str | None = None) -> "Future[Score]":
+        """A future of ``token_ids``' Score (``top``: with the likeliest tokens at each position;
+        ``adapter``: the model's LoRA adapter to score with, None for the base model),
         computed on the engine's thread between two steps, in one window as long as the ids (at
         most a slot's context). A single token has nothing to score: its Score is empty at once.
         Cancelling the future before it starts skips it."""
-        ids = list(token_ids)
+        ids, slot = list(token_ids), self.model.adapter_slot(adapter)
         if len(ids) > self.ctx_size:
             raise ValueError(f"scoring {len(ids)} tokens needs more positions than a slot holds ({self.ctx_size})")
         if self._closing:
@@ -109,7 +110,7 @@ class Engine:
         if len(ids) == 1:
             future.set_result(Score((int(ids[0]),), np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)))
             return future
-        self._jobs.put((lambda: score_ids(self.model, ids, window=len(ids), top=top), future))
+        self._jobs.put((lambda: score_ids(self.model, ids, window=len(ids), top=top, adapter=slot), future))
         self._wake.set()
         return future
 
@@ -127,7 +128,7 @@ class Engine:
             requests_processing=len(loop.running),
             requests_waiting=self.waiting(),
             kv_bytes=self.kv_bytes,
-            stats=dataclasses.replace(loop.stats),
+            stats=dataclasses.replace(loop.stats, adapter_requests=dict(loop.stats.adapter_requests)),
         )
 
     def close(self, timeout: float = 10.0) -> None:

@@ -9,6 +9,10 @@ each getting exactly the output it would get alone. A lock makes the steps one a
   stream(prompt, **options)           a TextStream: text pieces as they become final
   generate(prompt, **options)         the stream joined into one string
   generate_batch(prompts, **options)  several prompts (and several sequences each) at once
+
+Every entry point takes ``adapter="NAME"``, one of the model directory's LoRA adapters (None: the
+base model); generate_batch also a list of them, one per prompt, and rows with different adapters
+share each step.
   iter_tokens(prompt_ids, config)     token ids; returns the finish reason
 """
 
@@ -184,19 +188,23 @@ class Generator:
         also report each token's log-probability and this many alternatives (not with beams).
 
         Each prompt's result is what ``generate`` would give for it alone; with a seed, copy j of
-        every prompt draws from the same random stream whatever else is in the batch."""
-        config = self.config(**options)
+        every prompt draws from the same random stream whatever else is in the batch. ``adapter``: one
+        adapter's name for every prompt, or a list of names (None for the base model), one per prompt."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise ValueError("generate_batch takes a non-empty list of prompts")
+        configs = self._configs(len(prompts), options)
+        config = configs[0]
         if logprobs is not None and (not is_int(logprobs) or not 0 <= logprobs <= 20):
             raise ValueError(f"logprobs must be an integer from 0 to 20, got {logprobs!r}")
         ids = [self.model.prompt_ids(p) for p in prompts]
         if config.num_beams > 1:
             if logprobs is not None:
                 raise ValueError("logprobs are not reported with beam search")
-            found = self._beam_search(ids, config)
+            found = self._beam_search(ids, config) if len({c.adapter for c in configs}) == 1 else [
+                self._beam_search([p], c)[0] for p, c in zip(ids, configs)
+            ]  # fmt: skip
             return [[self._completion(h.tokens, h.finish_reason, config, h.score) for h in hyps] for hyps in found]
-        requests = [self.request(p, config, logprobs=logprobs) for p in ids]
+        requests = [self.request(p, c, logprobs=logprobs) for p, c in zip(ids, configs)]
         texts = [[[] for _ in r.choices] for r in requests]
         lps = [[[] for _ in r.choices] for r in requests]
         self._start(requests)
@@ -213,6 +221,15 @@ class Generator:
             for r, text, lp in zip(requests, texts, lps)
         ]
 
+    def _configs(self, count: int, options: dict[str, Any]) -> list[GenerationConfig]:
+        """One config per prompt of a batch: ``adapter`` may be a list with one entry per prompt."""
+        adapter = options.pop("adapter", None)
+        if adapter is None or isinstance(adapter, str):
+            return [self.config(adapter=adapter, **options)] * count
+        if not isinstance(adapter, Sequence) or len(adapter) != count:
+            raise ValueError(f"adapter must be one adapter's name or a list of {count}, one per prompt (None: no adapter)")
+        return [self.config(adapter=a, **options) for a in adapter]
+
     def _completion(self, tokens: list[int], reason: str, config: GenerationConfig, score: float | None) -> Completion:
         """A finished beam, its text cut at a stop string exactly as a stream would."""
         events = list(replay_events(tokens, reason, StopCriteria(self.decode, (), config.stop)))
@@ -221,14 +238,17 @@ class Generator:
         return Completion(text, kept, events[-1].finish_reason if events else reason, score)
 
     def score(
-        self, text: str | Sequence[int], window: int | None = None, stride: int | None = None, add_special_tokens: bool = True
-    ) -> Score:
+        self, text: str | Sequence[int], window: int | None = None, stride: int | None = None, add_special_tokens: bool = True,
+        adapter: str | None = None,
+    ) -> Score:  # fmt: skip
         """Log-probability of each token of ``text`` (or token ids) given the ones before it, and the
         text's perplexity; texts longer than ``window`` (default: the context) go in overlapping
-        windows ``stride`` tokens apart (default: half a window)."""
+        windows ``stride`` tokens apart (default: half a window); with ``adapter``, the model with
+        that LoRA adapter."""
         ids = self.encode(text, add_special_tokens) if isinstance(text, str) else self.model.prompt_ids(text)
+        slot = self.model.adapter_slot(adapter)
         with self._lock:
-            return score_ids(self.model, ids, window=window, stride=stride, store=self._loop.store)
+            return score_ids(self.model, ids, window=window, stride=stride, store=self._loop.store, adapter=slot)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> str:
         """The assistant's reply to ``messages`` (dicts with "role" and "content"), rendered with the

@@ -16,6 +16,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .adapter_manifest import Lora, read_lora
 from .model_dir import MANIFEST_FILE, ManifestError
 from .paths import FILE, check_external_data, check_file, contained_path, file_fields
 from .state_spec import DECODINGS, StateSpec, read_state
@@ -152,6 +153,7 @@ class Manifest:
     requires: dict[str, Any] = field(default_factory=dict)  # the oldest onnxruntime that runs the graph (compat.py)
     task: str = "generate"  # one of TASKS; manifests written before encoders have none: "generate"
     encoder: EncoderInfo | None = None  # the encoder tasks only
+    lora: Lora | None = None  # the graph's LoRA inputs and the adapters held (adapter_manifest.py)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -161,9 +163,10 @@ class Manifest:
         for name, default in (("state", ()), ("decoding", "step")):
             if getattr(self.graph, name) == default:
                 del d["graph"][name]  # a KV cache stepped over, as every manifest before said it
-        if self.encoder is None:
-            del d["encoder"]
-        else:
+        for name in ("encoder", "lora"):
+            if getattr(self, name) is None:
+                del d[name]
+        if self.encoder is not None:
             d["encoder"]["labels"] = list(self.encoder.labels)
         # Put the format and the task first so a reader sees what the file is at a glance.
         head = {"format": d.pop("format"), "format_version": d.pop("format_version"), "task": d.pop("task")}
@@ -217,14 +220,18 @@ class Manifest:
             tokenizer=typed(TokenizerInfo, tok, "tokenizer"),
             task=task,
             encoder=encoder,
+            lora=read_lora(d.get("lora")),
             **extra,
         )
 
     def write(self, model_dir: str) -> str:
+        """Write ``model_dir/lmrt.json``, replacing the old one at once (a reader sees one or the other)."""
         path = os.path.join(model_dir, MANIFEST_FILE)
-        with open(path, "w", encoding="utf-8") as f:
+        partial = f"{path}.partial-{os.getpid()}"
+        with open(partial, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
             f.write("\n")
+        os.replace(partial, path)
         return path
 
 

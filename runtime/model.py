@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .adapters import AdapterBank, no_adapter_slot
 from .chat import render_chat
 from .checks import is_int
 from .compat import at_least, check_onnxruntime, installed_onnxruntime
@@ -46,6 +47,8 @@ class LoadedModel:
         path = os.path.join(self.model_dir, self.manifest.graph.file)
         self.session, self.provider = create_session(path, chosen, self.model_dir, threads)
         check_graph_io(self.session, self.manifest, path)
+        lora = self.manifest.lora  # LoRA adapters, loaded once for every row (None: a graph without them)
+        self.adapters = AdapterBank(self.model_dir, lora, self.manifest.graph.dtype) if lora is not None else None
         settle_memory(self.model_dir, self.manifest)
         self._io = self.manifest.graph.io
         self._logits_dtype = np.dtype(self._io.logits_dtype)
@@ -126,6 +129,16 @@ class LoadedModel:
             raise ConfigError("stop_token_ids", f"must be token ids below the vocabulary size ({self.vocab_size}), got {beyond[0]}")
         return frozenset(ids)
 
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters of the model directory, in slot order (slot 0 is the base model)."""
+        return () if self.adapters is None else self.adapters.names
+
+    def adapter_slot(self, name: str | None) -> int:
+        """The slot a row using adapter ``name`` runs with (None: 0, the base model); ConfigError
+        naming the adapters there are for a name this directory does not hold."""
+        return no_adapter_slot(name) if self.adapters is None else self.adapters.slot(name)
+
     # --- the graph -------------------------------------------------------------------------------
 
     def forward(self, state: StateStore, input_ids: np.ndarray, keep: int | None = None, row: int | None = None) -> np.ndarray:
@@ -161,7 +174,12 @@ class LoadedModel:
         state.check_room(start, count, seq)
         io = self._io
         shape = (count, keep, self.vocab_size)
-        binding, logits = state.binding(self.session, start, count, io.logits, shape, self._logits_dtype)
+        adapters = self.adapters
+        binding, logits = state.binding(
+            self.session, start, count, io.logits, shape, self._logits_dtype, adapters.bind if adapters else None
+        )
+        if adapters is not None:
+            binding.bind_cpu_input(adapters.index_input, state.adapter_slots(start, count))
         lengths = state.lengths[start : start + count]
         total = lengths + seq  # [batch]
         mask = (np.arange(int(total.max())) < total[:, None]).astype(np.int64)  # [batch, total]: right-padded
@@ -221,11 +239,13 @@ class LoadedModel:
         state.advance(start, ids)
         return logits
 
-    def sequence_logits(self, token_ids: Sequence[int]) -> np.ndarray:
+    def sequence_logits(self, token_ids: Sequence[int], adapter: str | None = None) -> np.ndarray:
         """float32 logits [n, vocab] at every position of ``token_ids``, run in one pass from an empty
-        state (a store of one row of its own)."""
+        state (a store of one row of its own), with ``adapter`` (None: the base model)."""
         ids = np.asarray([token_ids], dtype=np.int64)
-        return self.forward(self.new_state(1, ids.shape[1]), ids)[0].copy()
+        state = self.new_state(active=0)
+        row = state.borrow(object(), 1, ids.shape[1], self.adapter_slot(adapter))
+        return self.forward(state, ids, row=row)[0].copy()
 
     def crosses_switch(self, length: int, seq: int) -> bool:
         """Whether a row holding ``length`` positions (rotated with the short table) would pass the

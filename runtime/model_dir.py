@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Iterator
 
 MANIFEST_FILE = "lmrt.json"
 GRAPH_FILE = "model.onnx"
+LORA_GRAPH_FILE = "model.lora.onnx"  # the graph once adapters are added: it takes their inputs too
+ADAPTERS_DIR = "adapters"  # adapters/NAME/ holds adapter NAME's matrices
 DATA_FILE = "model.onnx.data"  # the graph's weights: graphs past 2 GB cannot be one protobuf file
 TOKENIZER_FILE = "tokenizer.json"
 HIDDEN_KINDS = ("partial", "fp32", "probe")

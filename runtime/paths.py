@@ -28,6 +28,10 @@ def file_fields(manifest: Manifest) -> list[tuple[str, str]]:
                 out.append((f"{prefix}{f.name}", value))
             elif is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.")
+            elif isinstance(value, tuple):  # a list of sections (the adapters of a model directory)
+                for i, item in enumerate(value):
+                    if is_dataclass(item):
+                        walk(item, f"{prefix}{f.name}[{i}].")
 
     walk(manifest, "")
     return out

@@ -86,7 +86,8 @@ class Request:
     output (from the loop's thread), or without one it collects in ``events``. ``logprobs``: None, or
     how many alternatives to report with each token's log-probability. ``speculate``: its choices
     propose tokens to check while they run alone (not with a ``constraint``: a maker of each choice's
-    ``structured.Constraint``). ``cancel()`` may be called from any thread."""
+    ``structured.Constraint``). ``adapter``: the slot of its LoRA adapter (0: the base model).
+    ``cancel()`` may be called from any thread."""
 
     def __init__(
         self,
@@ -99,6 +100,7 @@ class Request:
         logprobs: int | None = None,
         speculate: bool = False,
         constraint: "Callable[[], Constraint] | None" = None,
+        adapter: int = 0,
     ):
         self.prompt = np.asarray(prompt_ids, dtype=np.int64)
         self.config = config
@@ -106,6 +108,7 @@ class Request:
         self.events: deque[Event] = deque()
         self.on_event = on_event or self.events.append
         self.logprobs = logprobs
+        self.adapter = adapter
         self.prefilled = 0  # prompt positions in the state store
         self.cached_tokens = 0  # of those, how many an earlier sequence had left there
         self.cancelled = False
@@ -168,11 +171,12 @@ class RequestBuilder:
         budget = self.budget(prompt_ids, config)
         stop_ids = self.model.stop_ids(config)
         self.check_memory(config, config.num_return_sequences, len(prompt_ids) + budget)
+        adapter = self.model.adapter_slot(config.adapter)
         constraint = self._constraint(config, stop_ids)
         decode = self.model.decode
         return Request(
             prompt_ids, config, budget, stop_ids, lambda: StopCriteria(decode, stop_ids, config.stop),
-            on_event, logprobs, self.speculates(config), constraint,
+            on_event, logprobs, self.speculates(config), constraint, adapter,
         )  # fmt: skip
 
     def _constraint(self, config: GenerationConfig, stop_ids: frozenset[int]):

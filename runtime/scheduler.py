@@ -96,9 +96,9 @@ class Scheduler:
                     break
                 request = self._waiting.popleft()
             first, *others = request.choices
-            request.cached_tokens = request.prefilled = self.store.claim(first, request.prompt)
+            request.cached_tokens = request.prefilled = self.store.claim(first, request.prompt, request.adapter)
             for choice in others:
-                self.store.claim(choice)
+                self.store.claim(choice, adapter=request.adapter)
             self.prefilling.append(request)
             admitted.append(request)
         return admitted

@@ -88,11 +88,13 @@ def score_ids(
     progress: Callable[[int, int], None] | None = None,
     store: StateStore | None = None,
     top: int = 0,
+    adapter: int = 0,
 ) -> Score:
     """Score ``token_ids`` (at least two) with ``model``; ``window`` defaults to the context length
     and ``stride`` to half the window (see ``resolve_windows``). The windows run in a row borrowed
     from ``store`` (default: a store of its own); the store's other rows are left as they were.
-    ``top``: also the ``top`` likeliest tokens at each scored position."""
+    ``top``: also the ``top`` likeliest tokens at each scored position; ``adapter``: the slot of the
+    LoRA adapter to score with (0: the base model)."""
     window, stride = resolve_windows(window, stride, model.context_length)
     ids = np.asarray(token_ids, dtype=np.int64)  # [n]
     n = ids.shape[0]
@@ -108,7 +110,7 @@ def score_ids(
     best: list[tuple[tuple[int, float], ...]] = [()] * (n - 1)
     store = model.new_state(active=0) if store is None else store
     owner, rows_before, room = object(), store.rows, store.capacity
-    row = store.borrow(owner, 1, window)
+    row = store.borrow(owner, 1, window, adapter)
     try:
         for begin, end, first in windows(n, window, stride):
             store.truncate(row, 0)

@@ -23,6 +23,14 @@ from .manifest import Architecture, GraphIO
 from .state_spec import StateSpec, kv_cache
 
 
+class CacheFullError(ValueError):
+    """A request would write past the end of the preallocated state."""
+
+
+class RollbackError(ValueError):
+    """A row's fixed (recurrent) state cannot go back to an earlier position: no snapshots are kept."""
+
+
 def bytes_per_position(tensors: Sequence[StateSpec]) -> int:
     """Bytes one position of one row takes over every growing (kv) tensor."""
     return sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors if t.kind == "kv")

@@ -1,18 +1,18 @@
 """The state store: every row of a model's decoding state (a KV cache, or fixed recurrent state), and
 who owns which.
 
-Each row remembers the token ids whose state it holds (``tokens``) and how many (``lengths``); the
-memory itself is in ``state_buffers.StateBuffers``. Rows [0, active) are the decode batch: one step
-advances all of them together, each at its own length. The other rows are claimed by a sequence that
-is still being prefilled (fed through a one-row view), lent out as a block (beam search, scoring), or
-free. A free row keeps what it holds, so a new sequence that starts with the same tokens reuses them:
-the prefix-reuse policy lives here alone (``claim`` picks the free row sharing the longest prefix;
-``reserve`` keeps such rows when it grows the store). ``activate`` and ``release`` move a row into and
-out of the decode batch by swapping it with the batch's edge, so the batch stays contiguous and an
-idle row costs no compute. Rows are looked up by their owner (any object), since swaps move them.
-
-Each store has its own IO binding of its decode batch and its own logits buffer, so two drivers over
-one loaded model (a Generator and an Engine) never share a buffer.
+Each row remembers the token ids whose state it holds (``tokens``), how many (``lengths``) and the slot
+of the LoRA adapter they ran with (``adapter_slots``; 0: none); the memory itself is in
+``state_buffers.StateBuffers``. Rows [0, active) are the decode batch: one step advances all of them
+together, each at its own length. The other rows are claimed by a sequence that is still being
+prefilled (fed through a one-row view), lent out as a block (beam search, scoring), or free. A free
+row keeps what it holds, so a new sequence that starts with the same tokens (with the same adapter)
+reuses them: the prefix-reuse policy lives here alone (``claim`` picks the free row sharing the
+longest prefix; ``reserve`` keeps such rows when it grows the store). ``activate`` and ``release``
+move a row into and out of the decode batch by swapping it with the batch's edge, so the batch stays
+contiguous and an idle row costs no compute. Rows are looked up by their owner (any object), since
+swaps move them. Each store has its own IO binding of its decode batch and its own logits buffer, so
+two drivers over one loaded model (a Generator and an Engine) never share a buffer.
 """
 
 from __future__ import annotations
@@ -22,16 +22,8 @@ from typing import Any, Hashable, Iterable, Sequence
 import numpy as np
 
 from .manifest import Architecture, GraphIO
-from .state_buffers import StateBuffers, regrown_array as _regrown
+from .state_buffers import CacheFullError, RollbackError, StateBuffers, regrown_array as _regrown
 from .state_spec import StateSpec
-
-
-class CacheFullError(ValueError):
-    """A request would write past the end of the preallocated state."""
-
-
-class RollbackError(ValueError):
-    """A row's fixed (recurrent) state cannot go back to an earlier position: no snapshots are kept."""
 
 
 class StateStore:
@@ -53,7 +45,7 @@ class StateStore:
         self._tokens = np.zeros((rows, capacity), dtype=np.int64)
         self._owners: list[Hashable | None] = [None] * rows
         self._row: dict[Hashable, int] = {}
-        self._released = np.zeros(rows, dtype=np.int64)
+        self._released, self._adapters = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
         self.active = rows if active is None else active
 
     def resize(self, rows: int, capacity: int, keep: Iterable[int]) -> None:
@@ -71,8 +63,8 @@ class StateStore:
             raise CacheFullError(f"a row holds {used} positions, more than the new capacity {capacity}")
         self.buffers.regrown(rows, capacity, keep, used)
         self._tokens = _regrown(self._tokens[keep, :used], (rows, capacity))
-        self._lengths = _regrown(self._lengths[keep], (rows,))
-        self._released = _regrown(self._released[keep], (rows,))
+        per_row = (self._lengths, self._released, self._adapters)
+        self._lengths, self._released, self._adapters = (_regrown(a[keep], (rows,)) for a in per_row)
         self._owners = [self._owners[r] for r in keep] + [None] * (rows - len(keep))
         self._row = {o: r for r, o in enumerate(self._owners) if o is not None}
 
@@ -89,6 +81,10 @@ class StateStore:
         shared = {r: max((self.reusable_prefix(r, p) for p in prompts), default=0) for r in free}
         reuse = sorted((r for r in free if shared[r] > 0), key=lambda r: -shared[r])[:rows]
         self.resize(len(owned) + rows, capacity, owned + reuse)
+
+    def adapter_slots(self, start: int, count: int) -> np.ndarray:
+        """int64 [count]: the adapter slot of rows [start, start + count) (a copy)."""
+        return self._adapters[start : start + count].copy()
 
     @property
     def rows(self) -> int:
@@ -136,22 +132,22 @@ class StateStore:
 
     # --- who uses which row ------------------------------------------------------------------
 
-    def claim(self, owner: Hashable, ids: np.ndarray | None = None) -> int:
-        """Give ``owner`` a free row outside the decode batch and return how many leading tokens of
-        ``ids`` it already holds (at most all but the last, so a prefill always has a token to
-        compute logits from). Without ``ids`` or a shared prefix, the least recently used row."""
+    def claim(self, owner: Hashable, ids: np.ndarray | None = None, adapter: int = 0) -> int:
+        """Give ``owner`` a free row outside the decode batch, to run with adapter slot ``adapter``, and
+        return how many leading tokens of ``ids`` it already holds (at most all but the last, so a
+        prefill has a token to compute logits from; only a row of the same adapter shares any).
+        Without ``ids`` or a shared prefix, the least recently used row."""
         free = [r for r in range(self.active, self.rows) if self._owners[r] is None]
         if not free:
             raise CacheFullError("no free cache row")
         best, shared = free[int(np.argmin(self._released[free]))], 0
         if ids is not None and len(ids) > 1:
             for r in free:
-                n = self.reusable_prefix(r, ids)
+                n = self.reusable_prefix(r, ids) if self._adapters[r] == adapter else 0
                 if n > shared or (n == shared and n > 0 and self._released[r] < self._released[best]):
                     best, shared = r, n
         shared = min(shared, len(ids) - 1) if ids is not None else 0
-        self._owners[best] = owner
-        self._row[owner] = best
+        self._owners[best], self._row[owner], self._adapters[best] = owner, best, adapter
         self.truncate(best, shared)
         return shared
 
@@ -206,19 +202,20 @@ class StateStore:
         n = int(self._lengths[src])
         self.buffers.move([src], [dst], n)
         self._tokens[dst, :n] = self._tokens[src, :n]
-        self._lengths[dst] = n
+        self._lengths[dst], self._adapters[dst] = n, self._adapters[src]
 
     # --- blocks lent out (beam search, scoring) ----------------------------------------------
 
-    def borrow(self, owner: Hashable, count: int, capacity: int) -> int:
-        """Append ``count`` empty rows of at least ``capacity`` positions after every row there is,
-        owned by ``owner`` until ``give_back``; returns the first one. The rows already there keep
-        their places and contents."""
+    def borrow(self, owner: Hashable, count: int, capacity: int, adapter: int = 0) -> int:
+        """Append ``count`` empty rows of at least ``capacity`` positions, running with adapter slot
+        ``adapter``, after every row there is, owned by ``owner`` until ``give_back``; returns the
+        first one. The rows already there keep their places and contents."""
         if self.owns(owner):
             raise ValueError("that owner already holds rows")
         start = self.rows
         self.resize(start + count, max(capacity, self.capacity), range(start))
         self._owners[start:] = [(owner, i) for i in range(count)]
+        self._adapters[start:] = adapter
         self._row.update({(owner, i): start + i for i in range(count)})
         self._row[owner] = start
         return start
@@ -241,7 +238,7 @@ class StateStore:
         used = int(self._lengths[src].max(initial=0))
         self.buffers.move(src, dst, used)
         self._tokens[dst, :used] = self._tokens[src, :used]
-        self._lengths[dst] = self._lengths[src]
+        self._lengths[dst], self._adapters[dst] = self._lengths[src], self._adapters[src]
 
     # --- what a forward step uses ------------------------------------------------------------
 
@@ -264,11 +261,11 @@ class StateStore:
         self._lengths[rows] += seq
         self.buffers.commit(start, count)
 
-    def binding(self, session, start: int, count: int, logits_name: str, logits_shape: tuple, logits_dtype):
-        """An IO binding of rows [start, start + count) with a logits output of ``logits_shape``, and
-        that logits buffer. The decode batch's binding is kept while its rows stay, and its buffer
-        while the shape holds (a fresh buffer per step would cost page faults); other ranges get
-        fresh ones."""
+    def binding(self, session, start: int, count: int, logits_name: str, logits_shape: tuple, logits_dtype, constants=None):
+        """An IO binding of rows [start, start + count) with a logits output of ``logits_shape``, and that
+        buffer; ``constants(binding)`` binds what all share (adapters) to a new one. The decode batch's
+        binding is kept while its rows stay, its buffer while the shape holds (a fresh one per step
+        would cost page faults); other ranges get fresh ones."""
         batch = start == 0 and count == self.active
         key = (self.buffers.version, count)
         if batch and self._binding is not None and self._binding[0] == key:
@@ -276,6 +273,8 @@ class StateStore:
         else:
             binding, logits = session.io_binding(), None
             self.buffers.bind(binding, start, count)
+            if constants is not None:
+                constants(binding)
         if logits is None or logits.shape != logits_shape:
             logits = np.empty(logits_shape, logits_dtype)
             binding.bind_output(logits_name, "cpu", 0, logits_dtype, list(logits_shape), logits.ctypes.data)
@@ -291,8 +290,8 @@ class StateStore:
         n = int(max(self._lengths[a], self._lengths[b]))
         self.buffers.move([a, b], [b, a], n)
         self._tokens[[a, b], :n] = self._tokens[[b, a], :n]
-        self._lengths[[a, b]] = self._lengths[[b, a]]
-        self._released[[a, b]] = self._released[[b, a]]
+        for per_row in (self._lengths, self._released, self._adapters):
+            per_row[[a, b]] = per_row[[b, a]]
         self._owners[a], self._owners[b] = self._owners[b], self._owners[a]
         for r in (a, b):
             if self._owners[r] is not None:

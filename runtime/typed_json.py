@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from .checks import is_int
+from .checks import is_int, is_number
 from .model_dir import ManifestError
 
 JSON_TYPES = {  # a field's annotation -> the JSON values it takes
     "int": is_int,
+    "float": is_number,
     "str": lambda v: isinstance(v, str),
     "int | None": lambda v: v is None or is_int(v),
     "str | None": lambda v: v is None or isinstance(v, str),

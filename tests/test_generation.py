@@ -159,6 +159,8 @@ INVALID = [
     ("grammar", ""),
     ("choices", [""]),
     ("choices", [1, 2]),
+    ("adapter", ""),
+    ("adapter", 3),
 ]
 
 CONFLICTING = [

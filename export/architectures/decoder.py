@@ -69,6 +69,18 @@ class Plan:
             raise ValueError("windows and rotary need one entry per layer")
 
 
+def projections(layout: Layout, layer: int) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The linear projections of layer ``layer``: lmrt's name ("qkv", "out", "up", "down") -> (the
+    graph's name of its matrix, the source modules fused into it, in column order)."""
+    p = layout.layer.format(i=layer)
+    return {
+        "qkv": (p + "attn.qkv", tuple(p + n for n in layout.qkv)),
+        "out": (p + layout.out, (p + layout.out,)),
+        "up": (p + "mlp.up", tuple(p + n for n in layout.up)),
+        "down": (p + layout.down, (p + layout.down,)),
+    }
+
+
 def build_decoder(g, layout: Layout, plan: Plan, w, rotary_tables: dict) -> None:
     """Write the decoder into ``g`` (a DecoderGraph). ``w``: the source's Weights; ``rotary_tables``:
     {key: RotaryTable} for the keys ``plan.rotary`` names."""
@@ -126,9 +138,9 @@ def build_decoder(g, layout: Layout, plan: Plan, w, rotary_tables: dict) -> None
         x = b.op("Add", x, b.op("Gather", b.weight(L.positions, w(L.positions)), g.position_ids))
     residual = None
     for i in range(a.num_layers):
-        p = L.layer.format(i=i)
+        p, proj = L.layer.format(i=i), projections(L, i)
         y, residual = norm(x, residual, p + L.attn_norm)
-        qkv = linear(y, [p + n for n in L.qkv], p + "attn.qkv")  # [B, S, attention + 2 kv]
+        qkv = linear(y, list(proj["qkv"][1]), proj["qkv"][0])  # [B, S, attention + 2 kv]
         kv = {}
         if L.q_norm:
             q, k, v = b.op("Split", qkv, b.const([attention_size, kv_size, kv_size]), axis=-1, n_out=3)
@@ -137,17 +149,17 @@ def build_decoder(g, layout: Layout, plan: Plan, w, rotary_tables: dict) -> None
             i, qkv, **kv, rotary=plan.rotary[i], window=plan.windows[i],
             softcap=plan.attention_softcap, scale=plan.attention_scale,
         )  # fmt: skip
-        x = block_output(linear(attn, [p + L.out], p + L.out), L.attn_out_norm and p + L.attn_out_norm)
+        x = block_output(linear(attn, list(proj["out"][1]), proj["out"][0]), L.attn_out_norm and p + L.attn_out_norm)
         y, residual = norm(x, residual, p + L.mlp_norm)
-        up_weight, up_bias = matrix([p + n for n in L.up])
-        h = b.linear(y, up_weight, up_bias, p + "mlp.up")
+        up_weight, up_bias = matrix(list(proj["up"][1]))
+        h = b.linear(y, up_weight, up_bias, proj["up"][0])
         if plan.gated:  # the matrix holds the gate, then the up projection
             half = up_weight.shape[1] // 2
             gate, up = b.op("Split", h, b.const([half, half]), axis=-1, n_out=2)
             h = b.op("Mul", activation(b, gate, plan.activation), up)
         else:
             h = activation(b, h, plan.activation)
-        x = block_output(linear(h, [p + L.down], p + L.down), L.mlp_out_norm and p + L.mlp_out_norm)
+        x = block_output(linear(h, list(proj["down"][1]), proj["down"][0]), L.mlp_out_norm and p + L.mlp_out_norm)
     x, _ = norm(x, residual, L.final_norm)
     tied = L.lm_head not in w or w.shares(L.lm_head, L.embed)
     g.logits(x, embed if tied else w(L.lm_head), plan.logits_divisor, plan.logits_softcap)

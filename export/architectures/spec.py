@@ -38,6 +38,7 @@ class ArchitectureSpec:
     describe: Callable[[Any], Architecture]  # transformers config -> Architecture
     build: Callable[[DecoderGraph, Any, Weights, Any], None]  # (graph, config, weights, torch model)
     gguf_architectures: tuple[str, ...] = ()  # GGUF ``general.architecture`` values transformers reads
+    layout: Layout | None = None  # where the decoder builder found its weights (adapters map onto it)
 
 
 REGISTRY: dict[str, ArchitectureSpec] = {}
@@ -97,7 +98,7 @@ def decoder(
         keys = sorted({k for k in chosen.rotary if k is not None})
         build_decoder(g, layout, chosen, weights, {k: rotary_table(model, config, k, g.arch) for k in keys})
 
-    return register(ArchitectureSpec(family, model_types, describe, build, gguf))
+    return register(ArchitectureSpec(family, model_types, describe, build, gguf, layout))
 
 
 # --- reading the common config fields -------------------------------------------------------------

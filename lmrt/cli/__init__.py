@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from . import encoders, evaluate, export, generate, info, serve
+from . import adapter, encoders, evaluate, export, generate, info, serve
 from .errors import OneLineGroup
 
 
@@ -22,7 +22,7 @@ def main() -> None:
 
 
 for command in (
-    export.export, export.quantize, evaluate.eval_, generate.generate, generate.chat_, evaluate.bench, serve.serve,
+    export.export, export.quantize, adapter.adapter, evaluate.eval_, generate.generate, generate.chat_, evaluate.bench, serve.serve,
     info.info, info.doctor, encoders.embed, encoders.classify,
 ):  # fmt: skip
     main.add_command(command)

@@ -17,9 +17,10 @@ from .options import at_least, runtime_options
 @click.option("--max-tokens", type=int, callback=at_least(2), help="Score only the first N tokens.")
 @click.option("--window", type=int, help="Tokens per window (default: the model's context).")
 @click.option("--stride", type=int, callback=at_least(1), help="Tokens between window starts (default: half a window).")
+@click.option("--adapter", help="Score with this LoRA adapter of the model directory (default: the base model).")
 @runtime_options
 @errors_to_one_line
-def eval_(model_dir, text_file, max_tokens, window, stride, provider, threads) -> None:
+def eval_(model_dir, text_file, max_tokens, window, stride, adapter, provider, threads) -> None:
     """Print the perplexity of the model in MODEL_DIR on a text.
 
     \b
@@ -43,7 +44,7 @@ def eval_(model_dir, text_file, max_tokens, window, stride, provider, threads) -
     if len(ids) < 2:
         raise CliError(f"{name} has {len(ids)} token{'s' if len(ids) != 1 else ''}; scoring needs at least 2")
     start = time.perf_counter()
-    score = gen.score(ids, window=window, stride=stride)
+    score = gen.score(ids, window=window, stride=stride, adapter=adapter)
     elapsed = time.perf_counter() - start
     click.echo(f"perplexity {score.perplexity:.4f}")
     click.echo(

@@ -69,6 +69,8 @@ def info(model_dir: str) -> None:
                 rows.append((name, describe()))
             except (KeyError, TypeError, ValueError, AttributeError):  # a hand-edited record: show the rest
                 rows.append((name, "unreadable in lmrt.json"))
+    if m.lora is not None:  # LoRA adapters, each a model id of its own under lmrt serve
+        rows.append(("adapters", ", ".join(f"{a.name} (rank {a.rank}, {len(a.targets)} modules)" for a in m.lora.adapters)))
     rows.append(onnxruntime_row(m))
     rows.append(("providers", ", ".join(available_providers()) or "none"))
     print_rows(rows)

@@ -82,7 +82,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [_card(state, request)]})
+        return JSONResponse({"object": "list", "data": _cards(state, request)})
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> PlainTextResponse:
@@ -120,16 +120,19 @@ def create_app(state: ServerState) -> FastAPI:
 
     responses_api.register(app, state)
     rerank.register(app, state)
-    tokenize.register(app, state.model_name, partial(_authorized_engine, state), partial(_json_body, state), partial(_card, state))
+    tokenize.register(app, state.model_name, partial(_authorized_engine, state), partial(_json_body, state), partial(_cards, state))
     return app
 
 
-def _card(state: ServerState, request: Request) -> dict:
-    """The served model's card, for an authorized request."""
+def _cards(state: ServerState, request: Request) -> list[dict]:
+    """The served model's card, then one per LoRA adapter (a model of its own, the base its
+    ``parent``), for an authorized request."""
     _authorize(state, request)
     _ready(state)
     length = state.engine.ctx_size if state.engine else state.encoder.max_length
-    return {"id": state.model_name, "object": "model", "created": now(), "owned_by": "lmrt", "max_model_len": length}
+    card = {"id": state.model_name, "object": "model", "created": now(), "owned_by": "lmrt", "max_model_len": length}
+    adapters = state.model.adapter_names if state.engine is not None else ()
+    return [card, *({**card, "id": name, "parent": state.model_name} for name in adapters)]
 
 
 def _authorized_engine(state: ServerState, request: Request) -> Engine:
@@ -172,7 +175,8 @@ async def _complete(state: ServerState, request: Request, parse, answer) -> Resp
     model = state.model
     parsed = parse(body, model, state.model_name, engine.ctx_size)
     run = submit(engine, parsed, parsed.to_config(model))
+    name = parsed.adapter or state.model_name  # the model id the request named
     if parsed.stream:
-        return EventStream(sse(answer.stream(run, model, state.model_name)), on_disconnect=run.cancel)
-    result = await unless_disconnected(request.receive, answer.whole(run, model, state.model_name), run.cancel)
+        return EventStream(sse(answer.stream(run, model, name)), on_disconnect=run.cancel)
+    result = await unless_disconnected(request.receive, answer.whole(run, model, name), run.cancel)
     return Response(status_code=499) if result is None else JSONResponse(result)

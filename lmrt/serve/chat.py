@@ -25,7 +25,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 def parse_chat(body: Any, model: LoadedModel, served: str, ctx_size: int) -> ChatRequest:
     check_fields(body, CHAT_FIELDS, ("model", "messages"))
-    check_model(body, served)
+    adapter = check_model(body, served, model.adapter_names)
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", "messages")
@@ -56,7 +56,7 @@ def parse_chat(body: Any, model: LoadedModel, served: str, ctx_size: int) -> Cha
         prompt = model.chat_prompt(rendered)
     except ChatTemplateError as e:
         raise APIError(400, str(e), "messages") from None
-    fields = read_generation(body, options, params, [prompt], ctx_size, "messages", None)
+    fields = {**read_generation(body, options, params, [prompt], ctx_size, "messages", None), "adapter": adapter}
     if fields["stream"] and fields["prompt_logprobs"] is not None:
         raise APIError(400, "'prompt_logprobs' are not streamed on chat: ask for the answer whole", "prompt_logprobs")
     if tools is None or not tools.constraint:

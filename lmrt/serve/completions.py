@@ -30,7 +30,7 @@ class EchoingRequest(CompletionRequest):
 
 def parse_completion(body: Any, model: LoadedModel, served: str, ctx_size: int) -> CompletionRequest:
     check_fields(body, COMPLETION_FIELDS, ("model", "prompt"))
-    check_model(body, served)
+    adapter = check_model(body, served, model.adapter_names)
     echo = read_value(body, "echo", is_bool, "true or false") or False
     if body.get("suffix") is not None:
         raise APIError(400, "'suffix' is not supported", "suffix")
@@ -46,7 +46,7 @@ def parse_completion(body: Any, model: LoadedModel, served: str, ctx_size: int) 
     prompts = read_inputs(body["prompt"], "prompt", vocab, lambda texts: [model.encode(t) for t in texts])
     logprobs = read_logprobs(body, "logprobs")
     options, params = read_options(body, vocab)
-    fields = read_generation(body, options, params, prompts, ctx_size, "prompt", DEFAULT_MAX_TOKENS)
+    fields = {**read_generation(body, options, params, prompts, ctx_size, "prompt", DEFAULT_MAX_TOKENS), "adapter": adapter}
     if not echo:
         return CompletionRequest(**fields, logprobs=logprobs)
     given = body["prompt"]

@@ -7,7 +7,13 @@ from ..runtime import EngineStatus
 
 
 def render(s: EngineStatus) -> str:
-    return _text(rows(s))
+    text = _text(rows(s))
+    per_adapter = sorted(s.stats.adapter_requests.items())  # LoRA adapters: names of letters, digits, . _ -
+    if not per_adapter:
+        return text
+    name = "lmrt:adapter_requests_total"
+    lines = [f"# HELP {name} Requests finished per LoRA adapter.", f"# TYPE {name} counter"]
+    return text + "\n".join(lines + [f'{name}{{adapter="{a}"}} {n}' for a, n in per_adapter]) + "\n"
 
 
 def rows(s: EngineStatus) -> list[tuple[str, str, str, float | int]]:

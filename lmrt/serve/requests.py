@@ -47,6 +47,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's log-probability and k alternatives'
     echo: bool = False  # the answer starts with the prompt (with its log-probabilities under ``logprobs``)
     generates: bool = True  # False: the prompts are only scored (max_tokens 0 with echo)
+    adapter: str | None = None  # the LoRA adapter the request's ``model`` names (None: the base model)
 
     @property
     def n(self) -> int:
@@ -65,6 +66,7 @@ class GenerationRequest:
         sample are one sequence, repeated (``copies``)."""
         options = option_values(self.options)
         options.pop("num_return_sequences", None)
+        options["adapter"] = self.adapter
         stop_ids = options.pop("stop_token_ids", [])
         if stop_ids or self.ignore_eos:
             options["stop_token_ids"] = [*(() if self.ignore_eos else model.manifest.tokenizer.eos_token_ids), *stop_ids]
@@ -107,13 +109,18 @@ def check_fields(body: Any, allowed: set[str], required: tuple[str, ...]) -> Non
             raise APIError(400, f"'{name}' is required", name, "missing_required_parameter")
 
 
-def check_model(body: dict, served: str) -> None:
-    """The model named is the one served; and ``user`` (an end user's id, which changes nothing) is a
-    string, as OpenAI's requests have it."""
+def check_model(body: dict, served: str, adapters: tuple[str, ...] = ()) -> str | None:
+    """The model named is the one served, or one of its LoRA ``adapters`` (each its own model id):
+    returns that adapter's name (None: the base model); and ``user`` (an end user's id, which changes
+    nothing) is a string, as OpenAI's requests have it."""
     read_value(body, "user", lambda v: isinstance(v, str), "a string")
     name = read_value(body, "model", lambda v: isinstance(v, str), "a string")
-    if name != served:
-        raise APIError(404, f"the model '{name}' does not exist; this server serves '{served}'", "model", "model_not_found")
+    if name == served:
+        return None
+    if name in adapters:
+        return name
+    known = ", ".join(f"'{n}'" for n in (served, *adapters))
+    raise APIError(404, f"the model '{name}' does not exist; this server serves {known}", "model", "model_not_found")
 
 
 def read_inputs(given: Any, param: str, vocab: int, encode: Callable[[list[str]], list[list[int]]]) -> list[list[int]]:

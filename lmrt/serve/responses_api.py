@@ -40,10 +40,11 @@ def register(app: FastAPI, state) -> None:
             run = submit(engine, parsed, parsed.to_config(model))
         except APIError as e:
             raise in_responses_terms(e) from None
-        shape = ResponseShape(ask, state.model_name, store)
+        name = parsed.adapter or state.model_name  # the model id the request named
+        shape = ResponseShape(ask, name, store)
         if parsed.stream:
-            return EventStream(_sse(shape.events(ChatAnswer.stream(run, model, state.model_name))), on_disconnect=run.cancel)
-        completion = await unless_disconnected(request.receive, ChatAnswer.whole(run, model, state.model_name), run.cancel)
+            return EventStream(_sse(shape.events(ChatAnswer.stream(run, model, name))), on_disconnect=run.cancel)
+        completion = await unless_disconnected(request.receive, ChatAnswer.whole(run, model, name), run.cancel)
         if completion is None:
             return Response(status_code=499)
         return JSONResponse(shape.finish(completion["choices"][0], completion["usage"]))

@@ -20,16 +20,19 @@ TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "add_gen
 
 def register(
     app: FastAPI, served: str, engine_for: Callable[[Request], Engine], json_body: Callable[[Request], Awaitable[Any]],
-    card: Callable[[Request], dict],
+    cards: Callable[[Request], list[dict]],
 ) -> None:
     """The routes on ``app``: ``engine_for`` authorizes a request and gives the engine (or refuses),
-    ``json_body`` reads its body, ``card`` authorizes and gives the served model's card."""
+    ``json_body`` reads its body, ``cards`` authorizes and gives the served models' cards (the base
+    model's, then its adapters')."""
 
     @app.get("/v1/models/{model_id:path}")
     async def model_card(model_id: str, request: Request) -> JSONResponse:
-        answer = card(request)
-        if model_id != served:
-            raise APIError(404, f"the model '{model_id}' does not exist; this server serves '{served}'", "model", "model_not_found")
+        known = cards(request)
+        answer = next((c for c in known if c["id"] == model_id), None)
+        if answer is None:
+            names = ", ".join(f"'{c['id']}'" for c in known)
+            raise APIError(404, f"the model '{model_id}' does not exist; this server serves {names}", "model", "model_not_found")
         return JSONResponse(answer)
 
     @app.post("/tokenize")
