@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import DOCS, machine, write_section  # noqa: E402
+from timing import steady_decode_speed  # noqa: E402
 
 from lmrt.export import export_model  # noqa: E402
 from lmrt.runtime import Generator  # noqa: E402
@@ -108,13 +109,7 @@ def torch_speed(module: nn.Module, prompt: list[int], tokens: int, stateless: bo
 
 
 def lmrt_speed(gen: Generator, prompt: list[int], tokens: int) -> float:
-    config = gen.config(max_new_tokens=tokens, stop_token_ids=[], speculation="off")
-    first, count = None, 0
-    for _ in gen.iter_tokens(prompt, config):
-        count += 1
-        if first is None:
-            first = time.perf_counter()
-    return (count - 1) / (time.perf_counter() - first)
+    return steady_decode_speed(gen, prompt, gen.config(max_new_tokens=tokens, stop_token_ids=[], speculation="off"))
 
 
 def main() -> None:

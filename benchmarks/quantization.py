@@ -13,24 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 from lmrt import runtime
 from lmrt.atomic import directory_size
 from lmrt.quantize.evaltext import reference_text
+from timing import steady_decode_speed
 
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
 
 def decode_speed(gen: runtime.Generator, new_tokens: int) -> float:
-    ids = gen.encode(PROMPT)[:16]
-    config = gen.config(max_new_tokens=new_tokens, stop_token_ids=[])
-    first, count = None, 0
-    for _ in gen.iter_tokens(ids, config):
-        count += 1
-        if first is None:
-            first = time.perf_counter()
-    return (count - 1) / (time.perf_counter() - first)
+    return steady_decode_speed(gen, gen.encode(PROMPT)[:16], gen.config(max_new_tokens=new_tokens, stop_token_ids=[]))
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import openai
@@ -86,3 +87,24 @@ def wait_for(condition, what: str, polls: int = 400, every: float = 0.05) -> Non
             return
         time.sleep(every)
     pytest.fail(f"waited {polls * every:.0f} s for {what}")
+
+
+def complete_at_once(client, model: str, jobs: list) -> list:
+    """The text of each ``(prompt, settings, stream)`` completion job, every job sent at the same time
+    on a thread of its own (None for one that did not finish within two minutes)."""
+    results: list = [None] * len(jobs)
+
+    def run(i):
+        prompt, settings, stream = jobs[i]
+        if stream:
+            chunks = client.completions.create(model=model, prompt=prompt, stream=True, **settings)
+            results[i] = "".join(c.choices[0].text for c in chunks if c.choices)
+        else:
+            results[i] = client.completions.create(model=model, prompt=prompt, **settings).choices[0].text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results

@@ -7,14 +7,13 @@ in pieces while others decode."""
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 import torch
 
 openai = pytest.importorskip("openai")
 
-from serving import Server  # noqa: E402
+from serving import Server, complete_at_once  # noqa: E402
 from test_own_models import WORDS, LstmLM, TinyGPT, one_torch_thread, train  # noqa: E402,F401 (one_torch_thread: autouse)
 from lmrt.export import export_model  # noqa: E402
 from lmrt.runtime import Generator  # noqa: E402
@@ -72,21 +71,7 @@ def test_clients_at_once_each_get_their_answer_alone(served):
         if i % 2:
             settings.update(temperature=0.9, top_p=0.9, seed=i)
         jobs.append((PROMPTS[i % 3] + " the" * (i // 3), settings, i % 3 == 0))
-    results: list = [None] * len(jobs)
-
-    def run(i):
-        prompt, settings, stream = jobs[i]
-        if stream:
-            chunks = client.completions.create(model=model_name(gen), prompt=prompt, stream=True, **settings)
-            results[i] = "".join(c.choices[0].text for c in chunks if c.choices)
-        else:
-            results[i] = client.completions.create(model=model_name(gen), prompt=prompt, **settings).choices[0].text
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = complete_at_once(client, model_name(gen), jobs)
     for (prompt, settings, _), got in zip(jobs, results):
         options = {k: v for k, v in settings.items() if k not in ("max_tokens", "extra_body")}
         assert got == gen.generate(prompt, max_new_tokens=settings["max_tokens"], stop_token_ids=[], **options), (prompt, settings)

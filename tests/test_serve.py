@@ -19,7 +19,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from serving import TOOLS, Server, wait_for  # noqa: E402
+from serving import TOOLS, Server, complete_at_once, wait_for  # noqa: E402
 from lmrt import runtime  # noqa: E402
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
@@ -162,21 +162,7 @@ def test_sixteen_clients_at_once_each_get_their_answer_alone(tiny_server, llama)
         if i % 4 == 3:
             settings.update(extra_body={"ignore_eos": True, "top_k": 5, "temperature": 0.5, "seed": 7})
         jobs.append((prompt, settings, i % 2 == 0))
-    results: list = [None] * len(jobs)
-
-    def run(i):
-        prompt, settings, stream = jobs[i]
-        if stream:
-            chunks = client.completions.create(model=MODEL, prompt=prompt, stream=True, **settings)
-            results[i] = "".join(c.choices[0].text for c in chunks if c.choices)
-        else:
-            results[i] = client.completions.create(model=MODEL, prompt=prompt, **settings).choices[0].text
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = complete_at_once(client, MODEL, jobs)
     for (prompt, settings, _), got in zip(jobs, results):
         options = {("max_new_tokens" if k == "max_tokens" else k): v for k, v in settings.items() if k != "extra_body"}
         if "extra_body" in settings:
