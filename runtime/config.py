@@ -92,7 +92,7 @@ class GenerationConfig:
     speculation: str = option(
         "auto",
         "Prompt-lookup speculation: propose tokens that repeat earlier text and check several in one step. "
-        "auto: for greedy decoding with float compute, while one sequence runs; on: also for sampling and "
+        "auto: for greedy decoding with float compute, alone or beside a batch where it pays; on: in every batch, also for sampling and "
         "for --compute int8 models (where it may change near-tied greedy choices); off.",
         choices=("auto", "on", "off"),
     )

@@ -9,9 +9,10 @@ token) and the Engine (a thread of its own fed by a queue). Requests join and le
        admission happens, and names a prompt chunk to read;
     3. that chunk is run into its request's row; when its prompt is complete, each of its choices
        samples a first token and joins the decode batch;
-    4. one forward pass over the decode batch gives every running choice its next token; when one
-       choice runs alone and its text repeats earlier text, that pass also checks the tokens that
-       followed there (prompt-lookup speculation, ``speculation.py``) and may give it several.
+    4. one forward pass over the decode batch gives every running choice its next token; when a
+       choice's text repeats earlier text, a pass may also check the tokens that followed there
+       (prompt-lookup speculation, ``speculation.py``) and give it several: the step's own pass
+       when the choice runs alone, a pass of its own after the batch's step when that pays.
 
 A choice is one sequence being generated (a request asks for ``n`` of them from one prompt). Its
 next token comes from its logits through its processors, its constraint's mask when it has one
@@ -33,7 +34,7 @@ from .model import LoadedModel
 from .request import Choice, Event, Request, TokenLogprob
 from .sampling import log_softmax, top_logprobs
 from .scheduler import Scheduler
-from .speculation import accept
+from .speculation import StepCosts, accept, check_beside_a_batch
 from .state_store import StateStore
 
 
@@ -65,6 +66,7 @@ class DecodeLoop:
         self.scheduler = Scheduler(store, prefill_chunk, max_waiting)
         self.running: list[Request] = []  # admitted and not yet done
         self.stats = LoopStats()
+        self.costs = StepCosts()  # seconds per pass by positions, for speculation beside a batch
 
     def submit(self, request: Request) -> None:
         """Queue ``request`` (QueueFullError past the scheduler's limit)."""
@@ -110,7 +112,9 @@ class DecodeLoop:
         row = self.store.row_of(first)
         if start == request.cached_tokens:
             self.stats.cached_prompt_tokens += start
+        began = time.perf_counter()
         logits = self.model.forward(self.store, request.prompt[None, start:stop], keep=1, row=row)[0, -1]
+        self.costs.record(stop - start, time.perf_counter() - began)
         self.stats.prompt_tokens += stop - start
         request.prefilled = stop
         if stop < request.prompt.shape[0]:
@@ -132,17 +136,14 @@ class DecodeLoop:
         crossing = [c for c in batch if self.model.crosses_switch(int(self.store.lengths[self.store.row_of(c)]), 1)]
         if crossing:  # LongRoPE: these rows are fed again from their start, one by one; the rest wait a step
             return self._refeed(crossing)
-        if len(batch) == 1 and batch[0].drafter is not None:  # alone: speculation costs no one else a thing
-            choice = batch[0]
-            room = choice.request.budget - len(choice.tokens) - 1
-            length, switch = int(self.store.lengths[self.store.row_of(choice)]), self.model.rotary_switch_after
-            if length < switch:
-                room = min(room, switch - length - 1)  # a draft never carries a row past the switch
-            draft = choice.drafter.propose(choice.history, room)
+        if len(batch) == 1 and batch[0].drafter is not None:  # alone: the step's own pass checks a proposal
+            draft = self._propose(batch[0])
             if draft.size:
-                return self._check_draft(choice, draft)
+                return self._check_draft(batch[0], draft)
         tokens = np.fromiter((c.pending for c in batch), dtype=np.int64, count=len(batch))
+        began = time.perf_counter()
         logits = self.model.forward(self.store, tokens[:, None], keep=1)[:, 0]
+        self.costs.record(len(batch), time.perf_counter() - began)
         events = [(c, self._next_token(c, logits[row])) for row, c in enumerate(batch)]
         ended = [c for c, event in events if event.finish_reason is not None]
         for choice in ended:
@@ -150,6 +151,19 @@ class DecodeLoop:
         self._publish(events)
         for request in {c.request: None for c in ended}:
             self._settle(request)
+        if len(batch) > 1:  # beside the batch: a pass of its own for each proposal that pays
+            for choice in [c for c in batch if c.drafter is not None and c.finish_reason is None]:
+                draft = self._propose(choice)
+                if draft.size and check_beside_a_batch(self.costs, choice.drafter, draft.size, len(batch)):
+                    self._check_draft(choice, draft)
+
+    def _propose(self, choice: Choice) -> np.ndarray:
+        """``choice``'s proposal, within its budget and before a LongRoPE switch."""
+        room = choice.request.budget - len(choice.tokens) - 1
+        length, switch = int(self.store.lengths[self.store.row_of(choice)]), self.model.rotary_switch_after
+        if length < switch:
+            room = min(room, switch - length - 1)  # a draft never carries a row past the switch
+        return choice.drafter.propose(choice.history, room)
 
     def _refeed(self, choices: list[Choice]) -> None:
         for choice in choices:
@@ -168,7 +182,9 @@ class DecodeLoop:
         row = self.store.row_of(choice)
         before = int(self.store.lengths[row])
         ids = np.concatenate([[choice.pending], draft])[None, :]
-        logits = self.model.forward(self.store, ids, keep=ids.shape[1])[0]  # [1 + k, vocab]
+        began = time.perf_counter()
+        logits = self.model.forward(self.store, ids, keep=ids.shape[1], row=row)[0]  # [1 + k, vocab]
+        self.costs.record(ids.shape[1], time.perf_counter() - began)
         events, taken = [], 0
         for i in range(ids.shape[1]):
             proposed = int(draft[i]) if i < draft.shape[0] else None

@@ -120,7 +120,7 @@ class Request:
         seeds = np.random.SeedSequence(config.seed).spawn(config.num_return_sequences)
         self.choices = [
             Choice(self, i, Sampler(config, np.random.default_rng(s)), processors, stop_callback(),
-                   PromptLookup() if speculate and constraint is None else None,
+                   PromptLookup(insist=config.speculation == "on") if speculate and constraint is None else None,
                    constraint() if constraint is not None else None)
             for i, s in enumerate(seeds)
         ]  # fmt: skip

@@ -80,6 +80,32 @@ def test_engine_requests_at_once_equal_each_alone(llama, chunk):
         engine.close()
 
 
+def test_engine_rows_speculate_together_and_each_gets_its_answer_alone(llama):
+    """Greedy requests with speculation "on" in 3 slots (prompts that repeat themselves and ones that
+    do not, prefilled in chunks beside rows that decode): rows check their proposals beside the
+    batch's steps, roll back what each rejected, and every answer is the one without speculation."""
+    from test_speculation import PLAIN, REPEATING
+
+    engine = Engine(llama.model, slots=3, ctx_size=128, prefill_chunk=8)
+    try:
+        prompts = REPEATING * 2 + PLAIN
+        config = llama.config(max_new_tokens=30, speculation="on", stop_token_ids=[])
+        results = [None] * len(prompts)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, collect(engine, llama.encode(prompts[i]), config)))
+                   for i in range(len(prompts))]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for prompt, (texts, request) in zip(prompts, results):
+            without = alone(llama, prompt, max_new_tokens=30, speculation="off", stop_token_ids=[])[0]
+            assert (texts[0], request.choices[0].tokens) == without[:2]
+        stats = engine.status().stats
+        assert stats.accepted_tokens > 0 and stats.decode_steps < stats.generated_tokens
+    finally:
+        engine.close()
+
+
 def test_prefix_reuse_gives_the_same_answer_and_counts_cached_tokens(llama):
     engine = Engine(llama.model, slots=2, ctx_size=128, prefill_chunk=8)
     try:

@@ -9,7 +9,7 @@ import pytest
 from lmrt import runtime
 from lmrt.runtime.config import GenerationConfig
 from lmrt.runtime.sampling import Sampler, make_processors, run_processors
-from lmrt.runtime.speculation import PromptLookup, accept
+from lmrt.runtime.speculation import PromptLookup, StepCosts, accept, check_beside_a_batch
 from conftest import FAMILIES, DirectModel
 
 # Prompts whose continuation repeats them (proposals accepted) and ones that do not.
@@ -84,17 +84,25 @@ def test_stop_strings_and_ids_inside_an_accepted_proposal(loaded):
         assert run(gen, prompt, max_new_tokens=40, **options) == run(gen, prompt, max_new_tokens=40, speculation="off", **options)
 
 
-def test_a_batch_speculates_only_for_a_row_left_alone(loaded):
-    """Rows that run together never speculate, even with "on"; a row whose companions have ended
-    speculates, and the batch's output is the output without speculation."""
+def test_a_batch_checks_its_rows_proposals_together(loaded):
+    """With "on", rows that share a step take it together, then each checks its proposal in a pass of
+    its own and keeps only what it took: the batch's output is the output without speculation, in
+    fewer steps. "auto" gives that output too (it checks in a batch only where that pays); a row
+    whose companions have ended speculates alone."""
     gen = loaded["qwen2"]
     prompts = REPEATING + PLAIN
-    off = gen.generate_batch(prompts, max_new_tokens=30, speculation="off")
-    assert {c.finish_reason for cs in off for c in cs} == {"length"}  # every row runs to the end with the others
-    for mode in ("auto", "on"):
-        before = gen.stats.proposed_tokens
-        assert gen.generate_batch(prompts, max_new_tokens=30, speculation=mode) == off, mode
-        assert gen.stats.proposed_tokens == before, mode
+
+    def batch(mode):
+        before = (gen.stats.decode_steps, gen.stats.proposed_tokens, gen.stats.accepted_tokens)
+        out = gen.generate_batch(prompts, max_new_tokens=30, speculation=mode)
+        return out, [now - was for now, was in zip((gen.stats.decode_steps, gen.stats.proposed_tokens, gen.stats.accepted_tokens), before)]
+
+    off, (plain_steps, proposed, _) = batch("off")
+    assert {c.finish_reason for cs in off for c in cs} == {"length"} and proposed == 0  # every row runs to the end with the others
+    on, (steps, proposed, accepted) = batch("on")
+    assert on == off
+    assert proposed > 0 and accepted > 0 and steps < plain_steps
+    assert batch("auto")[0] == off
     # the plain prompt ends early on one of its own tokens, which the repeating one never produces
     plain = gen.generate_batch([PLAIN[0]], max_new_tokens=30, stop_token_ids=[], speculation="off")[0][0].token_ids
     repeating = gen.generate_batch([REPEATING[0]], max_new_tokens=30, stop_token_ids=[], speculation="off")[0][0].token_ids
@@ -185,6 +193,31 @@ def test_the_lookup_proposes_what_followed_the_latest_match_and_backs_off():
     for _ in range(lookup.patience):
         lookup.update(2, 0)
     assert lookup.propose(history, room=10).size == 0  # paused after repeated misses
+
+
+def test_a_row_of_a_batch_checks_a_proposal_when_the_tokens_it_promises_outweigh_its_pass():
+    """The rule of "auto" beside a batch: passes timed as fixed + per-position seconds; a batch of 4,
+    a proposal of 4 tokens checked in a pass of 5 positions. Where reading the weights dominates a
+    pass, a proposal from a sequence whose proposals were accepted is checked; where every position
+    costs as much as a step, it is not; one whose proposals were rejected is not checked either."""
+    def costs(fixed, per_position):
+        fitted = StepCosts()
+        for positions in (1, 4, 16, 64):
+            fitted.record(positions, fixed + per_position * positions)
+        return fitted
+
+    assert StepCosts().seconds(4) is None  # nothing timed: no estimate, and no check beside a batch
+    weights_bound, compute_bound = costs(0.010, 0.0001), costs(0.0, 0.001)
+    assert weights_bound.seconds(20) == pytest.approx(0.012)
+    good, bad = PromptLookup(), PromptLookup()
+    for _ in range(3):
+        good.update(8, 8)
+        bad.update(4, 0)
+    assert check_beside_a_batch(weights_bound, good, 4, rows=4)
+    assert not check_beside_a_batch(compute_bound, good, 4, rows=4)
+    assert not check_beside_a_batch(weights_bound, bad, 4, rows=4)
+    assert not check_beside_a_batch(StepCosts(), good, 4, rows=4)
+    assert check_beside_a_batch(compute_bound, PromptLookup(insist=True), 4, rows=4)  # "on"
 
 
 def test_a_rewound_row_keeps_its_earlier_positions(loaded):
