@@ -64,14 +64,15 @@ def main() -> None:
     args = p.parse_args()
     from lmrt.atomic import directory_size
     from lmrt.runtime import load_manifest
-    from lmrt.runtime.state_buffers import StateBuffers
+    from lmrt.runtime.state_buffers import bytes_per_position
+    from lmrt.runtime.state_spec import state_of
 
     base = measure_imports()
     rows = []
     for model_dir in args.models:
         m = load_manifest(model_dir)
         files = directory_size(model_dir)
-        kv = StateBuffers.bytes_per_position(m.architecture, m.graph.io) * (args.prompt_tokens + args.new_tokens)
+        kv = bytes_per_position(state_of(m)) * (args.prompt_tokens + args.new_tokens)
         runs = [(v, what, 256) for v, what in VARIANTS] + [("default", f"prefill chunk {c}", c) for c in args.chunks if c != 256]
         for variant, what, chunk in runs:
             print(f"{model_dir}: {what}", file=sys.stderr, flush=True)
