@@ -10,7 +10,6 @@ import os
 import threading
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 
