@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .manifest import Architecture, GraphIO
-from .state_snapshots import Snapshots
+from .state_snapshots import PER_ROW, Snapshots, fixed_bytes
 from .state_spec import StateSpec, kv_cache
 
 
@@ -33,6 +33,12 @@ class CacheFullError(ValueError):
 def bytes_per_position(tensors: Sequence[StateSpec]) -> int:
     """Bytes one position of one row takes over every growing (kv) tensor."""
     return sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors if t.kind == "kv")
+
+
+def reserved_bytes(tensors: Sequence[StateSpec], rows: int, capacity: int) -> int:
+    """Bytes ``rows`` rows of ``capacity`` positions take: kv tensors' positions, and a fixed tensor's
+    state, the buffer its next step writes and its snapshots."""
+    return rows * (capacity * bytes_per_position(tensors) + fixed_bytes(tensors) * (2 + PER_ROW))
 
 
 class StateBuffers:

@@ -17,6 +17,8 @@ from serving import Server  # noqa: E402
 from test_own_models import WORDS, LstmLM, TinyGPT, one_torch_thread, train  # noqa: E402,F401 (one_torch_thread: autouse)
 from lmrt.export import export_model  # noqa: E402
 from lmrt.runtime import Generator  # noqa: E402
+from lmrt.runtime.state_snapshots import PER_ROW  # noqa: E402
+from lmrt.state_size import size  # noqa: E402
 
 PROMPTS = ["the cat", "a bird saw the dog on the", "the dog ran after the cat . the bird"]
 CTX = 32  # the GPT's window: every prompt and its answer fit
@@ -33,6 +35,15 @@ def served(request, tmp_path_factory):
     server = Server(str(out), "--slots", "2", "--ctx-size", str(CTX), "--prefill-chunk", "3")
     yield request.param, Generator(str(out), provider="cpu"), server
     server.stop()
+
+
+def test_the_start_line_says_what_the_slots_reserve(served):
+    kind, gen, server = served
+    ready = next(line for line in server.lines if line.startswith("lmrt serve: http://"))
+    if kind == "lstm":  # h and c of 64 floats each, the buffer a step writes, the snapshots
+        assert f"2 slots x {CTX} tokens, state 2 x {size(2 * 64 * 4 * (2 + PER_ROW))} reserved (each: a row's state" in ready
+    else:
+        assert f"2 slots x {CTX} tokens, no state: each step runs a slot's tokens again" in ready
 
 
 def model_name(gen: Generator) -> str:
