@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_own_models import CHARS, WORDS, LstmLM, char_gru, next_logits, one_torch_thread, torch_greedy, train, word_gpt, word_lstm  # noqa: F401 (fixtures)
-from test_own_models_state import HEAD_SIZE, HEADS, carried_greedy, fading, kv_gpt  # noqa: F401 (fixtures)
+from test_own_models import CHARS, LstmLM, char_gru, next_logits, one_torch_thread, torch_greedy, train, word_gpt, word_lstm  # noqa: F401 (fixtures)
+from test_own_models_state import HEAD_SIZE, HEADS, fading, kv_gpt  # noqa: F401 (fixtures)
 from lmrt.cli import main
 from lmrt.export import export_model
 from lmrt.runtime import Generator
