@@ -30,7 +30,8 @@ class BenchResult:
     acceptance: float | None  # speculation: share of proposed tokens accepted (None: nothing proposed)
     peak_rss_mb: float  # the whole process, model loading included
     model_files_mb: float
-    kv_cache_mb: float  # the cache at its largest: prompt + new tokens
+    kv_cache_mb: float  # the KV cache at its largest: prompt + new tokens
+    state: str  # the whole decoding state at its largest, in words (``state_size.state_words``)
 
 
 def peak_rss_mb() -> float:
@@ -41,8 +42,15 @@ def peak_rss_mb() -> float:
 
 
 def prompt_ids(gen, n: int) -> list[int]:
-    """``n`` token ids of ordinary prose."""
-    ids = gen.encode(FILLER, add_special_tokens=False)
+    """``n`` token ids of ordinary prose, or, for a vocabulary that cannot spell it (a model of one's
+    own trained on its words or characters, with no unknown token), its ordinary tokens in turn."""
+    try:
+        ids = gen.encode(FILLER, add_special_tokens=False)
+    except Exception:  # noqa: BLE001 - tokenizers raises a plain Exception for a word it lacks
+        ids = []
+    if not ids:
+        added = gen.tokenizer.get_added_tokens_decoder()
+        ids = [i for i in range(gen.model.vocab_size) if i not in added] or [0]
     return (ids * (n // len(ids) + 1))[:n]
 
 
@@ -51,6 +59,8 @@ def run(
 ) -> BenchResult:
     from .atomic import directory_size
     from .runtime import Generator
+    from .runtime.state_buffers import reserved_bytes
+    from .state_size import state_words
 
     if prompt_tokens < 1 or new_tokens < 2 or runs < 1:
         raise ValueError("--prompt-tokens must be at least 1, --new-tokens at least 2 and --runs at least 1")
@@ -79,21 +89,15 @@ def run(
             rest.append((end - got_first) / (count - 1))
             outside.append(1 - (gen.model.session_seconds - inside) / (end - got_first))
     ttft, step = statistics.median(first), statistics.median(rest)
-    a = gen.manifest.architecture
-    kv_bytes = 2 * a.num_layers * a.num_kv_heads * a.head_size * (prompt_tokens + new_tokens) * _itemsize(gen)
+    specs, positions = gen.model.state_specs, prompt_tokens + new_tokens
+    kv_bytes = reserved_bytes([t for t in specs if t.kind == "kv"], 1, positions)
     files = directory_size(model_dir)
     return BenchResult(
         prompt_tokens, new_tokens, runs, gen.provider, threads, prompt_tokens / ttft, ttft * 1e3, 1 / step,
         statistics.median(outside), speculation,
         (stats.accepted_tokens - accepted) / (stats.proposed_tokens - proposed) if stats.proposed_tokens > proposed else None,
-        peak_rss_mb(), files / 1e6, kv_bytes / 1e6,
+        peak_rss_mb(), files / 1e6, kv_bytes / 1e6, state_words(specs, 1, positions),
     )
-
-
-def _itemsize(gen) -> int:
-    import numpy as np
-
-    return np.dtype(gen.manifest.graph.io.kv_dtype).itemsize
 
 
 def as_table(r: BenchResult) -> str:
@@ -103,7 +107,7 @@ def as_table(r: BenchResult) -> str:
         ("time to first token", f"{r.time_to_first_token_ms:.1f} ms"),
         ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s ({r.python_share:.1%} of each step outside onnxruntime)"),
         ("speculation", r.speculation + ("" if r.acceptance is None else f", {r.acceptance:.0%} of proposed tokens accepted")),
-        ("peak resident memory", f"{r.peak_rss_mb:.0f} MB (model files {r.model_files_mb:.0f} MB, KV cache {r.kv_cache_mb:.1f} MB)"),
+        ("peak resident memory", f"{r.peak_rss_mb:.0f} MB (model files {r.model_files_mb:.0f} MB, {r.state})"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

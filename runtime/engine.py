@@ -35,6 +35,7 @@ from .model import LoadedModel
 from .request import Event, Request, RequestBuilder
 from .scheduler import QueueFullError
 from .scoring import Score, score_ids
+from .state_buffers import reserved_bytes
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class EngineStatus:
     cached_positions: int  # positions held by all rows, free ones included
     requests_processing: int
     requests_waiting: int
-    kv_bytes: int
+    state_bytes: int  # decoding state reserved at start (a KV cache, recurrent state and its snapshots)
     stats: LoopStats
 
 
@@ -61,7 +62,7 @@ class Engine:
         self.settings = settings
         self.slots, self.max_queue = settings.slots, settings.max_queue
         self.ctx_size = settings.resolved_ctx_size(model.context_length)
-        self.kv_bytes = self.slots * self.ctx_size * model.bytes_per_position
+        self.state_bytes = reserved_bytes(model.state_specs, self.slots, self.ctx_size)
         self._requests = RequestBuilder(model, self.ctx_size, "a slot holds", cap_budget=False)
         self._loop = DecodeLoop(model, model.new_state(self.slots, self.ctx_size, active=0), settings.prefill_chunk, settings.max_queue)
         self._wake = threading.Event()
@@ -127,7 +128,7 @@ class Engine:
             cached_positions=int(loop.store.lengths.sum()),
             requests_processing=len(loop.running),
             requests_waiting=self.waiting(),
-            kv_bytes=self.kv_bytes,
+            state_bytes=self.state_bytes,
             stats=dataclasses.replace(loop.stats, adapter_requests=dict(loop.stats.adapter_requests)),
         )
 

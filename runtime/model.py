@@ -54,8 +54,8 @@ class LoadedModel:
         self._logits_dtype = np.dtype(self._io.logits_dtype)
         # every tensor of a row's state, as the manifest declares it (or the KV cache of its architecture)
         self.state_specs = state_of(self.manifest)
-        # a fixed (recurrent) state cannot go back to an earlier position: no speculation here
-        self.rolls_back = all(spec.kind == "kv" for spec in self.state_specs)
+        # a fixed (recurrent) state goes back only by restoring a snapshot and running tokens again
+        self.fixed_state = any(spec.kind == "fixed" for spec in self.state_specs)
         self.window = self.manifest.graph.decoding == "window"  # no state: each step re-runs the row's tokens
         self.declared = self.manifest.graph.decoding == "declared"  # a module's own state, fed at each row's length
         self.session_seconds = 0.0  # time spent inside onnxruntime, for measuring Python's share
@@ -85,7 +85,7 @@ class LoadedModel:
         ``active`` of them (default: all) in its decode batch. It lives where attention runs: onnxruntime's CUDA
         GroupQueryAttention takes float16 only, so a float32 graph runs attention, and keeps its
         state, on the CPU."""
-        on_gpu = self.provider in ("cuda", "tensorrt") and self._io.kv_dtype == "float16" and self.rolls_back and not self.declared
+        on_gpu = self.provider in ("cuda", "tensorrt") and self._io.kv_dtype == "float16" and not self.fixed_state and not self.declared
         store = StateStore(self.manifest.architecture, self._io, "cuda" if on_gpu else "cpu", self.state_specs)
         store.reset(rows, capacity, active)
         return store
@@ -147,9 +147,27 @@ class LoadedModel:
         ``keep`` positions (all by default). A single row that passes a LongRoPE switch is fed again
         from its start, as transformers does, so that every cached key is rotated with the long table.
 
+        A row of fixed state that went back to a snapshot runs its pending tokens first: in front of
+        a single new token, otherwise in a step of their own. Before a step of several tokens the
+        store keeps a snapshot of each row's fixed state (a prompt chunk, a speculative check).
+
         For fp32 graphs the logits of a decode-batch call are the store's logits buffer itself, reused
         by its next call of the same shape: copy them to keep them longer."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        start, (count, seq) = 0 if row is None else row, ids.shape
+        pending = state.pending_rows(start, count)
+        if pending:
+            keep = seq if keep is None else keep
+            if count == 1 and seq == 1:
+                ids = np.concatenate([state.take_pending(start), ids[0]])[None, :]
+            else:
+                for r in pending:
+                    self._forward(state, state.take_pending(r)[None, :], 1, r)
+        if seq > 1:
+            state.snapshot(start, count)
+        return self._forward(state, ids, keep, row)
+
+    def _forward(self, state: StateStore, ids: np.ndarray, keep: int | None, row: int | None) -> np.ndarray:
         if self.window or self.declared:
             run = self._run_window if self.window else self._run_declared
             return run(state, ids, ids.shape[1] if keep is None else keep, row)

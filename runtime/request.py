@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .config import ConfigError, GenerationConfig
+from .config import GenerationConfig
 from .memory import check_fits
 from .sampling import Processor, Sampler, make_processors
 from .speculation import PromptLookup
@@ -197,11 +197,9 @@ class RequestBuilder:
         in onnxruntime's attention, which rounds a pass of one position differently from a pass of
         several), so a near-tied greedy choice could go either way depending on how
         positions are grouped: there it runs only when asked for ("on"); docs/benchmarks.md records
-        how often the tokens change."""
-        if not self.model.rolls_back:  # a recurrent state keeps no snapshots to go back to
-            if config.speculation == "on":
-                raise ConfigError("speculation", "is on, but this model's recurrent state cannot go back to drop rejected tokens; use auto or off")
-            return False
-        if config.speculation != "auto":
+        how often the tokens change. A fixed (recurrent) state speculates only when asked for: going
+        back over rejected tokens restores a snapshot and runs the accepted ones again, in a pass of
+        their own."""
+        if config.speculation != "auto" or self.model.fixed_state:
             return config.speculation == "on"
         return not config.samples and self.model.manifest.quantization.get("compute") != "int8"

@@ -6,7 +6,9 @@ its sequence axis. The graph reads its buffer as ``past`` and writes the same me
 positions of each row and nothing else. A "fixed" tensor ([rows, *shape], a recurrent layer's h or
 c) is rewritten whole by every step, so its ``present`` goes to a second buffer of the same shape
 and ``commit`` copies the rows a step ran back (a graph may read a state after writing its successor,
-so one buffer for both would not be safe); it is small beside the step that computed it.
+so one buffer for both would not be safe); it is small beside the step that computed it. The
+snapshots of the fixed tensors (``state_snapshots.py``), by which such a row goes back, live and move
+with the rows here too.
 
 On CUDA the buffers live on the device (kv tensors only); moving rows goes through the host there,
 while on the CPU it is numpy indexing on the buffers themselves. The store (``state_store.py``)
@@ -20,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .manifest import Architecture, GraphIO
+from .state_snapshots import PER_ROW, Snapshots, fixed_bytes
 from .state_spec import StateSpec, kv_cache
 
 
@@ -27,13 +30,15 @@ class CacheFullError(ValueError):
     """A request would write past the end of the preallocated state."""
 
 
-class RollbackError(ValueError):
-    """A row's fixed (recurrent) state cannot go back to an earlier position: no snapshots are kept."""
-
-
 def bytes_per_position(tensors: Sequence[StateSpec]) -> int:
     """Bytes one position of one row takes over every growing (kv) tensor."""
     return sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors if t.kind == "kv")
+
+
+def reserved_bytes(tensors: Sequence[StateSpec], rows: int, capacity: int) -> int:
+    """Bytes ``rows`` rows of ``capacity`` positions take: kv tensors' positions, and a fixed tensor's
+    state, the buffer its next step writes and its snapshots."""
+    return rows * (capacity * bytes_per_position(tensors) + fixed_bytes(tensors) * (2 + PER_ROW))
 
 
 class StateBuffers:
@@ -47,8 +52,10 @@ class StateBuffers:
             raise ValueError("fixed (recurrent) state is kept on the CPU")
         self.device = device  # "cpu" or "cuda"
         self.version = 0  # bumped whenever the buffers are replaced, so bindings know to follow
+        self._binding = None  # (key, binding, logits) of the decode batch
         self.rows = self.capacity = 0
-        self.allocate(self.empty(1, 1), 1, 1)
+        self.snapshots = Snapshots(self.tensors) if self.fixed else None
+        self.reset(1, 1)
 
     def _shape(self, t: StateSpec, rows: int, capacity: int) -> tuple[int, ...]:
         return (rows, t.shape[0], capacity, *t.shape[1:]) if t.kind == "kv" else (rows, *t.shape)
@@ -56,6 +63,12 @@ class StateBuffers:
     def empty(self, rows: int, capacity: int) -> list[np.ndarray]:
         """Zeros (every tensor's initial value) for ``rows`` rows of ``capacity`` positions."""
         return [np.zeros(self._shape(t, rows, capacity), t.dtype) for t in self.tensors]
+
+    def reset(self, rows: int, capacity: int) -> None:
+        """``rows`` x ``capacity`` of initial state, no snapshots."""
+        self.allocate(self.empty(rows, capacity), rows, capacity)
+        if self.snapshots is not None:
+            self.snapshots.allocate(rows)
 
     def allocate(self, arrays: list[np.ndarray], rows: int, capacity: int) -> None:
         """Hold ``arrays`` (one per tensor, in the order of ``tensors``) of ``rows`` x ``capacity``."""
@@ -86,10 +99,14 @@ class StateBuffers:
             else:
                 new[: len(keep)] = full[keep]
         self.allocate(arrays, rows, capacity)
+        if self.snapshots is not None:
+            self.snapshots.regrown(rows, keep)
 
     def move(self, src: list[int], dst: list[int], n: int) -> None:
         """Rows ``dst`` take the first ``n`` positions of rows ``src`` (a fixed tensor: their whole
-        state), all read before any is written."""
+        state and snapshots), all read before any is written."""
+        if self.snapshots is not None:
+            self.snapshots.move(src, dst)
         arrays = self.host_arrays()
         for t, full in zip(self.tensors, arrays):
             if t.kind == "fixed":
@@ -99,11 +116,17 @@ class StateBuffers:
         if self.device != "cpu" and n:
             self.allocate(arrays, self.rows, self.capacity)
 
-    def clear(self, rows: list[int]) -> None:
-        """Fixed tensors of ``rows`` back to their initial value (the rows start again from nothing)."""
-        for t, full in zip(self.tensors, self._arrays):
-            if t.kind == "fixed":
-                full[rows] = 0
+    def _fixed(self) -> list[np.ndarray]:
+        return [full for t, full in zip(self.tensors, self._arrays) if t.kind == "fixed"]
+
+    def snapshot(self, row: int, length: int) -> None:
+        """Keep a copy of row ``row``'s fixed tensors, which hold its state at ``length`` positions."""
+        self.snapshots.take(row, length, self._fixed())
+
+    def restore(self, row: int, length: int) -> int:
+        """Row ``row``'s fixed tensors back to its latest snapshot at or before ``length`` (none: their
+        initial value); returns the length they hold now."""
+        return self.snapshots.restore(row, length, self._fixed())
 
     def commit(self, start: int, count: int) -> None:
         """After a step over rows [start, start + count): their fixed tensors take what it wrote."""
@@ -136,6 +159,26 @@ class StateBuffers:
             binding.bind_input(t.past, self.device, 0, dtype, shape, ptr)
             out = ptr if written is None else written.ctypes.data + offset
             binding.bind_output(t.present, self.device, 0, dtype, shape, out)
+
+    def binding(self, session, start: int, count: int, batch: bool, logits_name: str, logits_shape: tuple, logits_dtype, constants=None):
+        """An IO binding of rows [start, start + count) with a logits output of ``logits_shape``, and that
+        buffer; ``constants(binding)`` binds what all share (adapters) to a new one. The decode batch's
+        (``batch``) binding is kept while its rows stay, its buffer while the shape holds (a fresh one
+        per step would cost page faults); other ranges get fresh ones."""
+        key = (self.version, count)
+        if batch and self._binding is not None and self._binding[0] == key:
+            binding, logits = self._binding[1], self._binding[2]
+        else:
+            binding, logits = session.io_binding(), None
+            self.bind(binding, start, count)
+            if constants is not None:
+                constants(binding)
+        if logits is None or logits.shape != logits_shape:
+            logits = np.empty(logits_shape, logits_dtype)
+            binding.bind_output(logits_name, "cpu", 0, logits_dtype, list(logits_shape), logits.ctypes.data)
+        if batch:
+            self._binding = (key, binding, logits)
+        return binding, logits
 
     def data_pointers(self) -> list[int]:
         return [value.data_ptr() for value in self._values]

@@ -3,16 +3,19 @@ who owns which.
 
 Each row remembers the token ids whose state it holds (``tokens``), how many (``lengths``) and the slot
 of the LoRA adapter they ran with (``adapter_slots``; 0: none); the memory itself is in
-``state_buffers.StateBuffers``. Rows [0, active) are the decode batch: one step advances all of them
-together, each at its own length. The other rows are claimed by a sequence that is still being
-prefilled (fed through a one-row view), lent out as a block (beam search, scoring), or free. A free
-row keeps what it holds, so a new sequence that starts with the same tokens (with the same adapter)
-reuses them: the prefix-reuse policy lives here alone (``claim`` picks the free row sharing the
-longest prefix; ``reserve`` keeps such rows when it grows the store). ``activate`` and ``release``
-move a row into and out of the decode batch by swapping it with the batch's edge, so the batch stays
-contiguous and an idle row costs no compute. Rows are looked up by their owner (any object), since
-swaps move them. Each store has its own IO binding of its decode batch and its own logits buffer, so
-two drivers over one loaded model (a Generator and an Engine) never share a buffer.
+``state_buffers.StateBuffers``. A row of fixed state goes back by restoring a snapshot
+(``state_snapshots.py``; ``snapshot`` takes them before each step of several tokens): ``truncate``
+puts back the latest one at or before the new length, and the tokens from there on are the row's
+pending tokens (counted in ``lengths``), which the model runs first at the row's next step. Rows
+[0, active) are the decode batch: one step advances all of them together, each at its own length.
+The others are claimed by a sequence still being prefilled (fed through a one-row view), lent out
+as a block (beam search, scoring), or free. A free row keeps what it holds, so a new sequence that
+starts with the same tokens (and adapter) reuses them: the prefix-reuse policy lives here alone
+(``claim`` picks the free row sharing the longest prefix; ``reserve`` keeps such rows when it grows
+the store). ``activate`` and ``release`` move a row into and out of the decode batch by swapping it
+with the batch's edge, so the batch stays contiguous. Rows are looked up by their owner (any
+object), since swaps move them. Each store has its own IO binding of its decode batch and logits
+buffer, so two drivers over one loaded model (a Generator and an Engine) never share a buffer.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Hashable, Iterable, Sequence
 import numpy as np
 
 from .manifest import Architecture, GraphIO
-from .state_buffers import CacheFullError, RollbackError, StateBuffers, regrown_array as _regrown
+from .state_buffers import CacheFullError, StateBuffers, regrown_array as _regrown
 from .state_spec import StateSpec
 
 
@@ -32,7 +35,6 @@ class StateStore:
     def __init__(self, arch: Architecture, io: GraphIO, device: str = "cpu", state: Sequence[StateSpec] | None = None):
         self.buffers = StateBuffers(arch, io, device, state)
         self._tick = 0  # release order of free rows: the least recently used is reused first
-        self._binding = None  # (key, binding, logits) of the decode batch
         self.reset(1, 1, active=0)
 
     # --- shape ---------------------------------------------------------------------------------
@@ -40,8 +42,9 @@ class StateStore:
     def reset(self, rows: int, capacity: int, active: int | None = None) -> None:
         """``rows`` empty rows of up to ``capacity`` positions each, none owned; the first ``active``
         of them (default: all) form the decode batch."""
-        self.buffers.allocate(self.buffers.empty(rows, capacity), rows, capacity)
+        self.buffers.reset(rows, capacity)
         self._lengths = np.zeros(rows, dtype=np.int64)
+        self._computed = np.zeros(rows, dtype=np.int64)  # positions the state holds; the rest are pending
         self._tokens = np.zeros((rows, capacity), dtype=np.int64)
         self._owners: list[Hashable | None] = [None] * rows
         self._row: dict[Hashable, int] = {}
@@ -63,8 +66,8 @@ class StateStore:
             raise CacheFullError(f"a row holds {used} positions, more than the new capacity {capacity}")
         self.buffers.regrown(rows, capacity, keep, used)
         self._tokens = _regrown(self._tokens[keep, :used], (rows, capacity))
-        per_row = (self._lengths, self._released, self._adapters)
-        self._lengths, self._released, self._adapters = (_regrown(a[keep], (rows,)) for a in per_row)
+        per_row = (self._lengths, self._computed, self._released, self._adapters)
+        self._lengths, self._computed, self._released, self._adapters = (_regrown(a[keep], (rows,)) for a in per_row)
         self._owners = [self._owners[r] for r in keep] + [None] * (rows - len(keep))
         self._row = {o: r for r, o in enumerate(self._owners) if o is not None}
 
@@ -93,11 +96,6 @@ class StateStore:
     @property
     def capacity(self) -> int:
         return int(self.buffers.capacity)
-
-    @property
-    def rolls_back(self) -> bool:
-        """Whether a row can go back to any earlier position: a KV cache can, a fixed state only to 0."""
-        return not self.buffers.fixed
 
     @property
     def lengths(self) -> np.ndarray:
@@ -146,7 +144,6 @@ class StateStore:
                 n = self.reusable_prefix(r, ids) if self._adapters[r] == adapter else 0
                 if n > shared or (n == shared and n > 0 and self._released[r] < self._released[best]):
                     best, shared = r, n
-        shared = min(shared, len(ids) - 1) if ids is not None else 0
         self._owners[best], self._row[owner], self._adapters[best] = owner, best, adapter
         self.truncate(best, shared)
         return shared
@@ -154,18 +151,17 @@ class StateStore:
     def shared_prefix(self, row: int, ids: np.ndarray) -> int:
         """How many leading tokens of ``ids`` row ``row`` holds."""
         n = min(int(self._lengths[row]), len(ids))
-        if n == 0:
-            return 0
         differ = np.flatnonzero(self._tokens[row, :n] != ids[:n])
         return int(differ[0]) if differ.size else n
 
     def reusable_prefix(self, row: int, ids: np.ndarray) -> int:
         """Leading tokens of ``ids`` a sequence claiming row ``row`` need not run again: the shared
-        prefix; a fixed state's: all the row holds (fewer than ``ids``) or nothing, it cannot go back."""
-        n = self.shared_prefix(row, ids)
-        if self.buffers.fixed and (n != self._lengths[row] or n >= len(ids)):
-            return 0
-        return n
+        prefix, but for the last token; a fixed state's: the longest of it the row's state or one of
+        its snapshots holds (no pending tokens to run again)."""
+        n = max(0, min(self.shared_prefix(row, ids), len(ids) - 1))
+        if self.buffers.fixed and n < self._computed[row]:
+            return self.buffers.snapshots.restorable(row, n)
+        return min(n, int(self._computed[row]))
 
     def activate(self, owner: Hashable) -> None:
         """Move ``owner``'s row into the decode batch (at its end)."""
@@ -188,21 +184,39 @@ class StateStore:
 
     def truncate(self, row: int, length: int) -> None:
         """Forget row ``row``'s positions from ``length`` on (they stay in memory, unused). A fixed
-        state goes back only to the start (RollbackError otherwise): it keeps no snapshots."""
+        state goes back to its latest snapshot at or before ``length``; the tokens from there to
+        ``length`` become pending."""
         if not 0 <= length <= self._lengths[row]:
             raise ValueError(f"cannot truncate a row of {self._lengths[row]} positions to {length}")
-        if self.buffers.fixed and length < self._lengths[row]:
-            if length:
-                raise RollbackError(f"a recurrent state cannot go back from position {self._lengths[row]} to {length}: it keeps no snapshots")
-            self.buffers.clear([row])
+        if not self.buffers.fixed:
+            self._computed[row] = length
+        elif length < self._computed[row]:
+            self._computed[row] = self.buffers.restore(row, length)
         self._lengths[row] = length
+
+    def pending_rows(self, start: int, count: int) -> list[int]:
+        """Rows among [start, start + count) with pending tokens (gone back to a snapshot before them)."""
+        return [r for r in range(start, start + count) if self._computed[r] < self._lengths[r]]
+
+    def take_pending(self, row: int) -> np.ndarray:
+        """int64 [n]: row ``row``'s pending tokens, which leave the row until a step runs them (a copy)."""
+        pending = self._tokens[row, self._computed[row] : self._lengths[row]].copy()
+        self._lengths[row] = self._computed[row]
+        return pending
+
+    def snapshot(self, start: int, count: int) -> None:
+        """Before a step of several tokens over rows [start, start + count): keep a copy of their
+        fixed state (no pending tokens) at the lengths they hold."""
+        if self.buffers.fixed:
+            for row in range(start, start + count):
+                self.buffers.snapshot(row, int(self._computed[row]))
 
     def copy_row(self, src: int, dst: int) -> None:
         """Make row ``dst`` hold what row ``src`` holds (several samples continuing one prompt)."""
         n = int(self._lengths[src])
         self.buffers.move([src], [dst], n)
         self._tokens[dst, :n] = self._tokens[src, :n]
-        self._lengths[dst], self._adapters[dst] = n, self._adapters[src]
+        self._lengths[dst], self._computed[dst], self._adapters[dst] = n, self._computed[src], self._adapters[src]
 
     # --- blocks lent out (beam search, scoring) ----------------------------------------------
 
@@ -238,7 +252,7 @@ class StateStore:
         used = int(self._lengths[src].max(initial=0))
         self.buffers.move(src, dst, used)
         self._tokens[dst, :used] = self._tokens[src, :used]
-        self._lengths[dst], self._adapters[dst] = self._lengths[src], self._adapters[src]
+        self._lengths[dst], self._computed[dst], self._adapters[dst] = self._lengths[src], self._computed[src], self._adapters[src]
 
     # --- what a forward step uses ------------------------------------------------------------
 
@@ -259,28 +273,14 @@ class StateStore:
             at = self._lengths[rows][:, None] + np.arange(seq)
             np.put_along_axis(self._tokens[rows], at, ids, axis=1)
         self._lengths[rows] += seq
+        self._computed[rows] = self._lengths[rows]
         self.buffers.commit(start, count)
 
     def binding(self, session, start: int, count: int, logits_name: str, logits_shape: tuple, logits_dtype, constants=None):
-        """An IO binding of rows [start, start + count) with a logits output of ``logits_shape``, and that
-        buffer; ``constants(binding)`` binds what all share (adapters) to a new one. The decode batch's
-        binding is kept while its rows stay, its buffer while the shape holds (a fresh one per step
-        would cost page faults); other ranges get fresh ones."""
+        """An IO binding of rows [start, start + count) and its logits buffer (``StateBuffers.binding``:
+        the decode batch's is kept while its rows stay)."""
         batch = start == 0 and count == self.active
-        key = (self.buffers.version, count)
-        if batch and self._binding is not None and self._binding[0] == key:
-            binding, logits = self._binding[1], self._binding[2]
-        else:
-            binding, logits = session.io_binding(), None
-            self.buffers.bind(binding, start, count)
-            if constants is not None:
-                constants(binding)
-        if logits is None or logits.shape != logits_shape:
-            logits = np.empty(logits_shape, logits_dtype)
-            binding.bind_output(logits_name, "cpu", 0, logits_dtype, list(logits_shape), logits.ctypes.data)
-        if batch:
-            self._binding = (key, binding, logits)
-        return binding, logits
+        return self.buffers.binding(session, start, count, batch, logits_name, logits_shape, logits_dtype, constants)
 
     # --- moving rows -------------------------------------------------------------------------
 
@@ -290,7 +290,7 @@ class StateStore:
         n = int(max(self._lengths[a], self._lengths[b]))
         self.buffers.move([a, b], [b, a], n)
         self._tokens[[a, b], :n] = self._tokens[[b, a], :n]
-        for per_row in (self._lengths, self._released, self._adapters):
+        for per_row in (self._lengths, self._computed, self._released, self._adapters):
             per_row[[a, b]] = per_row[[b, a]]
         self._owners[a], self._owners[b] = self._owners[b], self._owners[a]
         for r in (a, b):

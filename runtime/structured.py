@@ -79,11 +79,17 @@ class Grammars:
         self._tokenizers: dict[frozenset[int], Any] = {}  # by stop ids: llguidance's "end" tokens
         self._vocabulary: Vocabulary | None = None  # the tokens a completion search tries, read once
 
-    def _tokenizer(self, stop_ids: frozenset[int]):
+    def _tokenizer(self, stop_ids: frozenset[int], name: str):
         if stop_ids not in self._tokenizers:
-            llg = _llguidance("json_schema")
+            llg = _llguidance(name)
             eos = sorted(stop_ids) or None
-            self._tokenizers[stop_ids] = llg.LLTokenizer(self._json, n_vocab=self.vocab_size, eos_token=eos)
+            try:
+                source = self._json
+                if json.loads(self._json).get("decoder") == {"type": "Fuse"}:  # a character-level vocabulary
+                    source = llg.TokenizerWrapper(_Concatenated(self._json))
+                self._tokenizers[stop_ids] = llg.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=eos)
+            except ValueError as e:  # a decoder llguidance does not know, such as words joined with spaces
+                raise ConfigError(name, f"needs a tokenizer llguidance can read, and this one's is not: {_first_line(str(e))}") from None
         return self._tokenizers[stop_ids]
 
     def compile(self, config: "GenerationConfig", stop_ids: frozenset[int]) -> Callable[[], "Constraint"] | None:
@@ -95,7 +101,7 @@ class Grammars:
         name, value = found
         llg = _llguidance(name)
         source = grammar_source(name, value)
-        tokenizer = self._tokenizer(stop_ids)
+        tokenizer = self._tokenizer(stop_ids, name)
         failed, messages = llg.LLMatcher.validate_grammar_with_warnings(source, tokenizer)
         if failed:
             what = {"json_schema": "JSON schema", "regex": "regular expression", "grammar": "grammar", "choices": "list of choices"}[name]
@@ -107,6 +113,25 @@ class Grammars:
             self._vocabulary = Vocabulary(tokenizer, self.vocab_size)
         vocabulary, first = self._vocabulary, {}  # the first measure is the same for every sequence of a request
         return lambda: Constraint(start.deep_copy(), self.vocab_size, stop_ids, vocabulary, first)
+
+
+class _Concatenated:
+    """A tokenizer whose decoded text is its tokens' text joined (a character-level vocabulary), as
+    llguidance's TokenizerWrapper takes it: each token's bytes (a special one's marked with 0xFF)."""
+
+    def __init__(self, tokenizer_json: str):
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_str(tokenizer_json)
+        special = {t.content: i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special}
+        vocab = sorted(self._tokenizer.get_vocab().items(), key=lambda item: item[1])
+        self.tokens = [b"\xff" + t.encode() if t in special else t.encode() for t, _ in vocab]
+        self.special_token_ids = sorted(special.values())
+        self.eos_token_id = self.special_token_ids[0] if self.special_token_ids else None
+        self.bos_token_id = None
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def _first_line(message: str) -> str:

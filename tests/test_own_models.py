@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from lmrt.export import ExportError, export_model
-from lmrt.runtime import ConfigError, Engine, Generator
+from lmrt.runtime import Engine, Generator
 from lmrt.runtime.manifest import load_manifest
-from lmrt.runtime.state_store import RollbackError
 
 WORDS = (
     "the cat sat on the mat . the dog sat on the log . a cat saw a dog and the dog ran to the park . "
@@ -298,7 +297,9 @@ def test_perplexity_equals_pytorch(own, request):
     assert gen.score(ids).perplexity == pytest.approx(torch_perplexity(module, ids), rel=1e-3)
 
 
-def test_the_engine_prefills_in_chunks_and_reuses_a_whole_row(word_lstm):
+def test_the_engine_prefills_in_chunks_and_reuses_a_row_from_its_snapshots(word_lstm):
+    """A recurrent row is reused whole by a next turn, and in part from the snapshot taken at a
+    prompt chunk's boundary by a prompt that shares only the start of it."""
     _, _, gen = word_lstm
     engine = Engine(gen.model, slots=2, ctx_size=128, prefill_chunk=3)
     try:
@@ -310,10 +311,11 @@ def test_the_engine_prefills_in_chunks_and_reuses_a_whole_row(word_lstm):
         tokens2, request2 = collect(engine, history, config)
         assert request2.cached_tokens == len(first) + len(tokens) - 1  # the row held all of it
         assert tokens2 == gen.generate_batch([history], max_new_tokens=6, stop_token_ids=[])[0][0].token_ids
-        partial = first[:4] + gen.encode("dog")  # shares a prefix, but a recurrent row cannot go back
+        partial = first[:5] + gen.encode("dog")  # shares 5 tokens: the snapshot after the first chunk holds 3
         tokens3, request3 = collect(engine, partial, config)
-        assert request3.cached_tokens == 0
+        assert request3.cached_tokens == 5 // 3 * 3
         assert tokens3 == gen.generate_batch([partial], max_new_tokens=6, stop_token_ids=[])[0][0].token_ids
+        assert engine.status().stats.cached_prompt_tokens == request2.cached_tokens + request3.cached_tokens
     finally:
         engine.close()
 
@@ -373,24 +375,60 @@ def test_max_length_gives_a_module_without_positions_its_window(tmp_path):
     assert gen.generate_batch([[1, 2]], max_new_tokens=5, stop_token_ids=[])[0][0].token_ids == torch_greedy(module, [1, 2], 5)
 
 
-# --- what a recurrent state cannot do --------------------------------------------------------------
+# --- a recurrent row goes back from its snapshots --------------------------------------------------
+
+REPEATING = {"word_lstm": "the cat sat on the mat . the dog sat on the log . the cat sat on the", "char_gru": "the lazy dog. the lazy fox. the lazy"}
 
 
-def test_speculation_on_is_refused_and_auto_is_off(word_lstm):
+@pytest.mark.parametrize("name", ["word_lstm", "char_gru"])
+def test_speculation_on_equals_greedy_without(name, request):
+    """Proposals rejected in part send the row back to its snapshot before the check; the tokens
+    are exactly greedy decoding's without speculation (and auto leaves a recurrent model alone)."""
+    module, _, gen = request.getfixturevalue(name)
+    prompt = gen.encode(REPEATING[name])
+    plain = gen.generate_batch([prompt], max_new_tokens=24, stop_token_ids=[], speculation="off")[0][0].token_ids
+    assert plain == torch_greedy(module, prompt, 24)
+    stats, before = gen.stats, (gen.stats.proposed_tokens, gen.stats.accepted_tokens)
+    assert gen.generate_batch([prompt], max_new_tokens=24, stop_token_ids=[], speculation="on")[0][0].token_ids == plain
+    proposed, accepted = stats.proposed_tokens - before[0], stats.accepted_tokens - before[1]
+    assert 0 < accepted < proposed  # some were taken, some were rolled back
+    gen.generate_batch([prompt], max_new_tokens=8, stop_token_ids=[], speculation="auto")
+    assert stats.proposed_tokens - before[0] == proposed
+
+
+def test_rows_rolled_back_to_different_lengths_step_together(word_lstm):
+    """Rows gone back to a snapshot, between snapshots (tokens pending) or to the start take one
+    step together: each one's logits are the module's after exactly the tokens it kept."""
+    module, _, gen = word_lstm
+    ids = gen.encode("the dog ran to the park . the bird sang in the tree")
+    store = gen.model.new_state(3, 32)
+    for row in range(3):
+        for at in range(0, 12, 4):  # chunks of 4: snapshots at 4 and 8
+            gen.model.forward(store, np.array([ids[at : at + 4]]), keep=1, row=row)
+    for row, length in enumerate([8, 6, 0]):  # a snapshot; 2 tokens past one; the start
+        store.truncate(row, length)
+        assert list(store.tokens(row)) == ids[:length]
+    assert store.pending_rows(0, 3) == [1]
+    step = [gen.encode("the")[0], gen.encode("cat")[0], gen.encode("a")[0]]
+    logits = gen.model.forward(store, np.array(step)[:, None], keep=1)[:, 0]
+    for row, length in enumerate([8, 6, 0]):
+        expected = next_logits(module, ids[:length] + [step[row]]).numpy()
+        np.testing.assert_allclose(logits[row], expected, rtol=1e-4, atol=1e-4)
+        assert list(store.tokens(row)) == ids[:length] + [step[row]] and store.pending_rows(row, 1) == []
+
+
+def test_snapshots_per_row_are_bounded_and_spread(word_lstm):
+    from lmrt.runtime.state_snapshots import PER_ROW
+
     _, _, gen = word_lstm
-    with pytest.raises(ConfigError, match="recurrent state cannot go back"):
-        gen.generate("the cat", speculation="on")
-    assert gen.generate("the cat", max_new_tokens=8, speculation="auto") == gen.generate("the cat", max_new_tokens=8, speculation="off")
-
-
-def test_a_recurrent_row_goes_back_only_to_its_start(word_lstm):
-    _, _, gen = word_lstm
-    store = gen.model.new_state(1, 16)
-    gen.model.forward(store, np.array([gen.encode("the cat sat")]))
-    with pytest.raises(RollbackError, match="keeps no snapshots"):
-        store.truncate(0, 1)
-    store.truncate(0, 0)
-    assert all(not a.any() for a in store.buffers.host_arrays())
+    store = gen.model.new_state(1, 128)
+    ids = gen.encode(WORDS)[:100]
+    for at in range(0, 100, 2):
+        gen.model.forward(store, np.array([ids[at : at + 2]]), keep=1, row=0)
+    held = sorted(int(n) for n in store.buffers.snapshots.lengths[0] if n)
+    assert len(held) == PER_ROW and held[-1] == 98 and max(np.diff([0] + held)) <= 2 * 100 / PER_ROW  # thinned, spread over the row
+    store.truncate(0, 51)
+    assert store.reusable_prefix(0, np.array(ids[:60])) == max(n for n in held if n <= 51)
 
 
 # --- int8 ------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 
@@ -17,6 +16,8 @@ from serving import Server, complete_at_once  # noqa: E402
 from test_own_models import WORDS, LstmLM, TinyGPT, one_torch_thread, train  # noqa: E402,F401 (one_torch_thread: autouse)
 from lmrt.export import export_model  # noqa: E402
 from lmrt.runtime import Generator  # noqa: E402
+from lmrt.runtime.state_snapshots import PER_ROW  # noqa: E402
+from lmrt.state_size import size  # noqa: E402
 
 PROMPTS = ["the cat", "a bird saw the dog on the", "the dog ran after the cat . the bird"]
 CTX = 32  # the GPT's window: every prompt and its answer fit
@@ -33,6 +34,15 @@ def served(request, tmp_path_factory):
     server = Server(str(out), "--slots", "2", "--ctx-size", str(CTX), "--prefill-chunk", "3")
     yield request.param, Generator(str(out), provider="cpu"), server
     server.stop()
+
+
+def test_the_start_line_says_what_the_slots_reserve(served):
+    kind, gen, server = served
+    ready = next(line for line in server.lines if line.startswith("lmrt serve: http://"))
+    if kind == "lstm":  # h and c of 64 floats each, the buffer a step writes, the snapshots
+        assert f"2 slots x {CTX} tokens, state 2 x {size(2 * 64 * 4 * (2 + PER_ROW))} reserved (each: a row's state" in ready
+    else:
+        assert f"2 slots x {CTX} tokens, no state: each step runs a slot's tokens again" in ready
 
 
 def model_name(gen: Generator) -> str:
@@ -95,8 +105,8 @@ def test_logprobs_equal_scoring(served):
 
 
 def test_a_next_turn_reuses_the_row_that_holds_its_history(served):
-    """A prompt that starts with a whole earlier exchange takes the row that holds it (a recurrent
-    row is reused only whole); its answer is the Generator's for the whole history."""
+    """A prompt that starts with a whole earlier exchange takes the row that holds it, all of it
+    (a recurrent row's state is at its end); its answer is the Generator's for the whole history."""
     _, gen, server = served
     client = server.client()
     prompt = "a cat saw a dog and"  # the start of no other test's prompt
@@ -108,17 +118,29 @@ def test_a_next_turn_reuses_the_row_that_holds_its_history(served):
     assert second.choices[0].text == gen.generate(history, max_new_tokens=5, stop_token_ids=[])
 
 
-def test_speculation_on_a_recurrent_model_is_a_400_and_a_window_model_speculates(served):
+def test_a_prompt_sharing_the_start_of_an_earlier_one_reuses_it(served):
+    """A prompt that shares only the first half of an earlier one: a window row reuses the shared
+    tokens, a recurrent row the snapshot at the last prompt chunk's boundary within them (chunks of
+    3); the answer is the Generator's either way, and /metrics counts the reused tokens."""
     kind, gen, server = served
-    body = {"model": model_name(gen), "prompt": PROMPTS[2], "max_tokens": 8, "speculation": "on"}
+    client = server.client()
+    earlier = "a bird saw a dog and a cat ran home to the park"  # the start of no other test's prompt
+    client.completions.create(model=model_name(gen), prompt=earlier, max_tokens=3, extra_body={"ignore_eos": True})
+    shared = gen.encode(earlier)[:8]
+    prompt = gen.decode(shared) + " sat on the mat"
+    assert gen.encode(prompt)[:9] != gen.encode(earlier)[:9] and gen.encode(prompt)[:8] == shared
+    cached_before = server.metric("lmrt:prompt_tokens_cached_total")
+    out = client.completions.create(model=model_name(gen), prompt=prompt, max_tokens=5, extra_body={"ignore_eos": True})
+    assert out.usage.prompt_tokens_details.cached_tokens == (8 if kind == "gpt" else 8 // 3 * 3)
+    assert server.metric("lmrt:prompt_tokens_cached_total") - cached_before == out.usage.prompt_tokens_details.cached_tokens
+    assert out.choices[0].text == gen.generate(prompt, max_new_tokens=5, stop_token_ids=[])
+
+
+def test_speculation_on_equals_the_answer_without(served):
+    _, gen, server = served
+    body = {"model": model_name(gen), "prompt": PROMPTS[2] + " . the dog ran after the cat . the", "max_tokens": 12, "speculation": "on"}
     status, answer = server.raw("POST", "/v1/completions", json_body(body))
-    if kind == "lstm":
-        assert status == 400 and "recurrent state cannot go back" in answer["error"]["message"]
-        assert answer["error"]["param"] == "speculation"
-    else:
-        assert status == 200 and answer["choices"][0]["text"] == gen.generate(PROMPTS[2], max_new_tokens=8, speculation="off")
-    again = server.client().completions.create(model=model_name(gen), prompt=PROMPTS[0], max_tokens=4)
-    assert again.choices[0].text == gen.generate(PROMPTS[0], max_new_tokens=4)  # the server goes on
+    assert status == 200 and answer["choices"][0]["text"] == gen.generate(body["prompt"], max_new_tokens=12, speculation="off")
 
 
 def json_body(body: dict) -> bytes:

@@ -178,6 +178,20 @@ def test_a_kv_state_speculates_and_goes_back(kv_gpt):
     assert gen.stats.accepted_tokens > before
 
 
+def test_a_fixed_state_speculates_from_its_snapshots(fading):
+    """speculation="on" over a declared fixed state: rejected proposals send the row back to its
+    snapshot, and the tokens are a PyTorch loop's carrying the state (auto leaves it off)."""
+    module, gen = fading
+    prompt = gen.encode("the cat sat on the mat . the dog sat on the log . the cat sat on the")
+    expected = carried_greedy(module, prompt, 24)
+    before = (gen.stats.proposed_tokens, gen.stats.accepted_tokens)
+    assert gen.generate_batch([prompt], max_new_tokens=24, stop_token_ids=[], speculation="on")[0][0].token_ids == expected
+    proposed, accepted = gen.stats.proposed_tokens - before[0], gen.stats.accepted_tokens - before[1]
+    assert 0 < accepted < proposed
+    assert gen.generate_batch([prompt], max_new_tokens=24, stop_token_ids=[], speculation="auto")[0][0].token_ids == expected
+    assert gen.stats.proposed_tokens - before[0] == proposed
+
+
 def test_the_engine_prefills_in_chunks_beside_decoding_rows(own):
     """Three requests on two slots, read three tokens per step: rows of different lengths decode
     together, and each answer is the Generator's for that prompt alone."""

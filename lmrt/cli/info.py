@@ -77,18 +77,22 @@ def info(model_dir: str) -> None:
 
 
 def state_row(m) -> tuple[str, str]:
-    """What a step keeps: the KV cache's attention, a declared state (a recurrent model's h and c per
-    layer), or nothing (a window graph, re-run each step)."""
+    """What a step keeps and what it takes: the KV cache's attention, a declared state (a recurrent
+    model's h and c per layer), or nothing (a window graph, re-run each step)."""
+    from ..runtime.state_spec import state_of
+    from ..state_size import per_sequence
+
     a = m.architecture
     if m.graph.decoding == "window":
         return ("decoding", f"no state: each step runs the sequence again, up to its window of {a.context_length} tokens (slower than a cache)")
+    size = per_sequence(state_of(m))
     if not m.graph.state:
-        return ("attention", f"{a.num_heads} heads, {a.num_kv_heads} KV heads, head size {a.head_size}")
+        return ("attention", f"{a.num_heads} heads, {a.num_kv_heads} KV heads, head size {a.head_size}; KV cache {size}")
     tensors = ", ".join(f"{s.past.removeprefix('past_state.')} {s.kind} {list(s.shape)}" for s in m.graph.state)
-    note = "; carried step by step (no speculation; a prefix is reused only as a whole row)" if any(s.kind == "fixed" for s in m.graph.state) else ""
+    note = "; carried step by step, going back from snapshots" if any(s.kind == "fixed" for s in m.graph.state) else ""
     if m.graph.decoding == "declared":
         note += "; the module's own state, rows of one length run together"
-    return ("state", f"{tensors} per sequence{note}")
+    return ("state", f"{tensors} per sequence: {size}{note}")
 
 
 def installed_onnxruntime_version() -> str | None:

@@ -26,9 +26,10 @@ def serve(model_dir, api_key_file, on_ray, address, replicas, min_replicas, max_
     """Serve the model in MODEL_DIR over HTTP with OpenAI's API.
 
     Routes: POST /v1/chat/completions, POST /v1/completions (or, for an embedding model, POST
-    /v1/embeddings), GET /v1/models, GET /health, GET /metrics (Prometheus). The KV cache for all
-    slots is reserved at start: slots x ctx-size x (2 x layers x KV heads x head size x bytes per
-    value).
+    /v1/embeddings), GET /v1/models, GET /health, GET /metrics (Prometheus). The state of all slots
+    is reserved at start, and the ready line says how much: a KV cache of slots x ctx-size x (2 x
+    layers x KV heads x head size x bytes per value), or a recurrent model's state per slot with its
+    snapshots.
 
     \b
     Examples:

@@ -63,6 +63,7 @@ def serve(settings: ServeSettings, report: Callable[[str], None]) -> None:
     from ..precision import precision
     from ..runtime import Encoder, Engine, LoadedModel
     from ..runtime.errors import first_line
+    from ..state_size import reserved_line
 
     manifest = settings.manifest
     generates = manifest.task == "generate"
@@ -84,7 +85,7 @@ def serve(settings: ServeSettings, report: Callable[[str], None]) -> None:
                 model = LoadedModel(settings.model_dir, provider=settings.provider, threads=settings.threads)
                 engine = Engine(model, settings.engine_settings())
                 how = (f"provider {model.provider}, {settings.slots} slots x {settings.ctx_size} tokens, "
-                       f"KV cache {engine.kv_bytes / 1e6:.0f} MB reserved")  # fmt: skip
+                       f"{reserved_line(model.state_specs, engine.slots, engine.ctx_size)}")  # fmt: skip
             else:
                 encoder = Encoder(settings.model_dir, provider=settings.provider, threads=settings.threads)
                 how = f"provider {encoder.provider}, {manifest.task}: POST /v1/embeddings"
