@@ -312,15 +312,22 @@ def test_classifier_logits_and_labels_equal_pytorch(classifiers, family):
 # --- quantization -----------------------------------------------------------------------------
 
 
-def test_int8_products_are_exact_on_every_cpu():
-    """The rewritten MatMul computes exactly the integer arithmetic it stands for, also where the
-    kernel adds code pairs in 16 bits (x86 without VNNI): activations that span the whole uint8 range
-    against weight columns at full scale, compared with the same arithmetic in numpy."""
-    import onnx
-    import onnxruntime as ort
+@pytest.mark.parametrize("codes", ["7", "8"])
+def test_int8_products_are_exact_on_every_cpu(tmp_path, codes):
+    """The rewritten MatMul computes exactly the integer arithmetic it stands for, on the 8-bit codes
+    the directory stores and on the 7-bit ones the runtime makes of them, also where the kernel adds
+    code pairs in 16 bits (x86 without VNNI): activations that span the whole uint8 range against
+    weight columns at full scale, compared with the same arithmetic in numpy. Where 8-bit products
+    are not exact, the 8-bit path is seen to saturate: why "auto" runs 7-bit codes there."""
+    from types import SimpleNamespace
+
     from onnx import TensorProto, helper, numpy_helper
 
+    from lmrt.quantize.graph_file import save_graph
     from lmrt.quantize.token_int8 import quantize_per_token
+    from lmrt.runtime.cpu import exact_8bit_int8_products
+    from lmrt.runtime.int8_codes import session_initializers
+    from lmrt.runtime.session import create_session
 
     rng = np.random.default_rng(0)
     k, n = 256, 64
@@ -334,18 +341,33 @@ def test_int8_products_are_exact_on_every_cpu():
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     assert quantize_per_token(model) == 1
-    codes = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w.int8")
-    assert np.abs(codes.astype(np.int32)).max() <= 63
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert np.abs(stored["w.int8"].astype(np.int32)).max() == 127
+    save_graph(model, str(tmp_path))  # the codes in the data file, the scales in the graph file
+    path = str(tmp_path / "model.onnx")
+    manifest = SimpleNamespace(task="embed", quantization={"name": "int8", "weight_code_bits": 8})
+    bits, values = session_initializers(manifest, path, codes)
+    assert bits == int(codes) and bool(values) == (codes == "7")
+    run_codes, w_scale = stored["w.int8"].astype(np.float64), stored["w.scales"].astype(np.float64)
+    if codes == "7":
+        np.testing.assert_array_equal(values["w.int8"].numpy(), np.rint(run_codes / 2))
+        run_codes, w_scale = np.rint(run_codes / 2), w_scale * 2
+        assert np.abs(run_codes).max() == 64  # 255 * 64 * 2 = 32640: a pair's sum fits in 16 bits
+        np.testing.assert_allclose(values["w.scaled_column_sums"].numpy(), (run_codes.sum(0) * w_scale)[None], rtol=1e-6)
+    session, _ = create_session(path, "cpu", str(tmp_path), initializers=values)
+    got = session.run(None, {"x": x})[0].reshape(-1, n)
 
     rows = x.reshape(-1, k).astype(np.float64)
     lo, hi = np.minimum(rows.min(1), 0), np.maximum(rows.max(1), 0)
     scale = (hi - lo) / 255
     zero = np.round(-lo / scale)
     x_q = np.clip(np.round(rows / scale[:, None]) + zero[:, None], 0, 255)
-    w_scale = np.abs(w).max(0) / 63
-    expected = ((x_q - zero[:, None]) @ codes.astype(np.float64)) * scale[:, None] * w_scale
-    np.testing.assert_allclose(got.reshape(-1, n), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    expected = ((x_q - zero[:, None]) @ run_codes) * scale[:, None] * w_scale
+    tolerance = {"rtol": 1e-4, "atol": 1e-4 * np.abs(expected).max()}
+    if codes == "8" and not exact_8bit_int8_products():
+        assert not np.allclose(got, expected, **tolerance), "8-bit products were exact on a CPU said to saturate them"
+        return
+    np.testing.assert_allclose(got, expected, **tolerance)
 
 
 def test_int8_embeddings_pass_their_gate(st_models, tmp_path):
