@@ -1,7 +1,7 @@
 """int8 for encoders: every MatMul with a weight becomes an integer matrix product whose activations
 are quantized per token at run time.
 
-    W [K, N]  -> int8 codes in -127 .. 127 (8 bits), symmetric, one scale per output column (w_scale [N])
+    W [K, N]  -> int8 codes in -126 .. 126 (8 bits), symmetric, one scale per output column (w_scale [N])
     x [.., K] -> per row (token): lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / 255,
                  zero point z = round(-lo / scale), x_q = QuantizeLinear(x, scale, z): uint8
     y = scale * (MatMulIntegerToFloat(x_q, W_q, 1, w_scale) - z * (column sums of W_q * w_scale))
@@ -16,6 +16,10 @@ uint8 x int8 products in 32 bits (VNNI, Arm); on x86 CPUs without VNNI, onnxrunt
 pairs of products in 16 bits, which saturate when both codes are near full scale
 (255 * 127 * 2 > 32767), and the runtime halves the codes into 7 bits in memory when it loads the
 directory (runtime/int8_codes.py, which names the three initializers each projection keeps).
+The 8-bit codes are chosen for that: the step is half the 7-bit one (max |w| / 126), each weight
+takes its nearest code unless halving that code (ties to even) would not give the weight's nearest
+7-bit code, in which case it takes that 7-bit code doubled; so the 7-bit path computes exactly what
+a 7-bit directory computes, and the 8-bit path is closer to fp32 than it (docs/benchmarks.md).
 Directories written before kept 7-bit codes (-63 .. 63) and say nothing of their code bits. An
 encoder sends its whole batch through
 each MatMul at once, and there these integer kernels were measured much faster than MatMulNBits,
@@ -35,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..runtime.int8_codes import CODE_BITS_KEY, CODES_SUFFIX, SCALES_SUFFIX, SUMS_SUFFIX
+from ..runtime.int8_codes import CODE_BITS_KEY, CODES_SUFFIX, SCALES_SUFFIX, SUMS_SUFFIX, halve_codes
 from ..runtime.manifest import Manifest
 from .blocks import quantize_symmetric
 from .graph_file import save_quantized
@@ -71,13 +75,25 @@ class _Nodes:
         return name
 
 
+def column_codes(w_t: np.ndarray, code_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes [N, K] and scales [N] of ``w_t`` [N, K], one scale per row: 7 bits, the
+    nearest codes within -63 .. 63; 8 bits, codes on half that step whose halves are the 7-bit codes."""
+    q = quantize_symmetric(w_t, 7, block_size=w_t.shape[1])  # one block per output column
+    seven = q.codes[:, 0, :].astype(np.int16) - 64  # [N, K] in -63 .. 63
+    scales = q.scales[:, 0].astype(np.float32)
+    if code_bits == 7:
+        return seven.astype(np.int8), scales
+    half = scales / 2
+    nearest = np.clip(np.rint(w_t / half[:, None]), -126, 126).astype(np.int16)
+    eight = np.where(halve_codes(nearest) == seven, nearest, 2 * seven)
+    return eight.astype(np.int8), half
+
+
 def _matmul(g: _Nodes, x: str, w: np.ndarray, name: str, y: str, code_bits: int) -> None:
     """y = x @ w (w [K, N]) with int8 weights and per-token uint8 activations."""
     k, n = w.shape
-    q = quantize_symmetric(w.T, code_bits, block_size=k)  # one block per output column
-    codes = (q.codes[:, 0, :].astype(np.int16) - 2 ** (code_bits - 1)).astype(np.int8)  # [N, K] in -127 .. 127
+    codes, w_scale = column_codes(w.T, code_bits)  # [N, K], [N]
     w_q = g.add(np.ascontiguousarray(codes.T), name + CODES_SUFFIX)  # [K, N]
-    w_scale = q.scales[:, 0].astype(np.float32)  # [N]
     scaled_sums = (codes.astype(np.float32).sum(axis=1) * w_scale)[None, :]  # [1, N]
 
     rows = g.op("Reshape", x, g.const([-1, k], np.int64))  # [M, K]

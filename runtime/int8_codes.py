@@ -6,9 +6,11 @@ initializers: the codes ``NAME.int8`` (int8 [K, N], symmetric), the column scale
 (float [N]) and the scaled column sums ``NAME.scaled_column_sums`` (float [1, N], the codes' sums
 times the scales, which take each token's zero point out of the product). A directory written with
 8-bit codes (its quantization record says ``weight_code_bits: 8``) runs them as they are where
-8-bit products are exact (runtime/cpu.py); elsewhere each code c becomes round(c / 2) (|code| <= 64,
-ties to even), its column's scale doubles and the column sums are taken again from the new codes, so
-the graph computes exactly what it says on every CPU. Directories written before record no
+8-bit products are exact (runtime/cpu.py); elsewhere each code c becomes round(c / 2) (ties to
+even), its column's scale doubles and the column sums are taken again from the new codes, so the
+graph computes exactly what it says on every CPU. The quantizer picks the 8-bit codes (within
+-126 .. 126, on half the 7-bit step) so that their halves are exactly the 7-bit codes it would
+have written, and the 7-bit path gives what a 7-bit directory gives. Directories written before record no
 ``weight_code_bits``: their codes are 7-bit and run as they are.
 """
 
@@ -92,15 +94,21 @@ def seven_bit_initializers(graph_path: str) -> dict[str, np.ndarray]:
         prefix = name[: -len(CODES_SUFFIX)]
         if not name.endswith(CODES_SUFFIX) or prefix + SCALES_SUFFIX not in stored or prefix + SUMS_SUFFIX not in stored:
             continue
-        codes = _read(stored[name], graph_path, base).astype(np.int16)  # [K, N]
+        codes = _read(stored[name], graph_path, base)  # [K, N]
         scales = _read(stored[prefix + SCALES_SUFFIX], graph_path, base)  # [N]
-        halved = np.rint(codes / 2).astype(np.int8)  # ties to even: |code| <= 64
+        halved = halve_codes(codes)
         doubled = (scales * 2).astype(np.float32)
         out[name] = halved
         out[prefix + SCALES_SUFFIX] = doubled
         sums = (halved.astype(np.float32).sum(axis=0) * doubled).astype(np.float32)
         out[prefix + SUMS_SUFFIX] = sums.reshape(stored[prefix + SUMS_SUFFIX].dims)
     return out
+
+
+def halve_codes(codes: np.ndarray) -> np.ndarray:
+    """int8 codes made 7-bit: round(code / 2), ties to even (the quantizer picks its 8-bit codes so
+    that this gives its 7-bit ones)."""
+    return np.rint(codes.astype(np.float32) / 2).astype(np.int8)
 
 
 def _read(tensor: StoredTensor, graph_path: str, base: str) -> np.ndarray:

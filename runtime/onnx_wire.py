@@ -6,6 +6,10 @@ anything, so a graph cannot make it read outside the model directory, and a miss
 file is reported by name. Only the fields on the way to a tensor are decoded (model → graph →
 initializers, nodes' attributes, subgraphs, functions); everything else, weights included, is skipped
 by its length, so a file of any size costs one pass over its field headers.
+
+``stored_initializers`` reads the main graph's initializers the same way: each one's type, shape and
+where its bytes are (in the graph file, or in an external data file), so the runtime can read the
+few tensors it replaces (runtime/int8_codes.py) with numpy alone.
 """
 
 from __future__ import annotations
