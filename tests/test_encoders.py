@@ -313,6 +313,31 @@ def test_classifier_logits_and_labels_equal_pytorch(classifiers, family):
 # --- quantization -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "machine,flags,exact",
+    [
+        ("x86_64", "fpu sse2 avx avx2 fma", False),  # AVX2 only: 16-bit pair sums
+        ("x86_64", "avx2 avx512f avx512bw", False),  # AVX-512 without VNNI: the same kernel
+        ("x86_64", "avx2 avx512f avx512bw avx512_vnni", True),
+        ("AMD64", "avx2 avx_vnni", True),
+        ("aarch64", "fp asimd asimddp", True),
+        ("arm64", "", True),
+        ("riscv64", "", False),
+    ],
+)
+def test_the_cpu_rule_for_8_bit_codes(tmp_path, machine, flags, exact):
+    from lmrt.runtime.cpu import cpu_features
+    from lmrt.runtime.int8_codes import code_bits_to_run
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\n{'Features' if 'asimd' in flags else 'flags'}\t\t: {flags}\n")
+    features = cpu_features(str(cpuinfo))
+    assert set(features) == set(flags.split()) - {"fpu", "sse2", "fp"}
+    assert exact_8bit_int8_products(features, machine) is exact
+    assert code_bits_to_run(8, "auto", exact) == (8 if exact else 7)
+    assert (code_bits_to_run(8, "7", exact), code_bits_to_run(8, "8", exact), code_bits_to_run(7, "auto", exact)) == (7, 8, 7)
+
+
 @pytest.mark.parametrize("codes", ["7", "8"])
 def test_int8_products_are_exact_on_every_cpu(tmp_path, codes):
     """The rewritten MatMul computes exactly the integer arithmetic it stands for, on the 8-bit codes
