@@ -6,27 +6,7 @@ import os
 import platform
 import sys
 
-# CPU features onnxruntime's kernels choose between (x86: AVX2 / AVX-512 / VNNI / AMX for int8 and
-# MatMulNBits; Arm: dot product, int8 matrix multiply, SVE), as /proc/cpuinfo names them.
-CPU_FEATURES = (
-    "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
-    "asimd", "asimddp", "asimdhp", "i8mm", "sve", "sve2", "bf16",
-)  # fmt: skip
-
-
-def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
-    """Those of ``CPU_FEATURES`` the CPU reports ("flags" on x86, "Features" on Arm), in that order."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return []
-    found: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            found.update(value.split())
-    return [f for f in CPU_FEATURES if f in found]
+from .runtime.cpu import cpu_features, int8_products_line
 
 
 def _version(module: str) -> str:
@@ -43,6 +23,7 @@ def machine_rows() -> list[tuple[str, str]]:
         ("python", f"{platform.python_version()} ({sys.executable})"),
         ("platform", f"{platform.system()} {platform.machine()}, {os.cpu_count() or '?'} logical CPUs"),
         ("cpu features", ", ".join(cpu_features()) or "none of those onnxruntime uses (or /proc/cpuinfo unreadable)"),
+        ("encoder int8", int8_products_line()),
     ]
     try:
         import onnxruntime as ort

@@ -6,6 +6,11 @@ and the quantized directory, both by lmrt's runtime in the same batches.
   classify  the share of texts given the same label (the top label of a softmax classifier; every
             label's yes / no at a score of 0.5 for a sigmoid one) must reach 0.98; the largest
             score difference is reported
+
+An int8 directory keeps 8-bit weight codes that run as 7-bit ones on CPUs without VNNI
+(runtime/int8_codes.py): the gate measures the 7-bit path, which is exact on every CPU, and the
+8-bit path too where this CPU computes it exactly, and judges by the worse of them; each path's
+figure is kept under ``by_code_bits``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import re
 
 import numpy as np
 
+from ..runtime.cpu import exact_8bit_int8_products
 from ..runtime.encoder import Encoder, label_scores
 from ..runtime.manifest import Manifest
 from .errors import QuantizeError
@@ -53,7 +59,14 @@ class EncoderGate:
 
     def measure(self, candidate_dir: str, candidate: Manifest) -> dict:
         ref = Encoder(self.source_dir, provider="cpu").run(self.texts)
-        got = Encoder(candidate_dir, provider="cpu").run(self.texts)
+        paths = ["7", "8"] if exact_8bit_int8_products() else ["7"]
+        measured = [self._compare(ref, Encoder(candidate_dir, provider="cpu", int8_codes=p).run(self.texts)) for p in paths]
+        key = "label_agreement" if self.task == "classify" else "mean_cosine"
+        quality = min(measured, key=lambda q: q[key])
+        quality["by_code_bits"] = {p: q[key] for p, q in zip(paths, measured)}
+        return quality
+
+    def _compare(self, ref: np.ndarray, got: np.ndarray) -> dict:
         quality = {"eval_text": self.name, "texts": len(self.texts), "provider": "cpu"}
         if self.task == "classify":
             ref_scores, got_scores = label_scores(ref, self.score_function), label_scores(got, self.score_function)

@@ -1,7 +1,7 @@
 """int8 for encoders: every MatMul with a weight becomes an integer matrix product whose activations
 are quantized per token at run time.
 
-    W [K, N]  -> int8 codes in -63 .. 63 (7 bits), symmetric, one scale per output column (w_scale [N])
+    W [K, N]  -> int8 codes in -126 .. 126 (8 bits), symmetric, one scale per output column (w_scale [N])
     x [.., K] -> per row (token): lo = min(x, 0), hi = max(x, 0), scale = (hi - lo) / 255,
                  zero point z = round(-lo / scale), x_q = QuantizeLinear(x, scale, z): uint8
     y = scale * (MatMulIntegerToFloat(x_q, W_q, 1, w_scale) - z * (column sums of W_q * w_scale))
@@ -11,11 +11,17 @@ zero point is taken out afterwards through the column sums: MatMulIntegerToFloat
 already in float and scaled by column, one Gemm of the zero points [M, 1] by the scaled column sums
 [1, N] subtracts the correction as it reads that product, and one Mul applies the row scales (the
 plain MatMulInteger, Cast, Sub and Mul chain takes twice as many passes over the [M, N] product and
-measured slower: docs/benchmarks.md). The weights keep 7 bits: on x86 CPUs without
-VNNI (AVX2 only), onnxruntime's uint8 x int8 kernel adds pairs of products in 16 bits, which
-saturate when both codes are near full scale (255 * 127 * 2 > 32767); with codes within 63 they
-cannot, so a directory gives the same embeddings on AVX2, AVX-512 VNNI and Arm (onnxruntime's own
-quantizer calls this reduce_range). An encoder sends its whole batch through
+measured slower: docs/benchmarks.md). The directory keeps 8-bit codes, exact where the CPU adds
+uint8 x int8 products in 32 bits (VNNI, Arm); on x86 CPUs without VNNI, onnxruntime's kernel adds
+pairs of products in 16 bits, which saturate when both codes are near full scale
+(255 * 127 * 2 > 32767), and the runtime halves the codes into 7 bits in memory when it loads the
+directory (runtime/int8_codes.py, which names the three initializers each projection keeps).
+The 8-bit codes are chosen for that: the step is half the 7-bit one (max |w| / 126), each weight
+takes its nearest code unless halving that code (ties to even) would not give the weight's nearest
+7-bit code, in which case it takes that 7-bit code doubled; so the 7-bit path computes exactly what
+a 7-bit directory computes, and the 8-bit path is closer to fp32 than it (docs/benchmarks.md).
+Directories written before kept 7-bit codes (-63 .. 63) and say nothing of their code bits. An
+encoder sends its whole batch through
 each MatMul at once, and there these integer kernels were measured much faster than MatMulNBits,
 whose kernels are built for a decoder's few rows; per-token ranges were measured far closer to fp32
 than the per-tensor ranges of onnxruntime's DynamicQuantizeMatMul, and they keep each text's
@@ -33,6 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..runtime.int8_codes import CODE_BITS_KEY, CODES_SUFFIX, SCALES_SUFFIX, SUMS_SUFFIX, halve_codes
 from ..runtime.manifest import Manifest
 from .blocks import quantize_symmetric
 from .graph_file import save_quantized
@@ -40,7 +47,7 @@ from .rewrite import MS_DOMAIN, fallback_note, import_contrib_ops, quantize_grap
 from .schemes import scheme_for
 
 
-WEIGHT_BITS = 7  # the products of a code pair, added in 16 bits by AVX2 kernels, cannot saturate
+CODE_BITS = 8  # what a directory stores; the runtime makes 7-bit codes of them where 8 would saturate
 
 
 class _Nodes:
@@ -68,13 +75,25 @@ class _Nodes:
         return name
 
 
-def _matmul(g: _Nodes, x: str, w: np.ndarray, name: str, y: str) -> None:
+def column_codes(w_t: np.ndarray, code_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes [N, K] and scales [N] of ``w_t`` [N, K], one scale per row: 7 bits, the
+    nearest codes within -63 .. 63; 8 bits, codes on half that step whose halves are the 7-bit codes."""
+    q = quantize_symmetric(w_t, 7, block_size=w_t.shape[1])  # one block per output column
+    seven = q.codes[:, 0, :].astype(np.int16) - 64  # [N, K] in -63 .. 63
+    scales = q.scales[:, 0].astype(np.float32)
+    if code_bits == 7:
+        return seven.astype(np.int8), scales
+    half = scales / 2
+    nearest = np.clip(np.rint(w_t / half[:, None]), -126, 126).astype(np.int16)
+    eight = np.where(halve_codes(nearest) == seven, nearest, 2 * seven)
+    return eight.astype(np.int8), half
+
+
+def _matmul(g: _Nodes, x: str, w: np.ndarray, name: str, y: str, code_bits: int) -> None:
     """y = x @ w (w [K, N]) with int8 weights and per-token uint8 activations."""
     k, n = w.shape
-    q = quantize_symmetric(w.T, WEIGHT_BITS, block_size=k)  # one block per output column
-    codes = (q.codes[:, 0, :].astype(np.int16) - 2 ** (WEIGHT_BITS - 1)).astype(np.int8)  # [N, K] in -63 .. 63
-    w_q = g.add(np.ascontiguousarray(codes.T), f"{name}.int8")  # [K, N]
-    w_scale = q.scales[:, 0].astype(np.float32)  # [N]
+    codes, w_scale = column_codes(w.T, code_bits)  # [N, K], [N]
+    w_q = g.add(np.ascontiguousarray(codes.T), name + CODES_SUFFIX)  # [K, N]
     scaled_sums = (codes.astype(np.float32).sum(axis=1) * w_scale)[None, :]  # [1, N]
 
     rows = g.op("Reshape", x, g.const([-1, k], np.int64))  # [M, K]
@@ -88,17 +107,17 @@ def _matmul(g: _Nodes, x: str, w: np.ndarray, name: str, y: str) -> None:
         g.op("Cast", g.op("Squeeze", zero, column), to=TensorProto.UINT8), axis=0,
     )  # uint8 [M, K]  # fmt: skip
     product = g.op(
-        "MatMulIntegerToFloat", x_q, w_q, g.const([1.0]), g.add(w_scale, f"{name}.scales"), domain=MS_DOMAIN
+        "MatMulIntegerToFloat", x_q, w_q, g.const([1.0]), g.add(w_scale, name + SCALES_SUFFIX), domain=MS_DOMAIN
     )  # float [M, N]: the integer product times w_scale  # fmt: skip
-    corrected = g.op("Gemm", zero, g.add(scaled_sums, f"{name}.scaled_column_sums"), product, alpha=-1.0, beta=1.0)
+    corrected = g.op("Gemm", zero, g.add(scaled_sums, name + SUMS_SUFFIX), product, alpha=-1.0, beta=1.0)
     flat = g.op("Mul", corrected, scale)
     shape = g.op("Concat", g.op("Shape", x, end=-1), g.const([n], np.int64), axis=0)
     g.op("Reshape", flat, shape, out=y)
 
 
-def quantize_per_token(model: onnx.ModelProto) -> int:
+def quantize_per_token(model: onnx.ModelProto, code_bits: int = CODE_BITS) -> int:
     """Rewrite ``model`` in place: each MatMul(x, W) with W an initializer [K, N] becomes the int8
-    product above; returns how many were rewritten."""
+    product above, its codes within ``code_bits``; returns how many were rewritten."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     g = _Nodes()
@@ -109,7 +128,7 @@ def quantize_per_token(model: onnx.ModelProto) -> int:
             nodes.append(node)
             continue
         start = len(g.nodes)
-        _matmul(g, node.input[0], numpy_helper.to_array(w).astype(np.float32), w.name, node.output[0])
+        _matmul(g, node.input[0], numpy_helper.to_array(w).astype(np.float32), w.name, node.output[0], code_bits)
         nodes.extend(g.nodes[start:])
         rewritten += 1
     used = {name for node in nodes for name in node.input}
@@ -128,7 +147,7 @@ def write_encoder_int8(source_dir: str, out_dir: str, manifest: Manifest, progre
     ``quantization`` record."""
     progress("… quantizing weights (int8, activations per token at run time)")
     model = onnx.load(os.path.join(source_dir, manifest.graph.file))
-    linear = quantize_per_token(model)
+    linear = quantize_per_token(model, CODE_BITS)
     table = scheme_for("int8")  # the embedding table: 8-bit blocks, as for decoders
     counts = quantize_graph(
         model, lambda kind, name, w: table.quantize(kind, w) if kind == "embedding" else None, table.accuracy_level,
@@ -142,7 +161,9 @@ def write_encoder_int8(source_dir: str, out_dir: str, manifest: Manifest, progre
     return {
         "name": "int8",
         "bits": 8,
-        "method": f"int8 weights within {WEIGHT_BITS} bits, symmetric, one scale per output column",
+        "method": f"int8 weights within {CODE_BITS} bits, symmetric, one scale per output column "
+        "(7 bits in memory on CPUs without VNNI)",
+        CODE_BITS_KEY: CODE_BITS,
         "activations": "uint8, one scale and zero point per token, computed at run time",
         "embedding_block_size": table.block_size,
         "weights": "MatMulIntegerToFloat (linear), GatherBlockQuantized (token embeddings)" + fallback_note(counts["forms"]),

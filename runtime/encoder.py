@@ -16,6 +16,7 @@ import numpy as np
 from .manifest import EncoderInfo, load_manifest, load_tokenizer, require_task
 from .memory import settle_memory
 from .compat import check_onnxruntime
+from .int8_codes import session_initializers
 from .session import available_providers, create_session, resolve_provider
 
 DEFAULT_BATCH_SIZE = 32
@@ -45,10 +46,16 @@ class Encoder:
 
     ``truncate``: texts longer than the model's ``max_length`` tokens are cut to it (True, the
     default) or refused with a ValueError (False); each call may override it.
+
+    ``int8_codes``: the weight codes of an int8 directory: "auto" (8-bit where this CPU's products of
+    them are exact, 7-bit made in memory elsewhere), "7" or "8" to force one; None reads the
+    LMRT_INT8_CODES environment variable, "auto" when unset (runtime/int8_codes.py).
+    ``int8_code_bits`` says what runs: 7, 8, or None for a float graph.
     """
 
     def __init__(
-        self, model_dir: str | os.PathLike, provider: str = "auto", threads: int | None = None, truncate: bool = True
+        self, model_dir: str | os.PathLike, provider: str = "auto", threads: int | None = None, truncate: bool = True,
+        int8_codes: str | None = None,
     ):
         self.model_dir = os.fspath(model_dir)
         self.manifest = load_manifest(self.model_dir)
@@ -59,7 +66,8 @@ class Encoder:
         check_onnxruntime(self.manifest, self.model_dir)
         chosen = resolve_provider(provider, available_providers())
         path = os.path.join(self.model_dir, self.manifest.graph.file)
-        self.session, self.provider = create_session(path, chosen, self.model_dir, threads)
+        self.int8_code_bits, self._initializers = session_initializers(self.manifest, path, int8_codes)
+        self.session, self.provider = create_session(path, chosen, self.model_dir, threads, self._initializers)
         self._tokenizer = load_tokenizer(self.model_dir, self.manifest)  # cuts texts to max_length
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.info.max_length)

@@ -6,6 +6,10 @@ anything, so a graph cannot make it read outside the model directory, and a miss
 file is reported by name. Only the fields on the way to a tensor are decoded (model → graph →
 initializers, nodes' attributes, subgraphs, functions); everything else, weights included, is skipped
 by its length, so a file of any size costs one pass over its field headers.
+
+``stored_initializers`` reads the main graph's initializers the same way: each one's type, shape and
+where its bytes are (in the graph file, or in an external data file), so the runtime can read the
+few tensors it replaces (runtime/int8_codes.py) with numpy alone.
 """
 
 from __future__ import annotations
@@ -36,10 +40,25 @@ _NODE_ATTRIBUTES = 5
 _ATTRIBUTE_TENSOR, _ATTRIBUTE_GRAPH, _ATTRIBUTE_TENSORS, _ATTRIBUTE_GRAPHS = 5, 6, 10, 11
 _ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS = 22, 23
 _SPARSE_VALUES, _SPARSE_INDICES = 1, 2
-_TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW_DATA = 1, 2, 8, 9
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 _MAX_DEPTH = 64  # subgraphs nested deeper than this are refused rather than followed
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a graph initializer's bytes are: ``location`` is the file (relative to the graph's
+    directory; "" for the graph file itself, whose raw_data field holds them), ``offset`` and
+    ``length`` the bytes in it."""
+
+    name: str
+    data_type: int  # TensorProto.DataType: 1 float, 3 int8, ...
+    dims: tuple[int, ...]
+    location: str
+    offset: int
+    length: int | None  # None: to the end of the file
 
 
 def _varint(buf, pos: int, end: int) -> tuple[int, int]:
@@ -93,10 +112,21 @@ def _text(buf, span: tuple[int, int]) -> str:
         raise OnnxFileError("damaged (a name is not UTF-8)") from None
 
 
-def _tensor(buf, span: tuple[int, int], out: list[ExternalData]) -> None:
-    name, location, entries = "", _EXTERNAL - 1, {}
+def _tensor(buf, span: tuple[int, int], out: list[ExternalData], stored: list[StoredTensor] | None = None) -> None:
+    name, location, entries, data_type, dims, raw = "", _EXTERNAL - 1, {}, 0, [], None
     for number, wire, value in _fields(buf, *span):
-        if number == _TENSOR_NAME and wire == 2:
+        if number == _TENSOR_DIMS and wire == 0:
+            dims.append(value)
+        elif number == _TENSOR_DIMS and wire == 2:  # packed
+            pos = value[0]
+            while pos < value[1]:
+                dim, pos = _varint(buf, pos, value[1])
+                dims.append(dim)
+        elif number == _TENSOR_DATA_TYPE and wire == 0:
+            data_type = value
+        elif number == _TENSOR_RAW_DATA and wire == 2:
+            raw = value
+        elif number == _TENSOR_NAME and wire == 2:
             name = _text(buf, value)
         elif number == _TENSOR_DATA_LOCATION and wire == 0:
             location = value
@@ -109,6 +139,8 @@ def _tensor(buf, span: tuple[int, int], out: list[ExternalData]) -> None:
                     val = _text(buf, v)
             entries[key] = val
     if location != _EXTERNAL:
+        if stored is not None and raw is not None:
+            stored.append(StoredTensor(name, data_type, tuple(dims), "", raw[0], raw[1] - raw[0]))
         return
     try:
         offset = int(entries.get("offset") or 0)
@@ -118,6 +150,8 @@ def _tensor(buf, span: tuple[int, int], out: list[ExternalData]) -> None:
     if "location" not in entries or offset < 0 or (length is not None and length < 0):
         raise OnnxFileError(f"damaged (tensor {name!r} keeps its data outside but says not where)")
     out.append(ExternalData(name, entries["location"], offset, length))
+    if stored is not None:
+        stored.append(StoredTensor(name, data_type, tuple(dims), entries["location"], offset, length))
 
 
 def _sparse(buf, span, out) -> None:
@@ -171,3 +205,17 @@ def external_data(path: str) -> list[ExternalData]:
             if not graphs:
                 raise OnnxFileError("not an ONNX model (it has no graph)")
             return out
+
+
+def stored_initializers(path: str) -> list[StoredTensor]:
+    """The initializers of the main graph of the ONNX model ``path`` kept as raw bytes (in the graph
+    file or in an external data file), with their types and shapes; their data is not read."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise OnnxFileError("empty")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            stored: list[StoredTensor] = []
+            for graph in _messages(buf, 0, len(buf), _MODEL_GRAPH):
+                for tensor in _messages(buf, *graph, _GRAPH_INITIALIZERS):
+                    _tensor(buf, tensor, [], stored)
+            return stored

@@ -91,10 +91,16 @@ def provider_chain(provider: str, model_dir: str, fp16: bool = False) -> list[An
     return chain
 
 
-def create_session(model_path: str, provider: str, model_dir: str, threads: int | None = None):
-    """An InferenceSession on ``provider`` (a resolved short name); returns (session, provider used)."""
+def create_session(
+    model_path: str, provider: str, model_dir: str, threads: int | None = None, initializers: dict | None = None
+):
+    """An InferenceSession on ``provider`` (a resolved short name); returns (session, provider used).
+    ``initializers``: {name: OrtValue} that replace the graph's initializers of those names (the
+    caller keeps them alive as long as the session)."""
     ort = import_onnxruntime()
     opts = ort.SessionOptions()
+    for name, value in (initializers or {}).items():
+        opts.add_initializer(name, value)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= max_threads():

@@ -22,6 +22,7 @@ from lmrt.cli import main
 from lmrt.export import ExportError, export_model
 from lmrt.export.encoders.task import detect_task
 from lmrt.quantize import QuantizeError, quantize_directory, scheme_for
+from lmrt.runtime.cpu import exact_8bit_int8_products
 
 try:
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
@@ -312,15 +313,46 @@ def test_classifier_logits_and_labels_equal_pytorch(classifiers, family):
 # --- quantization -----------------------------------------------------------------------------
 
 
-def test_int8_products_are_exact_on_every_cpu():
-    """The rewritten MatMul computes exactly the integer arithmetic it stands for, also where the
-    kernel adds code pairs in 16 bits (x86 without VNNI): activations that span the whole uint8 range
-    against weight columns at full scale, compared with the same arithmetic in numpy."""
-    import onnx
-    import onnxruntime as ort
+@pytest.mark.parametrize(
+    "machine,flags,exact",
+    [
+        ("x86_64", "fpu sse2 avx avx2 fma", False),  # AVX2 only: 16-bit pair sums
+        ("x86_64", "avx2 avx512f avx512bw", False),  # AVX-512 without VNNI: the same kernel
+        ("x86_64", "avx2 avx512f avx512bw avx512_vnni", True),
+        ("AMD64", "avx2 avx_vnni", True),
+        ("aarch64", "fp asimd asimddp", True),
+        ("arm64", "", True),
+        ("riscv64", "", False),
+    ],
+)
+def test_the_cpu_rule_for_8_bit_codes(tmp_path, machine, flags, exact):
+    from lmrt.runtime.cpu import cpu_features
+    from lmrt.runtime.int8_codes import code_bits_to_run
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\n{'Features' if 'asimd' in flags else 'flags'}\t\t: {flags}\n")
+    features = cpu_features(str(cpuinfo))
+    assert set(features) == set(flags.split()) - {"fpu", "sse2", "fp"}
+    assert exact_8bit_int8_products(features, machine) is exact
+    assert code_bits_to_run(8, "auto", exact) == (8 if exact else 7)
+    assert (code_bits_to_run(8, "7", exact), code_bits_to_run(8, "8", exact), code_bits_to_run(7, "auto", exact)) == (7, 8, 7)
+
+
+@pytest.mark.parametrize("codes", ["7", "8"])
+def test_int8_products_are_exact_on_every_cpu(tmp_path, codes):
+    """The rewritten MatMul computes exactly the integer arithmetic it stands for, on the 8-bit codes
+    the directory stores and on the 7-bit ones the runtime makes of them, also where the kernel adds
+    code pairs in 16 bits (x86 without VNNI): activations that span the whole uint8 range against
+    weight columns at full scale, compared with the same arithmetic in numpy. Where 8-bit products
+    are not exact, the 8-bit path is seen to saturate: why "auto" runs 7-bit codes there."""
+    from types import SimpleNamespace
+
     from onnx import TensorProto, helper, numpy_helper
 
+    from lmrt.quantize.graph_file import save_graph
     from lmrt.quantize.token_int8 import quantize_per_token
+    from lmrt.runtime.int8_codes import session_initializers
+    from lmrt.runtime.session import create_session
 
     rng = np.random.default_rng(0)
     k, n = 256, 64
@@ -334,18 +366,33 @@ def test_int8_products_are_exact_on_every_cpu():
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     assert quantize_per_token(model) == 1
-    codes = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w.int8")
-    assert np.abs(codes.astype(np.int32)).max() <= 63
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert np.abs(stored["w.int8"].astype(np.int32)).max() == 126
+    save_graph(model, str(tmp_path))  # the codes in the data file, the scales in the graph file
+    path = str(tmp_path / "model.onnx")
+    manifest = SimpleNamespace(task="embed", quantization={"name": "int8", "weight_code_bits": 8})
+    bits, values = session_initializers(manifest, path, codes)
+    assert bits == int(codes) and bool(values) == (codes == "7")
+    run_codes, w_scale = stored["w.int8"].astype(np.float64), stored["w.scales"].astype(np.float64)
+    if codes == "7":
+        np.testing.assert_array_equal(values["w.int8"].numpy(), np.rint(run_codes / 2))
+        run_codes, w_scale = np.rint(run_codes / 2), w_scale * 2
+        assert np.abs(run_codes).max() == 63  # 255 * 63 * 2 = 32130: a pair's sum fits in 16 bits
+        np.testing.assert_allclose(values["w.scaled_column_sums"].numpy(), (run_codes.sum(0) * w_scale)[None], rtol=1e-6)
+    session, _ = create_session(path, "cpu", str(tmp_path), initializers=values)
+    got = session.run(None, {"x": x})[0].reshape(-1, n)
 
     rows = x.reshape(-1, k).astype(np.float64)
     lo, hi = np.minimum(rows.min(1), 0), np.maximum(rows.max(1), 0)
     scale = (hi - lo) / 255
     zero = np.round(-lo / scale)
     x_q = np.clip(np.round(rows / scale[:, None]) + zero[:, None], 0, 255)
-    w_scale = np.abs(w).max(0) / 63
-    expected = ((x_q - zero[:, None]) @ codes.astype(np.float64)) * scale[:, None] * w_scale
-    np.testing.assert_allclose(got.reshape(-1, n), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    expected = ((x_q - zero[:, None]) @ run_codes) * scale[:, None] * w_scale
+    tolerance = {"rtol": 1e-4, "atol": 1e-4 * np.abs(expected).max()}
+    if codes == "8" and not exact_8bit_int8_products():
+        assert not np.allclose(got, expected, **tolerance), "8-bit products were exact on a CPU said to saturate them"
+        return
+    np.testing.assert_allclose(got, expected, **tolerance)
 
 
 def test_int8_embeddings_pass_their_gate(st_models, tmp_path):
@@ -356,6 +403,9 @@ def test_int8_embeddings_pass_their_gate(st_models, tmp_path):
     m = quantize_directory(fp32, out, scheme_for("int8"), **quiet)
     assert m.quality["passed"] and m.quality["mean_cosine"] >= 0.99 and m.quality["min_cosine"] <= m.quality["mean_cosine"]
     assert m.quality["texts"] > 100 and m.quantization["quantized"] == {"linear": 8, "embedding": 1}
+    assert m.quantization["weight_code_bits"] == 8
+    measured = ["7", "8"] if exact_8bit_int8_products() else ["7"]
+    assert list(m.quality["by_code_bits"]) == measured and m.quality["mean_cosine"] == min(m.quality["by_code_bits"].values())
     ops = {n.op_type for n in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph.node}
     assert {"MatMulIntegerToFloat", "GatherBlockQuantized"} <= ops and "MatMul" not in ops
     reference = SentenceTransformer(st_dir, device="cpu").encode(TEXTS)
@@ -366,6 +416,90 @@ def test_int8_embeddings_pass_their_gate(st_models, tmp_path):
     # activations are quantized per token: a text's embedding does not depend on its batch
     alone = np.stack([encoder.embed(t)[0] for t in TEXTS])
     np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
+
+
+def _halved_copy(int8_dir: str, out: str) -> None:
+    """A copy of ``int8_dir`` whose graph file holds 7-bit codes made from its 8-bit ones, computed
+    here with the onnx package: each code halved (ties to even), its column's scale doubled, the
+    scaled column sums taken again."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from lmrt.quantize.graph_file import save_graph
+
+    shutil.copytree(int8_dir, out, ignore=shutil.ignore_patterns("model.onnx*"))
+    model = onnx.load(os.path.join(int8_dir, "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in [n for n in inits if n.endswith(".int8")]:
+        prefix = name[: -len(".int8")]
+        codes = np.rint(numpy_helper.to_array(inits[name]).astype(np.float64) / 2)
+        scales = numpy_helper.to_array(inits[prefix + ".scales"]).astype(np.float32) * 2
+        sums = (codes.astype(np.float32).sum(0) * scales)[None].astype(np.float32)
+        for key, value in ((name, codes.astype(np.int8)), (prefix + ".scales", scales), (prefix + ".scaled_column_sums", sums)):
+            inits[key].CopyFrom(numpy_helper.from_array(value, key))
+    save_graph(model, out)
+
+
+def test_int8_codes_follow_the_cpu_and_can_be_forced(st_models, tmp_path, monkeypatch):
+    """"auto" runs the stored 8-bit codes where their products are exact and 7-bit ones elsewhere;
+    int8_codes and LMRT_INT8_CODES force a path; the 7-bit path equals a graph file that holds the
+    7-bit codes, scales and column sums itself."""
+    st_dir, fp32 = st_models[("bert", "mean", True)]
+    out = str(tmp_path / "int8")
+    quantize_directory(fp32, out, scheme_for("int8"), **quiet)
+    monkeypatch.delenv("LMRT_INT8_CODES", raising=False)
+    assert runtime.Encoder(out).int8_code_bits == (8 if exact_8bit_int8_products() else 7)
+    assert runtime.Encoder(fp32).int8_code_bits is None and runtime.Encoder(fp32, int8_codes="7").int8_code_bits is None
+    seven, eight = runtime.Encoder(out, int8_codes="7"), runtime.Encoder(out, int8_codes="8")
+    assert (seven.int8_code_bits, eight.int8_code_bits) == (7, 8)
+    monkeypatch.setenv("LMRT_INT8_CODES", "7")
+    assert runtime.Encoder(out).int8_code_bits == 7 and runtime.Encoder(out, int8_codes="8").int8_code_bits == 8
+    monkeypatch.setenv("LMRT_INT8_CODES", "9")
+    with pytest.raises(ValueError, match=r"LMRT_INT8_CODES must be one of auto, 7, 8; got '9'"):
+        runtime.Encoder(out)
+    with pytest.raises(ValueError, match=r"int8_codes must be one of auto, 7, 8; got 'fast'"):
+        runtime.Encoder(out, int8_codes="fast")
+    monkeypatch.delenv("LMRT_INT8_CODES")
+
+    _halved_copy(out, str(tmp_path / "halved"))
+    on_disk = runtime.Encoder(str(tmp_path / "halved"), int8_codes="8")  # its file's codes, run as they are
+    np.testing.assert_array_equal(seven.embed(TEXTS), on_disk.embed(TEXTS))
+    assert not np.array_equal(seven.embed(TEXTS), eight.embed(TEXTS))  # the 7-bit codes did replace the file's
+    reference = SentenceTransformer(st_dir, device="cpu").encode(TEXTS)
+    assert cosines(seven.embed(TEXTS), reference).mean() >= 0.99
+    if exact_8bit_int8_products():
+        assert cosines(eight.embed(TEXTS), reference).mean() >= 0.99
+
+
+def test_int8_directories_with_7_bit_codes_still_load(st_models, tmp_path, monkeypatch):
+    """A directory written before the codes were 8-bit (7-bit codes, no weight_code_bits in its
+    record) runs its codes as they are on every CPU; 8-bit codes cannot be asked of it. An 8-bit
+    directory's 7-bit path gives exactly what it gives: the 8-bit codes halve into its codes."""
+    from lmrt.quantize import token_int8
+
+    st_dir, fp32 = st_models[("bert", "mean", True)]
+    out = str(tmp_path / "old")
+    monkeypatch.setattr(token_int8, "CODE_BITS", 7)
+    quantize_directory(fp32, out, scheme_for("int8"), **quiet)
+    with open(os.path.join(out, "lmrt.json")) as f:
+        manifest = json.load(f)
+    del manifest["quantization"]["weight_code_bits"]
+    manifest["quantization"]["method"] = "int8 weights within 7 bits, symmetric, one scale per output column"
+    with open(os.path.join(out, "lmrt.json"), "w") as f:
+        json.dump(manifest, f)
+    old = runtime.Encoder(out)
+    assert old.int8_code_bits == 7 and old._initializers == {}
+    assert runtime.Encoder(out, int8_codes="7")._initializers == {}
+    with pytest.raises(ValueError, match="stores 7-bit weight codes, which cannot run as 8-bit ones"):
+        runtime.Encoder(out, int8_codes="8")
+    reference = SentenceTransformer(st_dir, device="cpu").encode(TEXTS)
+    assert cosines(old.embed(TEXTS), reference).mean() >= 0.99
+    monkeypatch.undo()
+    new = str(tmp_path / "new")
+    quantize_directory(fp32, new, scheme_for("int8"), **quiet)
+    np.testing.assert_array_equal(runtime.Encoder(new, int8_codes="7").embed(TEXTS), old.embed(TEXTS))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -649,16 +783,47 @@ def test_minilm_embeddings_equal_sentence_transformers(minilm):
     assert ranking[:, 0].tolist() == list(range(len(QUERIES)))
 
 
+@pytest.fixture(scope="module")
+def minilm_int8(minilm, tmp_path_factory):
+    """(the int8 directory of all-MiniLM-L6-v2, its manifest)"""
+    out = str(tmp_path_factory.mktemp("minilm") / "int8")
+    return out, quantize_directory(minilm[2], out, scheme_for("int8"), **quiet)
+
+
+EIGHT_BIT_EXACT = pytest.mark.skipif(
+    not exact_8bit_int8_products(), reason="this CPU adds 8-bit code pairs in 16 bits (x86 without VNNI)"
+)
+
+
 @pytest.mark.real_model
-def test_minilm_int8_keeps_cosine_and_ranking(minilm, tmp_path):
-    _, st, fp32 = minilm
-    out = str(tmp_path / "int8")
-    m = quantize_directory(fp32, out, scheme_for("int8"), **quiet)
+@pytest.mark.parametrize("codes", ["7", pytest.param("8", marks=EIGHT_BIT_EXACT)])
+def test_minilm_int8_keeps_cosine_and_ranking(minilm, minilm_int8, codes):
+    """Both code paths keep sentence-transformers' fp32 embeddings (cosine) and retrieval ranking."""
+    _, st, _ = minilm
+    out, m = minilm_int8
     assert m.quality["passed"] and m.quality["mean_cosine"] >= 0.99 and m.quality["texts"] == 256
-    got = runtime.Encoder(out).embed(TEXTS + DOCUMENTS + QUERIES)
+    assert m.quality["by_code_bits"]["7"] >= 0.99 and m.quantization["weight_code_bits"] == 8
+    encoder = runtime.Encoder(out, int8_codes=codes)
+    assert encoder.int8_code_bits == int(codes)
+    got = encoder.embed(TEXTS + DOCUMENTS + QUERIES)
     assert cosines(got, st.encode(TEXTS + DOCUMENTS + QUERIES)).mean() >= 0.99
-    documents, queries = runtime.Encoder(out).embed(DOCUMENTS), runtime.Encoder(out).embed(QUERIES)
+    documents, queries = encoder.embed(DOCUMENTS), encoder.embed(QUERIES)
     assert np.argmax(queries @ documents.T, axis=1).tolist() == list(range(len(QUERIES)))
+
+
+@pytest.mark.real_model
+@EIGHT_BIT_EXACT
+def test_minilm_8_bit_codes_are_at_least_as_close_as_7_bit(minilm, minilm_int8):
+    """Where 8-bit products are exact, the stored codes are closer to fp32 than the halved ones: on
+    the gate's 256 sentences and on sentence-transformers' embeddings of the test texts."""
+    _, st, _ = minilm
+    out, m = minilm_int8
+    by_bits = m.quality["by_code_bits"]
+    assert by_bits["8"] >= by_bits["7"] >= 0.99
+    texts = TEXTS + DOCUMENTS + QUERIES
+    reference = st.encode(texts)
+    seven, eight = (cosines(runtime.Encoder(out, int8_codes=c).embed(texts), reference).mean() for c in ("7", "8"))
+    assert eight >= seven >= 0.99
 
 
 # Written for this test: short reviews, labelled by hand.
