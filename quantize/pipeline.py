@@ -177,6 +177,7 @@ def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: 
     import onnx
 
     from .gguf_blocks import GGUFBlocks
+    from .recurrent import quantize_recurrent
     from .rewrite import fallback_note, quantize_graph
 
     blocks = None
@@ -204,11 +205,14 @@ def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: 
         return scheme.quantize(kind, w)
 
     counts = quantize_graph(model, choose, scheme.accuracy_level, manifest.graph.io.input_ids, allow)
+    quantize_recurrent(model, counts, allow, scheme.compute)
     save_quantized(model, out_dir, source_dir, manifest, progress)
     del model
     return {
         **scheme.describe(),
-        "weights": "MatMulNBits (linear, lm_head), GatherBlockQuantized (token embeddings)" + fallback_note(counts["forms"]),
+        "weights": "MatMulNBits (linear, lm_head), GatherBlockQuantized (token embeddings)"
+        + (", DynamicQuantizeLSTM (LSTM input and recurrent matrices, 8-bit per row)" if counts["quantized"]["recurrent"] else "")
+        + fallback_note(counts["forms"]),
         "quantized": dict(counts["quantized"]),
         "left_in_float": {**dict(counts["float"]), "norms, biases, rotary tables": "all"},
         "gguf_blocks_kept": dict(kept),

@@ -407,6 +407,53 @@ def test_int8_passes_its_gate(word_lstm, tmp_path):
     assert gen.score(gen.encode(WORDS[:300])).perplexity == pytest.approx(manifest.quality["perplexity"], rel=0.5)
 
 
+def recurrent_nodes(out_dir, manifest):
+    """The graph's recurrent nodes and its initializers by name."""
+    import onnx
+
+    graph = onnx.load(str(out_dir / manifest.graph.file)).graph
+    return [n for n in graph.node if n.op_type in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")], {t.name: t for t in graph.initializer}
+
+
+def test_int8_quantizes_the_lstm_matrices(word_lstm, tmp_path):
+    import onnx
+
+    module, vocab, fp32 = word_lstm
+    text = tmp_path / "eval.txt"
+    text.write_text(WORDS)
+    out = tmp_path / "int8"
+    manifest = export_model(module, str(out), tokenizer=vocab, precision="int8", eval_text=str(text), progress=lambda line: None)
+    assert manifest.quality["passed"] and manifest.quantization["quantized"]["recurrent"] == 2  # the layer's W and R
+    assert "DynamicQuantizeLSTM" in manifest.quantization["weights"] and "recurrent" not in manifest.quantization["left_in_float"]
+    nodes, inits = recurrent_nodes(out, manifest)
+    assert [n.op_type for n in nodes] == ["DynamicQuantizeLSTM"]
+    w, r = (inits[name] for name in nodes[0].input[1:3])
+    assert w.data_type == r.data_type == onnx.TensorProto.INT8
+    lstm = module.lstm  # [directions, input, 4 * hidden] and [directions, hidden, 4 * hidden]
+    assert list(w.dims) == [1, lstm.input_size, 4 * lstm.hidden_size] and list(r.dims) == [1, lstm.hidden_size, 4 * lstm.hidden_size]
+    gen = Generator(str(out), provider="cpu")
+    for prompt in PROMPTS["word_lstm"]:
+        ids = gen.encode(prompt)
+        assert gen.generate_batch([ids], max_new_tokens=6, stop_token_ids=[])[0][0].token_ids == torch_greedy(module, ids, 6)
+    ids = gen.encode(WORDS[:300])
+    assert gen.score(ids).perplexity == pytest.approx(fp32.score(ids).perplexity, rel=manifest.quality["max_increase"])
+
+
+def test_gru_matrices_and_float_compute_stay_in_float(word_lstm, char_gru, tmp_path):
+    """ONNX's GRU takes float matrices only; float compute keeps an LSTM's too (its quantized form
+    multiplies in 8 bits)."""
+    cases = [(char_gru, {}, "GRU"), (word_lstm, {"compute": "float"}, "LSTM")]
+    for (module, vocab, _), options, op in cases:
+        text = tmp_path / "eval.txt"
+        text.write_text(TEXTS["char_gru" if op == "GRU" else "word_lstm"])
+        out = tmp_path / op
+        manifest = export_model(module, str(out), tokenizer=vocab, precision="int8", eval_text=str(text), progress=lambda line: None, **options)
+        layers = sum(r.num_layers for r in module.modules() if isinstance(r, nn.RNNBase))
+        assert manifest.quality["passed"] and manifest.quantization["left_in_float"]["recurrent"] == 2 * layers
+        nodes, inits = recurrent_nodes(out, manifest)
+        assert {n.op_type for n in nodes} == {op} and all(inits[n.input[1]].data_type == 1 for n in nodes)  # float32
+
+
 # --- refusals, each one line ------------------------------------------------------------------------
 
 
