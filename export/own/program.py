@@ -43,7 +43,10 @@ def load_program(path: str):
     torch.export archive is refused before torch reads it)."""
     if not os.path.isfile(path):
         raise ExportError(f"program file not found: {path}")
-    names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+    names = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
     if not any(n.rsplit("/", 1)[-1] == "archive_format" for n in names):
         if any(n.endswith("data.pkl") for n in names):
             raise ExportError(
