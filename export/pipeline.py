@@ -49,7 +49,9 @@ def export_model(
     docs/own-models.md; ``max_length`` caps its sequences; ``state`` declares the state a module with
     ``forward(ids, state) -> (logits, new_state)`` carries ({name: (kind, per-row shape)}, or
     "infer"); or "path/to/model.py:make_model" with
-    ``weights``, a state_dict file, to build it) into the directory ``output``.
+    ``weights``, a state_dict file, to build it; or a ``torch.export.ExportedProgram`` or the
+    ".pt2" file ``torch.export.save`` wrote, exported with dynamic batch and sequence sizes) into the
+    directory ``output``.
 
     ``precision``: "fp32"; "fp16" (a float16 graph, for GPU providers); "int8" or "int4" (the fp32
     export, validated, then quantized behind the quality gate; ``quantize_options`` go to
@@ -104,6 +106,10 @@ def export_model(
             from .own.factory import build_module
 
             source = build_module(os.fspath(source), weights)
+        elif type(source).__name__ == "ExportedProgram":  # torch.export.export's (torch not imported for other sources)
+            from .own.program import program_module
+
+            source = program_module(source)
         return export_module(source, output, tokenizer, tolerance, progress, scheme, force, profile, max_length, state, **quantize_options)
     task = detect_task(source_path, task)
     remove_leftovers(output, progress)

@@ -20,7 +20,7 @@ from typing import Callable
 from ..progress import to_stderr
 from ..runtime.compat import Profile, allows, requirement_record, resolve_target
 from ..runtime.manifest import Manifest, load_manifest
-from ..runtime.model_dir import check_target, remove_leftovers, staged_directory
+from ..runtime.model_dir import DATA_FILE, GRAPH_FILE, check_target, remove_leftovers, staged_directory
 from .errors import QualityGateError, QuantizeError
 from .encoder_gate import EncoderGate
 from .evaltext import read_text
@@ -70,8 +70,8 @@ def quantize_directory(
         gguf_path = _gguf_path(gguf, manifest)
         gate = PerplexityGate(source_dir, manifest, eval_text, eval_tokens, limit)  # a bad text fails here, early
 
-        def write(out_dir: str) -> dict:
-            return _write_quantized(source_dir, out_dir, manifest, scheme, gguf_path, progress, allow)
+        def write(out_dir: str, recurrent_compute: str | None = None) -> dict:
+            return _write_quantized(source_dir, out_dir, manifest, scheme, gguf_path, progress, allow, recurrent_compute)
     else:
         check_encoder_options(scheme, gguf, max_increase)
         gate = EncoderGate(source_dir, manifest, eval_text)
@@ -81,17 +81,29 @@ def quantize_directory(
     remove_leftovers(output, progress)
 
     with staged_directory(output) as tmp:
-        record = write(tmp)
-        forms = {**base_forms, **record.pop("forms")}
-        requires = requirement_record(forms, base_forms, allow.profile)
-        quantized = dataclasses.replace(manifest, quantization=record, requires=requires)
-        quantized.write(tmp)
-        progress(f"… measuring quality ({gate.what}, fp32 vs {scheme.name})")
-        started = time.perf_counter()
-        quality = gate.measure(tmp, quantized)
-        quality["allowed_degraded"] = False
-        progress(f"  {time.perf_counter() - started:.1f}s")
-        summary = gate.summary(quality, scheme.name)
+
+        def measured(record: dict) -> tuple[Manifest, dict, str]:
+            forms = {**base_forms, **record.pop("forms")}
+            requires = requirement_record(forms, base_forms, allow.profile)
+            quantized = dataclasses.replace(manifest, quantization=record, requires=requires)
+            quantized.write(tmp)
+            progress(f"… measuring quality ({gate.what}, fp32 vs {scheme.name})")
+            started = time.perf_counter()
+            quality = gate.measure(tmp, quantized)
+            quality["allowed_degraded"] = False
+            progress(f"  {time.perf_counter() - started:.1f}s")
+            return quantized, quality, gate.summary(quality, scheme.name)
+
+        quantized, quality, summary = measured(write(tmp))
+        if not quality["passed"] and quantized.quantization.get("recurrent_compute") == "int8":
+            # the LSTM's 8-bit activations cost the most; its 8-bit matrices computed in float may pass
+            progress(f"… {summary}, {gate.limit_text}: the LSTM matrices dequantized to float compute instead")
+            missed = summary
+            for name in (GRAPH_FILE, DATA_FILE):  # onnx appends to a data file that is there
+                if os.path.exists(os.path.join(tmp, name)):
+                    os.remove(os.path.join(tmp, name))
+            quantized, quality, summary = measured(write(tmp, "float"))
+            quantized.quantization["recurrent_int8_compute"] = f"missed the gate: {missed}"
         if not quality["passed"]:
             if not allow_degraded:
                 raise QualityGateError(
@@ -173,10 +185,17 @@ def _gguf_path(gguf: str | None, manifest: Manifest) -> str | None:
     return gguf
 
 
-def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: Scheme, gguf_path, progress, allow) -> dict:
+RECURRENT_WEIGHTS = {  # how the record's "weights" names an LSTM's matrices (quantize/recurrent.py)
+    "int8": ", DynamicQuantizeLSTM (LSTM matrices, 8-bit rows)",
+    "float": ", LSTM matrices in 8-bit rows, dequantized to float when the session loads",
+}
+
+
+def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: Scheme, gguf_path, progress, allow, recurrent_compute=None) -> dict:
     import onnx
 
     from .gguf_blocks import GGUFBlocks
+    from .recurrent import quantize_recurrent
     from .rewrite import fallback_note, quantize_graph
 
     blocks = None
@@ -204,11 +223,15 @@ def _write_quantized(source_dir: str, out_dir: str, manifest: Manifest, scheme: 
         return scheme.quantize(kind, w)
 
     counts = quantize_graph(model, choose, scheme.accuracy_level, manifest.graph.io.input_ids, allow)
+    recurrent = quantize_recurrent(model, counts, allow, recurrent_compute or scheme.compute)
     save_quantized(model, out_dir, source_dir, manifest, progress)
     del model
     return {
         **scheme.describe(),
-        "weights": "MatMulNBits (linear, lm_head), GatherBlockQuantized (token embeddings)" + fallback_note(counts["forms"]),
+        "weights": "MatMulNBits (linear, lm_head), GatherBlockQuantized (token embeddings)"
+        + RECURRENT_WEIGHTS.get(recurrent, "")
+        + fallback_note(counts["forms"]),
+        **({"recurrent_compute": recurrent} if recurrent else {}),
         "quantized": dict(counts["quantized"]),
         "left_in_float": {**dict(counts["float"]), "norms, biases, rotary tables": "all"},
         "gguf_blocks_kept": dict(kept),

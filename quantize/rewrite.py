@@ -30,6 +30,7 @@ ONNXRUNTIME_SINCE: dict[str, str] = {
     "MatMulNBits.8bit.float_compute": "1.23",
     "GatherBlockQuantized.8bit": "1.23",  # 1.20 to 1.22 reject 8-bit tables, older ones the operator
     "GatherBlockQuantized.4bit": "1.23",  # no shipped scheme writes it (embeddings stay 8-bit): not measured older
+    "DynamicQuantizeLSTM.8bit": "1.19",  # quantize/recurrent.py; a contrib operator older than every supported release
 }
 Choose = Callable[[str, str, np.ndarray], "BlockQuantized | None"]
 # Whether a form of ONNXRUNTIME_SINCE may be written (the export profile's choice); where it may not,

@@ -445,6 +445,81 @@ def test_int8_passes_its_gate(word_lstm, tmp_path):
     assert gen.score(gen.encode(WORDS[:300])).perplexity == pytest.approx(manifest.quality["perplexity"], rel=0.5)
 
 
+def recurrent_nodes(out_dir, manifest):
+    """The graph's recurrent nodes and its initializers by name."""
+    import onnx
+
+    graph = onnx.load(str(out_dir / manifest.graph.file)).graph
+    return [n for n in graph.node if n.op_type in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")], {t.name: t for t in graph.initializer}
+
+
+def test_int8_quantizes_the_lstm_matrices(word_lstm, tmp_path):
+    import onnx
+
+    module, vocab, fp32 = word_lstm
+    text = tmp_path / "eval.txt"
+    text.write_text(WORDS)
+    out = tmp_path / "int8"
+    manifest = export_model(module, str(out), tokenizer=vocab, precision="int8", eval_text=str(text), progress=lambda line: None)
+    assert manifest.quality["passed"] and manifest.quantization["quantized"]["recurrent"] == 2  # the layer's W and R
+    assert "DynamicQuantizeLSTM" in manifest.quantization["weights"] and "recurrent" not in manifest.quantization["left_in_float"]
+    nodes, inits = recurrent_nodes(out, manifest)
+    assert [n.op_type for n in nodes] == ["DynamicQuantizeLSTM"]
+    w, r = (inits[name] for name in nodes[0].input[1:3])
+    assert w.data_type == r.data_type == onnx.TensorProto.INT8
+    lstm = module.lstm  # [directions, input, 4 * hidden] and [directions, hidden, 4 * hidden]
+    assert list(w.dims) == [1, lstm.input_size, 4 * lstm.hidden_size] and list(r.dims) == [1, lstm.hidden_size, 4 * lstm.hidden_size]
+    gen = Generator(str(out), provider="cpu")
+    for prompt in PROMPTS["word_lstm"]:
+        ids = gen.encode(prompt)
+        assert gen.generate_batch([ids], max_new_tokens=6, stop_token_ids=[])[0][0].token_ids == torch_greedy(module, ids, 6)
+    ids = gen.encode(WORDS[:300])
+    assert gen.score(ids).perplexity == pytest.approx(fp32.score(ids).perplexity, rel=manifest.quality["max_increase"])
+
+
+def test_gru_matrices_stay_in_float(char_gru, tmp_path):
+    """ONNX's GRU takes float matrices only, and onnxruntime has no quantized form of it."""
+    module, vocab, _ = char_gru
+    text = tmp_path / "eval.txt"
+    text.write_text(CHARS)
+    manifest = export_model(module, str(tmp_path / "int8"), tokenizer=vocab, precision="int8", eval_text=str(text), progress=lambda line: None)
+    assert manifest.quality["passed"] and manifest.quantization["left_in_float"]["recurrent"] == 2 * module.gru.num_layers
+    assert "recurrent" not in manifest.quantization["quantized"] and "recurrent_compute" not in manifest.quantization
+    nodes, inits = recurrent_nodes(tmp_path / "int8", manifest)
+    assert [n.op_type for n in nodes] == ["GRU"] * module.gru.num_layers
+    assert all(inits[name].data_type == onnx_float() for n in nodes for name in n.input[1:3])
+
+
+def onnx_float() -> int:
+    import onnx
+
+    return onnx.TensorProto.FLOAT
+
+
+@pytest.mark.parametrize("options", [{"compute": "float"}, {"max_increase": 0.0, "allow_degraded": True}], ids=["float compute", "int8 missed the gate"])
+def test_lstm_matrices_in_8_bits_computed_in_float(word_lstm, tmp_path, options):
+    """With float compute, or when the 8-bit LSTM misses the gate (an allowed increase of 0), the
+    8-bit codes are dequantized into the float LSTM: the file keeps 8 bits, the logits move only
+    by the rounding of the matrices."""
+    import onnx
+
+    module, vocab, fp32 = word_lstm
+    text = tmp_path / "eval.txt"
+    text.write_text(WORDS)
+    out = tmp_path / "int8"
+    manifest = export_model(module, str(out), tokenizer=vocab, precision="int8", eval_text=str(text), progress=lambda line: None, **options)
+    q = manifest.quantization
+    assert q["recurrent_compute"] == "float" and q["quantized"]["recurrent"] == 2 and "dequantized to float" in q["weights"]
+    if "max_increase" in options:
+        assert q["recurrent_int8_compute"].startswith("missed the gate: perplexity")
+    nodes, inits = recurrent_nodes(out, manifest)
+    assert [n.op_type for n in nodes] == ["LSTM"] and all(name.endswith(".dequantized") for name in nodes[0].input[1:3])
+    codes = [inits[name.removesuffix(".dequantized") + ".q8"] for name in nodes[0].input[1:3]]  # what Cast and Mul dequantize
+    assert all(t.data_type == onnx.TensorProto.INT8 for t in codes)
+    ids = Generator(str(out), provider="cpu").encode(WORDS[:300])
+    assert Generator(str(out), provider="cpu").score(ids).perplexity == pytest.approx(fp32.score(ids).perplexity, rel=0.01)
+
+
 # --- refusals, each one line ------------------------------------------------------------------------
 
 

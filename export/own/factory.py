@@ -16,6 +16,7 @@ from ...runtime.errors import first_line
 from ..errors import ExportError
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+PROGRAM_SUFFIX = ".pt2"  # a torch.export program (program.py)
 PICKLED = (
     "{path} is not a state_dict of tensors ({why}); lmrt loads weights with torch.load(weights_only=True) and never "
     "unpickles a module, since unpickling runs code from the file: save model.state_dict() instead and pass the code "
@@ -24,13 +25,20 @@ PICKLED = (
 
 
 def is_module_source(source: str) -> bool:
-    """Whether ``source`` names a module of one's own: ``file.py:factory``, or a weights file."""
+    """Whether ``source`` names a module of one's own: ``file.py:factory``, a weights file, or a
+    torch.export program (``.pt2``)."""
     path, _, name = source.rpartition(":")
-    return (path.endswith(".py") and name.isidentifier()) or source.lower().endswith(WEIGHT_SUFFIXES)
+    return (path.endswith(".py") and name.isidentifier()) or source.lower().endswith((*WEIGHT_SUFFIXES, PROGRAM_SUFFIX))
 
 
 def build_module(source: str, weights: str | None):
     """The module ``source`` names, with ``weights`` loaded into it; ExportError in one line."""
+    if source.lower().endswith(PROGRAM_SUFFIX):
+        if weights is not None:
+            raise ExportError(f"{source} holds its weights; a torch.export program takes no weights file")
+        from .program import load_program, program_module
+
+        return program_module(load_program(source), f"torch.export program {os.path.basename(source)}")
     if source.lower().endswith(WEIGHT_SUFFIXES):
         read_state_dict(source)  # a pickled module is refused here, saying why
         raise ExportError(f"{source} holds weights only; pass the code that builds the module: path/to/model.py:make_model --weights {source}")

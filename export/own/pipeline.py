@@ -27,6 +27,7 @@ from ..graph import OPSET
 from ..stages import Steps, provenance, record_validation, write_model
 from .declared import DeclaredStep, FromNothing, carries_state, declared_specs, traced_state
 from .module import check_causal, evaluated, logits_vocabulary, probe
+from .program import ProgramModule, program_window
 from .recurrent import StepModule, recurrent_layers
 from .trace import trace_graph
 from .validate import validate_module
@@ -69,7 +70,8 @@ def export_module(
         kind = declared_kind(module, vocab, max_length, state) if stateful else module_kind(module, vocab, max_length)
         check_causal(whole, vocab, tolerance)
         remove_leftovers(output, progress)
-        source = SimpleNamespace(source=f"{type(module).__module__}.{type(module).__qualname__}", kind="pytorch module")
+        origin = module.name if isinstance(module, ProgramModule) else f"{type(module).__module__}.{type(module).__qualname__}"
+        source = SimpleNamespace(source=origin, kind="torch.export program" if isinstance(module, ProgramModule) else "pytorch module")
         info = TokenizerInfo(file=TOKENIZER_FILE, chat_template=template if isinstance(template, str) else None, **special_ids(tok))
 
         def write(out_dir: str) -> Manifest:
@@ -110,9 +112,10 @@ def module_kind(module, vocab: int, max_length: int | None) -> Kind:
         )  # fmt: skip
         tracing = f"tracing the step graph ({arch.num_layers} {kinds} layers, their state carried by lmrt)"
         return Kind(StepModule(module, layers), arch, RECURRENT_IO, tuple(s for r in layers for s in r.specs()), "step", tracing)
-    window, origin = window_length(module, max_length)
+    program = isinstance(module, ProgramModule)
+    window, origin = program_window(module, max_length) if program else window_length(module, max_length)
     arch = Architecture(
-        family="window", model_type=type(module).__name__.lower(), num_layers=0, num_heads=0, num_kv_heads=0,
+        family="window", model_type="program" if program else type(module).__name__.lower(), num_layers=0, num_heads=0, num_kv_heads=0,
         head_size=0, hidden_size=embedding_width(module), vocab_size=vocab, context_length=window,
     )  # fmt: skip
     note = (

@@ -88,7 +88,8 @@ def export(
 
     SOURCE is a Hugging Face Hub id, a local Hugging Face model directory, or a .gguf file; or a
     PyTorch module of your own, as path/to/model.py:make_model (a function or class that builds it)
-    with --weights and --tokenizer (docs: Your own PyTorch model).
+    with --weights and --tokenizer, or a torch.export program saved with torch.export.save (a .pt2
+    file, dynamic batch and sequence sizes) with --tokenizer (docs: Your own PyTorch model).
     With --int8 / --int4 the validated fp32 graph is quantized and must pass the quality gate:
     perplexity on an evaluation text may not rise more than --max-ppl-increase over fp32. From a
     GGUF file (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), the file's own blocks are kept
@@ -103,6 +104,7 @@ def export(
       lmrt export gpt2 -o models/gpt2
       lmrt export ./all-MiniLM-L6-v2 -o models/minilm --int8
       lmrt export model.py:make_model --weights lm.pt --tokenizer vocab.json -o models/lstm --int8
+      lmrt export gpt.pt2 --tokenizer vocab.json -o models/gpt
     """
     precision = one_of(fp16=fp16, int8=int8, int4=int4) or "fp32"
     options = {}
