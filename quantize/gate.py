@@ -27,7 +27,13 @@ def eval_ids(model_dir: str, manifest: Manifest, text_file: str | None, max_toke
     """Token ids of the evaluation text (a file, or the built-in reference text) and its name."""
     text, name = read_eval_text(text_file)
     tokenizer = load_tokenizer(model_dir, manifest)
-    ids = tokenizer.encode(text).ids[:max_tokens]
+    try:
+        ids = tokenizer.encode(text).ids[:max_tokens]
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions (a word missing from a vocabulary without <unk>)
+        raise QuantizeError(
+            f"the tokenizer cannot read {name}: {' '.join(str(e).split())}; give an evaluation text in the model's "
+            "vocabulary (--eval-text, eval_text=)"
+        ) from None
     if len(ids) < MIN_TOKENS:
         raise QuantizeError(f"the evaluation text has {len(ids)} tokens; the gate needs at least {MIN_TOKENS}")
     return ids, name

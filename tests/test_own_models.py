@@ -445,6 +445,18 @@ def test_int8_passes_its_gate(word_lstm, tmp_path):
     assert gen.score(gen.encode(WORDS[:300])).perplexity == pytest.approx(manifest.quality["perplexity"], rel=0.5)
 
 
+def test_int8_with_the_default_text_outside_a_word_vocabulary_is_one_line(word_lstm, tmp_path):
+    """A word vocabulary without <unk> cannot spell the built-in English evaluation text: one line
+    that asks for a text in the model's vocabulary, and nothing written."""
+    module, vocab, _ = word_lstm
+    from lmrt.quantize import QuantizeError
+
+    with pytest.raises(QuantizeError, match="the tokenizer cannot read .*give an evaluation text in the model's vocabulary") as e:
+        export_model(module, str(tmp_path / "int8"), tokenizer=vocab, precision="int8", progress=lambda line: None)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "int8").exists()
+
+
 def recurrent_nodes(out_dir, manifest):
     """The graph's recurrent nodes and its initializers by name."""
     import onnx
