@@ -14,13 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from serving import Server, wait_for
-from test_adapters import TEXT_A, TEXT_B, llama, quiet, save_untrained  # noqa: F401  (llama: the module's fixture)
+import test_adapters
+from test_adapters import TEXT_A, TEXT_B, quiet, save_untrained
 from test_serve_faults import assert_error, no_tracebacks
 
 from lmrt import runtime
 from lmrt.export import add_adapter
 
 peft = pytest.importorskip("peft")
+llama = test_adapters.llama  # the tiny Llama with adapters a and b: the fixture of test_adapters, here too
 LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
 
 
@@ -44,7 +46,7 @@ def alone(gen: runtime.Generator, prompt: str, model: str | None, n: int) -> str
     return gen.generate(prompt, adapter=model, max_new_tokens=n, temperature=0.0)
 
 
-def test_eight_clients_on_two_adapters_and_the_base_each_get_what_they_get_alone(llama):  # noqa: F811
+def test_eight_clients_on_two_adapters_and_the_base_each_get_what_they_get_alone(llama):
     gen = runtime.Generator(llama["adapted"])
     base = os.path.basename(llama["adapted"])
     asks = [("a", TEXT_A[:22], False), ("b", TEXT_B[:16], True), (base, TEXT_A[:22], False), ("b", TEXT_A[:30], False),
@@ -72,7 +74,7 @@ def test_eight_clients_on_two_adapters_and_the_base_each_get_what_they_get_alone
         server.stop()
 
 
-def test_an_adapter_loaded_while_a_client_streams_answers_as_if_it_were_added(llama, tmp_path):  # noqa: F811
+def test_an_adapter_loaded_while_a_client_streams_answers_as_if_it_were_added(llama, tmp_path):
     """The served directory holds "b" (rank 2, three modules); "a" (rank 4, every projection) is
     loaded from its PEFT directory while a client streams with "b": the stacks grow to rank 4 and
     more projections, and each answer equals the Generator's on a directory with both added."""
@@ -110,7 +112,7 @@ def test_an_adapter_loaded_while_a_client_streams_answers_as_if_it_were_added(ll
     assert runtime.LoadedModel(served).adapter_names == ("b",)  # nothing loaded was written
 
 
-def test_every_refusal_of_the_adapter_routes_is_one_json_line(llama, tmp_path):  # noqa: F811
+def test_every_refusal_of_the_adapter_routes_is_one_json_line(llama, tmp_path):
     closed = Server(llama["adapted"], "--api-key", "k")
     try:
         assert_error(*post(closed, LOAD, {"lora_name": "c", "lora_path": llama["peft"]["a"]}), 401, "invalid_api_key")
@@ -162,7 +164,7 @@ def served_ids_with_key(server: Server) -> set[str]:
     return {m.id for m in server.client(api_key="k").models.list().data}
 
 
-def test_a_directory_with_more_adapters_than_max_adapters_is_refused_at_start(llama):  # noqa: F811
+def test_a_directory_with_more_adapters_than_max_adapters_is_refused_at_start(llama):
     with pytest.raises(RuntimeError, match="holds 2 LoRA adapters, more than --max-adapters 1"):
         Server(llama["adapted"], "--max-adapters", "1")
 
@@ -241,7 +243,7 @@ def test_an_adapter_in_use_is_not_unloaded_and_a_stream_runs_on_while_another_lo
         server.stop()
 
 
-def test_speculation_with_an_adapter_keeps_greedy_output(llama):  # noqa: F811
+def test_speculation_with_an_adapter_keeps_greedy_output(llama):
     """fp32 tiny Llama, a prompt whose text repeats so prompt lookup proposes tokens: with adapter
     "a" the tokens with speculation on are those with it off, and speculation did propose."""
     gen = runtime.Generator(llama["adapted"])
