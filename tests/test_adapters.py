@@ -232,6 +232,12 @@ def test_the_command_line_adds_an_adapter_and_generates_with_it(llama, tmp_path)
     result = runner.invoke(main, ["eval", target, "--text", str(text), "--adapter", "support"])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == f"perplexity {expected_ppl:.4f}"
+    sizes = ["--prompt-tokens", "8", "--new-tokens", "4", "--runs", "1"]
+    result = runner.invoke(main, ["bench", target, "--adapter", "support", *sizes, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["adapter"] == "support"
+    result = runner.invoke(main, ["bench", target, "--adapter", "nope", *sizes])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "'nope' is not an adapter of this model" in result.stderr
     result = runner.invoke(main, ["info", target])
     assert result.exit_code == 0 and "support (rank 4, 7 modules)" in result.stdout
     result = runner.invoke(main, ["adapter", target, llama["peft"]["a"], "--name", "support"])

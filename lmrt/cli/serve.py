@@ -26,7 +26,8 @@ def serve(model_dir, api_key_file, on_ray, address, replicas, min_replicas, max_
     """Serve the model in MODEL_DIR over HTTP with OpenAI's API.
 
     Routes: POST /v1/chat/completions, POST /v1/completions (or, for an embedding model, POST
-    /v1/embeddings), GET /v1/models, GET /health, GET /metrics (Prometheus). The KV cache for all
+    /v1/embeddings), GET /v1/models, GET /health, GET /metrics (Prometheus); with
+    --allow-adapter-loading, POST /v1/load_lora_adapter and /v1/unload_lora_adapter. The KV cache for all
     slots is reserved at start: slots x ctx-size x (2 x layers x KV heads x head size x bytes per
     value).
 
