@@ -256,3 +256,43 @@ def test_speculation_with_an_adapter_keeps_greedy_output(llama):
         assert on == off, adapter
         assert gen.stats.proposed_tokens > proposed, "speculation proposed nothing"
     assert off != gen.generate_batch([prompt], speculation="off", **options)[0][0].token_ids
+
+
+def test_a_freed_slot_goes_to_another_adapter_only_once_no_cached_row_was_computed_with_it(llama):
+    """The Engine alone: "a" unloaded after a request left its row cached; "c" (b's matrices) loaded
+    then takes a new slot, so the same prompt with "c" finds no prefix computed with "a"; each answer
+    is the Generator's; once no row holds a's slot any more, the next adapter takes it."""
+    from conftest import wait_until
+
+    from lmrt.runtime.adapters import AdapterChangeError, read_adapter
+
+    loaded = runtime.LoadedModel(llama["adapted"])
+    lora = loaded.manifest.lora
+    b = read_adapter(loaded.model_dir, lora.entry("b"), lora), lora.entry("b").scale
+    engine = runtime.Engine(loaded, slots=1, ctx_size=64)
+    gen = runtime.Generator(llama["adapted"])
+    prompt = llama["encode"](TEXT_A)[:12]
+
+    def run(adapter: str) -> list[int]:
+        request = engine.submit(engine.request(prompt, loaded.config(adapter=adapter, max_new_tokens=8, stop_token_ids=()), None))
+        wait_until(lambda: request.done, 60, "the engine's request")
+        return request.choices[0].tokens
+
+    try:
+        assert run("a") == greedy_ids(gen, prompt, "a")
+        assert engine.unload_adapter("a").result(60) == 1
+        assert engine.load_adapter("c", *b).result(60) == 3  # the row of slot 1 still holds a's prefix
+        assert run("c") == greedy_ids(gen, prompt, "b")  # from an empty row: nothing of a's reused
+        assert engine.unload_adapter("b").result(60) == 2
+        assert engine.load_adapter("d", *b).result(60) == 1  # the row now holds c's: slot 1 is free to take
+        assert run("d") == greedy_ids(gen, prompt, "b") and loaded.adapter_names == ("d", "c")
+        with pytest.raises(AdapterChangeError, match="already loaded"):
+            engine.load_adapter("c", *b).result(60)
+        with pytest.raises(AdapterChangeError, match="the most this server holds"):
+            engine.load_adapter("e", *b, most=2).result(60)
+    finally:
+        engine.close()
+
+
+def greedy_ids(gen: runtime.Generator, prompt: list[int], adapter: str) -> list[int]:
+    return gen.generate_batch([prompt], adapter=adapter, max_new_tokens=8, stop_token_ids=())[0][0].token_ids
