@@ -92,8 +92,9 @@ class Engine:
         if self._closing:
             raise RuntimeError("the engine is shut down")
         with self._adapter_lock:
+            # the adapter it was built with may have been unloaded since (ConfigError), or loaded again elsewhere
             if request.adapter and self.model.adapter_slot(request.config.adapter) != request.adapter:
-                raise ConfigError("adapter", f"{request.config.adapter!r} was unloaded")
+                raise ConfigError("adapter", f"{request.config.adapter!r} was unloaded and loaded again since the request was built")
             self._loop.submit(request)
         self._wake.set()
         return request

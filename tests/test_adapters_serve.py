@@ -265,6 +265,7 @@ def test_a_freed_slot_goes_to_another_adapter_only_once_no_cached_row_was_comput
     from conftest import wait_until
 
     from lmrt.runtime.adapters import AdapterChangeError, read_adapter
+    from lmrt.runtime.config import ConfigError
 
     loaded = runtime.LoadedModel(llama["adapted"])
     lora = loaded.manifest.lora
@@ -290,6 +291,11 @@ def test_a_freed_slot_goes_to_another_adapter_only_once_no_cached_row_was_comput
             engine.load_adapter("c", *b).result(60)
         with pytest.raises(AdapterChangeError, match="the most this server holds"):
             engine.load_adapter("e", *b, most=2).result(60)
+        stale = engine.request(prompt, loaded.config(adapter="c", max_new_tokens=2), None)  # built, then c unloaded
+        assert engine.unload_adapter("c").result(60) == 3
+        with pytest.raises(ConfigError, match="'c' is not an adapter of this model; it has d"):
+            engine.submit(stale)
+        assert engine.waiting() == 0
     finally:
         engine.close()
 

@@ -56,6 +56,8 @@ def register(app: FastAPI, state, engine_for: Callable[[Request], Engine], json_
         except AdapterChangeError as e:
             status, code = REFUSED[e.reason]
             raise APIError(status, str(e), "lora_name", code) from None
+        except ValueError as e:  # matrices that do not fit the graph
+            raise APIError(400, first_line(e), "lora_name", "invalid_adapter") from None
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> PlainTextResponse:
