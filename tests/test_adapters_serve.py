@@ -167,6 +167,14 @@ def served_ids_with_key(server: Server) -> set[str]:
 def test_a_directory_with_more_adapters_than_max_adapters_is_refused_at_start(llama):
     with pytest.raises(RuntimeError, match="holds 2 LoRA adapters, more than --max-adapters 1"):
         Server(llama["adapted"], "--max-adapters", "1")
+    from click.testing import CliRunner
+
+    from lmrt.cli import main
+
+    for args, message in [(["--max-adapters", "0"], "--max-adapters must be an integer of at least 1, got 0"),
+                          (["--ray", "--allow-adapter-loading"], "--allow-adapter-loading is not served on Ray")]:  # fmt: skip
+        result = CliRunner().invoke(main, ["serve", llama["adapted"], *args])
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1 and message in result.stderr, result.output
 
 
 def random_peft(out_dir: str, arch, targets: dict[str, int], rank: int, seed: int) -> str:

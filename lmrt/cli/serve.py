@@ -63,12 +63,12 @@ def run_on_ray(model_dir: str, options: dict, address, replicas, min_replicas, m
     """``lmrt serve --ray``: the options checked (the replicas' first), then the replicas started."""
     from ..serve import ServeError
 
+    if options.get("allow_adapter_loading"):
+        raise ServeError("--allow-adapter-loading is not served on Ray: each replica would hold adapters of its own")
     try:
         from ..serve import ray_deployment as on_ray
     except ImportError as e:
         raise ServeError(f"lmrt serve --ray needs the ray extra: pip install 'lmrt[ray]' ({e})") from None
-    if options.get("allow_adapter_loading"):
-        raise ServeError("--allow-adapter-loading is not served on Ray: each replica would hold adapters of its own")
     on_ray.check_replicas(replicas, min_replicas, max_replicas, options["port"])
     path = on_ray.model_path(model_dir)
     settings = ServeSettings(model_dir=path, **options)
