@@ -32,6 +32,7 @@ class BenchResult:
     model_files_mb: float
     kv_cache_mb: float  # the KV cache at its largest: prompt + new tokens
     state: str  # the whole decoding state at its largest, in words (``state_size.state_words``)
+    adapter: str | None = None  # the LoRA adapter every run used (None: the base model)
 
 
 def peak_rss_mb() -> float:
@@ -55,7 +56,8 @@ def prompt_ids(gen, n: int) -> list[int]:
 
 
 def run(
-    model_dir: str, prompt_tokens: int, new_tokens: int, runs: int, provider: str, threads: int | None, speculation: str = "off"
+    model_dir: str, prompt_tokens: int, new_tokens: int, runs: int, provider: str, threads: int | None, speculation: str = "off",
+    adapter: str | None = None,
 ) -> BenchResult:
     from .atomic import directory_size
     from .runtime import Generator
@@ -70,7 +72,8 @@ def run(
             f"--prompt-tokens + --new-tokens is {prompt_tokens + new_tokens}, more than the model's context ({gen.context_length})"
         )
     ids = prompt_ids(gen, prompt_tokens)
-    config = gen.config(max_new_tokens=new_tokens, stop_token_ids=[], temperature=0.0, speculation=speculation)
+    config = gen.config(max_new_tokens=new_tokens, stop_token_ids=[], temperature=0.0, speculation=speculation, adapter=adapter)
+    gen.model.adapter_slot(adapter)  # a name the directory does not hold: refused before any run
     stats = gen.stats
     first, rest, outside = [], [], []
     proposed = accepted = 0
@@ -96,13 +99,14 @@ def run(
         prompt_tokens, new_tokens, runs, gen.provider, threads, prompt_tokens / ttft, ttft * 1e3, 1 / step,
         statistics.median(outside), speculation,
         (stats.accepted_tokens - accepted) / (stats.proposed_tokens - proposed) if stats.proposed_tokens > proposed else None,
-        peak_rss_mb(), files / 1e6, kv_bytes / 1e6, state_words(specs, 1, positions),
+        peak_rss_mb(), files / 1e6, kv_bytes / 1e6, state_words(specs, 1, positions), adapter,
     )
 
 
 def as_table(r: BenchResult) -> str:
     rows = [
         ("prompt / new tokens", f"{r.prompt_tokens} / {r.new_tokens}, median of {r.runs} runs, provider {r.provider}"),
+        *([("adapter", r.adapter)] if r.adapter else []),
         ("prefill", f"{r.prefill_tokens_per_s:.1f} tokens/s"),
         ("time to first token", f"{r.time_to_first_token_ms:.1f} ms"),
         ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s ({r.python_share:.1%} of each step outside onnxruntime)"),

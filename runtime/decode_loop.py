@@ -266,7 +266,7 @@ class DecodeLoop:
                 self.running.remove(request)
             self.stats.requests_finished += 1
             if request.adapter:
-                name = self.model.adapter_names[request.adapter - 1]
+                name = request.config.adapter
                 self.stats.adapter_requests[name] = self.stats.adapter_requests.get(name, 0) + 1
 
     def fail(self, request: Request, error: Exception) -> None:

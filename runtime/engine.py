@@ -7,7 +7,9 @@ from the engine's thread. ``cancel`` (any thread) takes a waiting request out of
 frees a running one's rows at the next step. When more requests wait for a row than the queue holds,
 ``submit`` refuses at once with QueueFullError. ``score`` scores token ids (``scoring.score_ids``) on
 the engine's thread too, between two steps, so scoring and decoding never run the model at once; its
-state is a store of its own for the call, and the slots are left as they were. No web framework here: the HTTP server
+state is a store of its own for the call, and the slots are left as they were. ``load_adapter`` and
+``unload_adapter`` change the model's LoRA adapters there too, between two steps (``adapters.py``); an
+adapter a running or waiting request uses is not unloaded. No web framework here: the HTTP server
 (``lmrt.serve``) and Python callers both use this class.
 
     model = LoadedModel("models/smollm2")
@@ -28,7 +30,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .config import GenerationConfig
+from .adapters import AdapterChangeError
+from .config import ConfigError, GenerationConfig
 from .decode_loop import DecodeLoop, LoopStats
 from .engine_settings import EngineSettings
 from .model import LoadedModel
@@ -68,6 +71,7 @@ class Engine:
         self._wake = threading.Event()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (work, future) to run between steps
         self._closing = False
+        self._adapter_lock = threading.Lock()  # a request's adapter is still held when it is queued
         self._thread = threading.Thread(target=self._run, name="lmrt-engine", daemon=True)
         self._thread.start()
 
@@ -88,7 +92,11 @@ class Engine:
         """Queue ``request``; raises QueueFullError when ``max_queue`` requests already wait."""
         if self._closing:
             raise RuntimeError("the engine is shut down")
-        self._loop.submit(request)
+        with self._adapter_lock:
+            # the adapter it was built with may have been unloaded since (ConfigError), or loaded again elsewhere
+            if request.adapter and self.model.adapter_slot(request.config.adapter) != request.adapter:
+                raise ConfigError("adapter", f"{request.config.adapter!r} was unloaded and loaded again since the request was built")
+            self._loop.submit(request)
         self._wake.set()
         return request
 
@@ -102,7 +110,8 @@ class Engine:
         computed on the engine's thread between two steps, in one window as long as the ids (at
         most a slot's context). A single token has nothing to score: its Score is empty at once.
         Cancelling the future before it starts skips it."""
-        ids, slot = list(token_ids), self.model.adapter_slot(adapter)
+        ids = list(token_ids)
+        self.model.adapter_slot(adapter)  # a name not held: refused now
         if len(ids) > self.ctx_size:
             raise ValueError(f"scoring {len(ids)} tokens needs more positions than a slot holds ({self.ctx_size})")
         if self._closing:
@@ -111,7 +120,54 @@ class Engine:
         if len(ids) == 1:
             future.set_result(Score((int(ids[0]),), np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)))
             return future
-        self._jobs.put((lambda: score_ids(self.model, ids, window=len(ids), top=top, adapter=slot), future))
+        # the slot is looked up again on the engine's thread: the adapter may have been unloaded since
+        work = lambda: score_ids(self.model, ids, window=len(ids), top=top, adapter=self.model.adapter_slot(adapter))  # noqa: E731
+        self._jobs.put((work, future))
+        self._wake.set()
+        return future
+
+    def load_adapter(self, name: str, matrices: dict[str, np.ndarray], scale: float, most: int | None = None) -> "Future[int]":
+        """A future of the slot of LoRA adapter ``name`` (``adapters.read_adapter``'s matrices, B to
+        be multiplied by ``scale``), held from the engine's next step on; AdapterChangeError when a
+        model holds ``name`` already or ``most`` adapters. ValueError for a model without LoRA inputs."""
+        bank = self._bank()
+
+        def load() -> int:
+            if most is not None and len(bank.names) >= most:
+                raise AdapterChangeError(f"{len(bank.names)} adapters are loaded, the most this server holds: unload one first", "full")
+            store = self._loop.store
+            with self._adapter_lock:
+                return bank.add(name, matrices, scale, set(store.adapter_slots(0, store.rows).tolist()))
+
+        return self._job(load)
+
+    def unload_adapter(self, name: str) -> "Future[int]":
+        """A future of the slot LoRA adapter ``name`` had, no longer held from the engine's next step
+        on; AdapterChangeError for a name not held, or one a running or waiting request uses."""
+        bank = self._bank()
+
+        def unload() -> int:
+            with self._adapter_lock:
+                slot = bank.slot(name) if name in bank.names else None
+                users = [r for r in self._loop.running + self._loop.scheduler.queued() if slot and r.adapter == slot]
+                if users:
+                    raise AdapterChangeError(f"the adapter '{name}' is used by {len(users)} running or waiting requests; "
+                                             "unload it once they end", "in_use")  # fmt: skip
+                return bank.remove(name)
+
+        return self._job(unload)
+
+    def _bank(self):
+        if self.model.adapters is None:
+            raise ValueError("this model's graph takes no LoRA adapters")
+        return self.model.adapters
+
+    def _job(self, work: Callable[[], object]) -> Future:
+        """A future of ``work()``, run on the engine's thread between two steps."""
+        if self._closing:
+            raise RuntimeError("the engine is shut down")
+        future: Future = Future()
+        self._jobs.put((work, future))
         self._wake.set()
         return future
 

@@ -131,7 +131,7 @@ class LoadedModel:
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
-        """The LoRA adapters of the model directory, in slot order (slot 0 is the base model)."""
+        """The LoRA adapters held (those of the model directory, and any an Engine loaded since), in slot order."""
         return () if self.adapters is None else self.adapters.names
 
     def adapter_slot(self, name: str | None) -> int:
@@ -194,7 +194,8 @@ class LoadedModel:
         shape = (count, keep, self.vocab_size)
         adapters = self.adapters
         binding, logits = state.binding(
-            self.session, start, count, io.logits, shape, self._logits_dtype, adapters.bind if adapters else None
+            self.session, start, count, io.logits, shape, self._logits_dtype, adapters.bind if adapters else None,
+            adapters.version if adapters else 0,
         )
         if adapters is not None:
             binding.bind_cpu_input(adapters.index_input, state.adapter_slots(start, count))

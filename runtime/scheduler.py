@@ -56,6 +56,11 @@ class Scheduler:
         """Requests not yet given rows."""
         return len(self._waiting)
 
+    def queued(self) -> list["Request"]:
+        """The requests waiting for rows, in arrival order (a copy)."""
+        with self._lock:
+            return list(self._waiting)
+
     def waiting_rows(self) -> int:
         """Rows the waiting requests will need."""
         with self._lock:

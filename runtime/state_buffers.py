@@ -160,12 +160,15 @@ class StateBuffers:
             out = ptr if written is None else written.ctypes.data + offset
             binding.bind_output(t.present, self.device, 0, dtype, shape, out)
 
-    def binding(self, session, start: int, count: int, batch: bool, logits_name: str, logits_shape: tuple, logits_dtype, constants=None):
+    def binding(
+        self, session, start: int, count: int, batch: bool, logits_name: str, logits_shape: tuple, logits_dtype, constants=None, version=0
+    ):
         """An IO binding of rows [start, start + count) with a logits output of ``logits_shape``, and that
-        buffer; ``constants(binding)`` binds what all share (adapters) to a new one. The decode batch's
-        (``batch``) binding is kept while its rows stay, its buffer while the shape holds (a fresh one
-        per step would cost page faults); other ranges get fresh ones."""
-        key = (self.version, count)
+        buffer; ``constants(binding)`` binds what all share (adapters, at their ``version``) to a new one.
+        The decode batch's (``batch``) binding is kept while its rows and the constants' version stay, its
+        buffer while the shape holds (a fresh one per step would cost page faults); other ranges get
+        fresh ones."""
+        key = (self.version, count, version)
         if batch and self._binding is not None and self._binding[0] == key:
             binding, logits = self._binding[1], self._binding[2]
         else:

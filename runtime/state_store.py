@@ -276,11 +276,11 @@ class StateStore:
         self._computed[rows] = self._lengths[rows]
         self.buffers.commit(start, count)
 
-    def binding(self, session, start: int, count: int, logits_name: str, logits_shape: tuple, logits_dtype, constants=None):
+    def binding(self, session, start: int, count: int, logits_name: str, logits_shape: tuple, logits_dtype, constants=None, version=0):
         """An IO binding of rows [start, start + count) and its logits buffer (``StateBuffers.binding``:
-        the decode batch's is kept while its rows stay)."""
+        the decode batch's is kept while its rows and the constants' ``version`` stay)."""
         batch = start == 0 and count == self.active
-        return self.buffers.binding(session, start, count, batch, logits_name, logits_shape, logits_dtype, constants)
+        return self.buffers.binding(session, start, count, batch, logits_name, logits_shape, logits_dtype, constants, version)
 
     # --- moving rows -------------------------------------------------------------------------
 

@@ -232,6 +232,12 @@ def test_the_command_line_adds_an_adapter_and_generates_with_it(llama, tmp_path)
     result = runner.invoke(main, ["eval", target, "--text", str(text), "--adapter", "support"])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == f"perplexity {expected_ppl:.4f}"
+    sizes = ["--prompt-tokens", "8", "--new-tokens", "4", "--runs", "1"]
+    result = runner.invoke(main, ["bench", target, "--adapter", "support", *sizes, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["adapter"] == "support"
+    result = runner.invoke(main, ["bench", target, "--adapter", "nope", *sizes])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "'nope' is not an adapter of this model" in result.stderr
     result = runner.invoke(main, ["info", target])
     assert result.exit_code == 0 and "support (rank 4, 7 modules)" in result.stdout
     result = runner.invoke(main, ["adapter", target, llama["peft"]["a"], "--name", "support"])
@@ -300,6 +306,13 @@ def test_adapters_lmrt_cannot_compute_or_that_belong_elsewhere_are_refused(llama
 @pytest.mark.parametrize("family, targets", [
     ("gpt2", ["c_attn", "c_proj", "c_fc"]),  # q/k/v in one Conv1D (c_attn), weights stored [in, out]
     ("qwen2", ["q_proj", "k_proj", "v_proj", "gate_proj"]),  # q/k/v biases, one KV head: unequal q/k/v columns
+    ("mistral", ["q_proj", "v_proj", "down_proj"]),  # a sliding window shorter than the position table
+    ("gemma2", ["q_proj", "k_proj", "o_proj", "up_proj"]),  # softcaps, sliding layers
+    ("gemma3_text", ["k_proj", "v_proj", "gate_proj", "down_proj"]),  # q/k norms, two rotary tables
+    ("phi3", ["qkv_proj", "gate_up_proj", "o_proj"]),  # q/k/v and gate/up fused in the checkpoint already
+    ("qwen3", ["q_proj", "v_proj", "up_proj"]),  # q/k norms, tied embeddings
+    ("smollm3", ["q_proj", "k_proj", "o_proj", "down_proj"]),  # layers without rotary
+    ("granite", ["v_proj", "o_proj", "gate_proj"]),  # multipliers
 ])  # fmt: skip
 def test_other_families_match_peft(tmp_path, family, targets):
     hf_dir, model = make_tiny_model(family, str(tmp_path))

@@ -24,7 +24,7 @@ from ...runtime.manifest import Manifest, load_manifest
 from ...runtime.model_dir import ADAPTERS_DIR, LORA_GRAPH_FILE
 from ..errors import AdapterError
 from .fuse import fuse
-from .graph import add_lora_inputs, find_sites
+from .graph import Site, add_lora_inputs, find_sites
 from .peft_dir import read_peft
 
 MATRICES_FILE = "lora.npz"
@@ -74,6 +74,17 @@ def add_adapter(
         os.remove(graph_path)  # no longer named by the manifest: the graph without LoRA inputs
     progress(f"added adapter {name} to {model_dir}: rank {peft.rank}, scale {peft.scale:g}, {', '.join(targets)}")
     return entry
+
+
+def peft_matrices(model_dir: str, manifest: Manifest, peft_dir: str) -> tuple[dict[str, np.ndarray], float]:
+    """The matrices of the LoRA adapter in ``peft_dir`` placed in the projections of the graph of
+    ``manifest`` (one with LoRA inputs), as ``adapters.read_adapter`` gives an added one's, and its
+    scale; nothing is written (an adapter loaded while serving). The checks of ``add_adapter``."""
+    layout = _layout(manifest, model_dir)
+    peft = read_peft(peft_dir)
+    sites = {p.projection: Site(p.a, p.b, p.in_features, p.out_features) for p in manifest.lora.inputs}
+    matrices, _ = fuse(peft, layout, manifest.architecture, sites)
+    return matrices, peft.scale
 
 
 def _layout(manifest: Manifest, model_dir: str):

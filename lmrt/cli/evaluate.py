@@ -63,10 +63,11 @@ def eval_(model_dir, text_file, max_tokens, window, stride, adapter, provider, t
     "--speculation", type=click.Choice(["auto", "on", "off"]), default="off", show_default=True,
     help="Prompt-lookup speculation (the prompt is repeated prose, so auto measures a best case).",
 )
+@click.option("--adapter", help="Generate with this LoRA adapter of the model directory (default: the base model).")
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @errors_to_one_line
-def bench(model_dir, prompt_tokens, new_tokens, runs, speculation, provider, threads, as_json) -> None:
+def bench(model_dir, prompt_tokens, new_tokens, runs, speculation, adapter, provider, threads, as_json) -> None:
     """Measure prefill speed, time to first token, decode speed and peak memory of MODEL_DIR.
 
     Medians over --runs runs of greedy decoding through lmrt's own decode loop. Peak memory is the
@@ -76,12 +77,13 @@ def bench(model_dir, prompt_tokens, new_tokens, runs, speculation, provider, thr
     Examples:
       lmrt bench models/smollm2-int8
       lmrt bench models/smollm2-int4 --prompt-tokens 512 --new-tokens 64 --runs 5 --json
+      lmrt bench models/smollm2-int8 --adapter support
     """
     import dataclasses
     import json
 
     from .. import bench as benchmark
 
-    result = benchmark.run(model_dir, prompt_tokens, new_tokens, runs, provider, threads, speculation)
+    result = benchmark.run(model_dir, prompt_tokens, new_tokens, runs, provider, threads, speculation, adapter)
     click.echo(json.dumps(dataclasses.asdict(result)) if as_json else benchmark.as_table(result))
 

@@ -97,7 +97,9 @@ def settings_options(cls, names: tuple[str, ...] | None = None):
     def decorate(fn):
         for f in reversed(chosen):
             kwargs = {"type": scalar_type(hints[f.name]), "help": f.metadata["help"], "callback": CHECKS.get(f.name)}
-            if f.default is not None:
+            if kwargs["type"] is bool:  # a switch, off by default
+                kwargs.update(type=None, is_flag=True, default=False)
+            elif f.default is not None:
                 kwargs.update(default=f.default, show_default=True)
             fn = click.option(f.metadata["flag"], f.name, **kwargs)(fn)
         return fn

@@ -26,10 +26,11 @@ def serve(model_dir, api_key_file, on_ray, address, replicas, min_replicas, max_
     """Serve the model in MODEL_DIR over HTTP with OpenAI's API.
 
     Routes: POST /v1/chat/completions, POST /v1/completions (or, for an embedding model, POST
-    /v1/embeddings), GET /v1/models, GET /health, GET /metrics (Prometheus). The state of all slots
-    is reserved at start, and the ready line says how much: a KV cache of slots x ctx-size x (2 x
-    layers x KV heads x head size x bytes per value), or a recurrent model's state per slot with its
-    snapshots.
+    /v1/embeddings), GET /v1/models, GET /health, GET /metrics (Prometheus); with
+    --allow-adapter-loading, POST /v1/load_lora_adapter and /v1/unload_lora_adapter. The state of
+    all slots is reserved at start, and the ready line says how much: a KV cache of slots x ctx-size
+    x (2 x layers x KV heads x head size x bytes per value), or a recurrent model's state per slot
+    with its snapshots.
 
     \b
     Examples:
@@ -63,6 +64,8 @@ def run_on_ray(model_dir: str, options: dict, address, replicas, min_replicas, m
     """``lmrt serve --ray``: the options checked (the replicas' first), then the replicas started."""
     from ..serve import ServeError
 
+    if options.get("allow_adapter_loading"):
+        raise ServeError("--allow-adapter-loading is not served on Ray: each replica would hold adapters of its own")
     try:
         from ..serve import ray_deployment as on_ray
     except ImportError as e:

@@ -69,7 +69,8 @@ def serve(settings: ServeSettings, report: Callable[[str], None]) -> None:
     generates = manifest.task == "generate"
     sock = bind(settings.host, settings.port)
     state = ServerState(settings.model_name, settings.api_key, MAX_BODY_BYTES, settings.body_timeout,
-                        response_store=ResponseStore(settings.stored_responses))
+                        response_store=ResponseStore(settings.stored_responses),
+                        allow_adapter_loading=settings.allow_adapter_loading, max_adapters=settings.max_adapters)
     server = uvicorn.Server(
         uvicorn.Config(
             long_urls_refused(create_app(state)), log_level="warning", timeout_graceful_shutdown=5, access_log=False,

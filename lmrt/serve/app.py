@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..runtime import Encoder, Engine, LoadedModel
-from . import metrics, rerank, responses_api, tokenize
+from . import adapters_api, metrics, rerank, responses_api, tokenize
 from .body import read_json
 from .bridge import EventStream, submit, unless_disconnected
 from .chat import ChatAnswer, parse_chat
@@ -41,6 +41,8 @@ class ServerState:
     encoder: Encoder | None = None
     load_error: str | None = None
     response_store: ResponseStore | None = None  # the answers kept for previous_response_id (None: none)
+    allow_adapter_loading: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter served
+    max_adapters: int | None = None  # the most LoRA adapters held at once (None: no bound)
     embedding_requests: int = 0
     embedded_tokens: int = 0
 
@@ -120,6 +122,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     responses_api.register(app, state)
     rerank.register(app, state)
+    adapters_api.register(app, state, partial(_authorized_engine, state), partial(_json_body, state))
     tokenize.register(app, state.model_name, partial(_authorized_engine, state), partial(_json_body, state), partial(_cards, state))
     return app
 

@@ -53,6 +53,13 @@ class ServeSettings(EngineSettings):
     body_timeout: float = field(
         default=30.0, metadata={"flag": "--body-timeout", "help": "Seconds a request's body may take to arrive; past that: 408."}
     )
+    allow_adapter_loading: bool = field(
+        default=False, metadata={"flag": "--allow-adapter-loading", "help": "Serve POST /v1/load_lora_adapter and "
+                                 "/v1/unload_lora_adapter (loading reads a PEFT directory at a path the request names)."},
+    )  # fmt: skip
+    max_adapters: int | None = field(
+        default=None, metadata={"flag": "--max-adapters", "help": "The most LoRA adapters held at once [default: no bound]."}
+    )
     manifest: Manifest = field(init=False, repr=False, compare=False)  # read from model_dir when built
 
     def __post_init__(self) -> None:
@@ -74,6 +81,12 @@ class ServeSettings(EngineSettings):
             raise ServeError(f"{self.flag('port')} must be from 0 to {MAX_PORT} (0: any free port), got {self.port}")
         if not (is_number(self.body_timeout) and 0 < self.body_timeout < math.inf):
             raise ServeError(f"{self.flag('body_timeout')} must be a number of seconds above 0, got {self.body_timeout}")
+        if self.max_adapters is not None:
+            held = len(manifest.lora.adapters) if manifest.lora is not None else 0
+            if not is_int(self.max_adapters) or self.max_adapters < 1:
+                raise ServeError(f"{self.flag('max_adapters')} must be an integer of at least 1, got {self.max_adapters}")
+            if held > self.max_adapters:
+                raise ServeError(f"{self.model_dir} holds {held} LoRA adapters, more than {self.flag('max_adapters')} {self.max_adapters}")
         if self.api_key is not None and not self.api_key.strip():
             raise ServeError(f"{self.flag('api_key')} is empty")
         super().__post_init__()  # what is not an integer at all
