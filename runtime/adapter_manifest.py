@@ -1,10 +1,11 @@
 """The manifest's ``lora`` section: the graph's LoRA inputs and the adapters the directory holds.
 
 A graph rewritten for adapters (``lmrt adapter``) adds to each linear projection y = x W of every
-layer the term (x A[s]) B[s], s being the row's slot in the ``index`` input (int64 [batch]; 0: no
-adapter, k: the k-th adapter listed). Each projection's ``a`` input (float [slots, in_features,
-rank]) and ``b`` input (float [slots, rank, out_features]) hold every adapter's matrices stacked,
-smaller ranks padded with zeros. A manifest without the section has a graph without these inputs.
+layer the term ((x A) * mask) B: the projection's ``a`` input (float [in_features, width]) holds the
+A matrices of the adapters a step uses side by side, its ``b`` input (float [width, out_features])
+their B matrices one above the other, and its ``mask`` input (float [batch, 1, width]) keeps each
+row's own adapter's columns (``adapters.py`` fills them). A manifest without the section has a
+graph without these inputs.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a file name and
 @dataclass(frozen=True)
 class LoraInput:
     projection: str  # lmrt's name of the projection: "layers.{i}.qkv", ".out", ".up" or ".down"
-    a: str  # the graph input [slots, in_features, rank]
-    b: str  # the graph input [slots, rank, out_features]
+    a: str  # the graph input [in_features, width]: the A matrices of a step's adapters side by side
+    b: str  # the graph input [width, out_features]: their B matrices, one above the other
+    mask: str  # the graph input [batch, 1, width]: 1 in the columns of each row's own adapter
     in_features: int
     out_features: int
 
@@ -42,11 +44,13 @@ class AdapterEntry:
     scale: float  # alpha / r (rsLoRA: alpha / sqrt(r)); B is multiplied by it when loaded
     targets: tuple[str, ...]  # the source modules it adapts, without their layer ("self_attn.q_proj")
     base_model: str = ""  # PEFT's base_model_name_or_path, as the adapter names it
+    # perplexity on an evaluation text with the adapter and without it, measured when it was added:
+    # {"eval_text", "tokens", "perplexity", "base_perplexity"} (empty: not measured)
+    quality: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Lora:
-    index: str = "adapter_index"
     inputs: tuple[LoraInput, ...] = ()
     adapters: tuple[AdapterEntry, ...] = ()
 

@@ -1,22 +1,25 @@
 """The adapters a model holds, loaded once and shared by every row that uses them.
 
-Each LoRA input of the graph (``adapter_manifest.py``) gets one array of every adapter's matrices
-stacked by slot: slot 0 is zeros (no adapter), slot k the k-th adapter of the manifest; ranks are
-padded with zeros to the largest, and B is multiplied by its adapter's scale here, once. The arrays
-are bound to each IO binding of the model; a row picks its adapter through its slot in the
-``index`` input, so rows with different adapters (and rows with none) share one step.
+A step's graph takes, for each adapted projection (``adapter_manifest.py``), the A matrices of the
+adapters its rows use side by side ([in, width]; B multiplied by its adapter's scale, once, and one
+above the other, [width, out]), and a row mask [batch, width] that keeps each row's own adapter's
+columns (none for a row without one). ``for_rows`` gives them for the rows' slots: the matrices of
+each set of adapters are put side by side once and kept (a few sets), so a step reads each adapter
+once whatever number of rows use it, and a step with no adapter reads none (width 0). Slot 0 is no
+adapter, slot k the k-th adapter held.
 
 The set may change while serving (``add`` and ``remove``, from the engine's thread between two
-steps): each change builds new stacks (the arrays a step has bound are never written to) and a new
-``version``, at which every IO binding binds them again. A slot keeps its adapter while it is held;
-a removed adapter's slot is taken again only by ``add`` once no row of the state stores is tagged
-with it (``add``'s ``tagged``), so no row's cache is reused under another adapter.
+steps): each change drops the kept sets (the arrays a step has bound are never written to) and
+gives a new ``version``, at which every IO binding binds them again. A slot keeps its adapter while
+it is held; a removed adapter's slot is taken again only by ``add`` once no row of the state stores
+is tagged with it (``add``'s ``tagged``), so no row's cache is reused under another adapter.
 """
 
 from __future__ import annotations
 
 import hashlib
 import zipfile
+from typing import Callable
 
 import numpy as np
 
@@ -44,18 +47,21 @@ class AdapterChangeError(ValueError):
 
 
 class AdapterBank:
-    """``AdapterBank(model_dir, lora, dtype)``: the stacked matrices of ``lora``'s adapters in the
-    graph's float type ``dtype``."""
+    """``AdapterBank(model_dir, lora, dtype)``: the matrices of ``lora``'s adapters in the graph's
+    float type ``dtype``."""
+
+    KEPT_SETS = 8  # sets of adapters whose matrices are kept side by side
 
     def __init__(self, model_dir: str, lora: Lora, dtype: str):
-        self.index_input = lora.index
         self.model_dir, self.lora, self.dtype = model_dir, lora, dtype
         # per slot from 1: (name, {"{projection}.a"/".b": matrix}, scale), None for a freed slot
         self._held: list[tuple[str, dict[str, np.ndarray], float] | None] = [
             (entry.name, read_adapter(model_dir, entry, lora), entry.scale) for entry in lora.adapters
         ]
         self.version = 0
-        self._stack()
+        self._sets: dict[tuple[int, ...], tuple[dict, dict, int]] = {}  # slots used -> ``_side_by_side``
+        self._serial = 0
+        self._masks: dict[tuple, dict] = {}  # (version, serial, rows' slots) -> the masks' OrtValues
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -82,7 +88,7 @@ class AdapterBank:
             self._held[free[0] - 1] = (name, matrices, scale)
         else:
             self._held.append((name, matrices, scale))
-        self._stack()
+        self._changed()
         return self.slot(name)
 
     def remove(self, name: str) -> int:
@@ -91,34 +97,76 @@ class AdapterBank:
             raise AdapterChangeError(f"the adapter '{name}' is not loaded", "unknown")
         slot = self.slot(name)
         self._held[slot - 1] = None
-        self._stack()
+        self._changed()
         return slot
 
-    def bind(self, binding) -> None:
-        """Bind every stacked matrix as its graph input of ``binding`` (once per binding and version)."""
-        for name, value in self._values.items():
-            binding.bind_ortvalue_input(name, value)
+    def for_rows(self, slots: np.ndarray) -> tuple[tuple, Callable]:
+        """For rows running with adapter ``slots`` (int64 [batch]): a key that changes whenever what
+        must be bound does (an IO binding keyed by it is bound again), and a function that binds the
+        matrices of the rows' adapters and the rows' masks to an IO binding."""
+        rows = tuple(slots.tolist())
+        used = tuple(sorted(set(rows) - {0}))
+        kept = self._sets.pop(used, None) or self._side_by_side(used)
+        self._sets[used] = kept  # the most recently used last
+        while len(self._sets) > self.KEPT_SETS:
+            del self._sets[next(iter(self._sets))]
+        values, layouts, serial = kept
+        key = (self.version, serial, rows)
+        masks = self._masks.pop(key, None) or self._row_masks(layouts, rows)
+        self._masks[key] = masks
+        while len(self._masks) > self.KEPT_SETS:
+            del self._masks[next(iter(self._masks))]
 
-    def _stack(self) -> None:
-        """New stacks of the held adapters' matrices (the ones bound so far stay as they are)."""
+        def bind(binding) -> None:
+            for name, value in (*values.items(), *masks.items()):
+                binding.bind_ortvalue_input(name, value)
+
+        return key, bind
+
+    def _side_by_side(self, used: tuple[int, ...]) -> tuple[dict, dict, int]:
+        """The matrices of the adapters in slots ``used`` side by side per graph input (OrtValues),
+        each mask input's layout (a tuple of (slot, first column, rank), and the width), and a
+        serial of its own (a rebuilt set is told from the one it replaces, whose arrays an older
+        binding may still point at)."""
         from .session import import_onnxruntime
 
-        held = [(slot, h) for slot, h in enumerate(self._held, start=1) if h is not None]
-        arrays: dict[str, np.ndarray] = {}
+        ort = import_onnxruntime()
+        values, layouts = {}, {}
         for p in self.lora.inputs:
             pa, pb = f"{p.projection}.a", f"{p.projection}.b"
-            rank = max((m[pa].shape[1] for _, (_, m, _) in held if pa in m), default=1)
-            a = np.zeros((len(self._held) + 1, p.in_features, rank), self.dtype)
-            b = np.zeros((len(self._held) + 1, rank, p.out_features), self.dtype)
-            for slot, (_, m, scale) in held:
-                if pa in m:
-                    r = m[pa].shape[1]
-                    a[slot, :, :r] = m[pa]
-                    b[slot, :r] = m[pb] * np.float32(scale)
-            arrays[p.a], arrays[p.b] = a, b
+            blocks = [(slot, *self._held[slot - 1][1:]) for slot in used if pa in self._held[slot - 1][1]]
+            ranks = [m[pa].shape[1] for _, m, _ in blocks]  # a fused projection: its modules' ranks side by side
+            starts = np.concatenate([[0], np.cumsum(ranks, dtype=np.int64)]).tolist()
+            a = np.zeros((p.in_features, starts[-1]), self.dtype)
+            b = np.zeros((starts[-1], p.out_features), self.dtype)
+            for (_, m, scale), start, rank in zip(blocks, starts, ranks):
+                a[:, start : start + rank] = m[pa]
+                b[start : start + rank] = m[pb] * np.float32(scale)
+            values[p.a], values[p.b] = ort.OrtValue.ortvalue_from_numpy(a), ort.OrtValue.ortvalue_from_numpy(b)
+            layouts[p.mask] = (tuple((slot, start, rank) for (slot, _, _), start, rank in zip(blocks, starts, ranks)), starts[-1])
+        self._serial += 1
+        return values, layouts, self._serial
+
+    def _row_masks(self, layouts: dict, rows: tuple[int, ...]) -> dict:
+        """Each mask input's [batch, 1, width] for rows of adapter slots ``rows``: one OrtValue for
+        every input of the same layout."""
+        from .session import import_onnxruntime
+
         ort = import_onnxruntime()
-        self.arrays = arrays
-        self._values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        made: dict = {}
+        masks = {}
+        for name, layout in layouts.items():
+            if layout not in made:
+                blocks, width = layout
+                mask = np.zeros((len(rows), 1, width), self.dtype)
+                for slot, start, rank in blocks:
+                    mask[[i for i, s in enumerate(rows) if s == slot], 0, start : start + rank] = 1
+                made[layout] = ort.OrtValue.ortvalue_from_numpy(mask)
+            masks[name] = made[layout]
+        return masks
+
+    def _changed(self) -> None:
+        self._sets, self._masks = {}, {}
         self.version += 1
 
 

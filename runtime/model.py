@@ -192,13 +192,10 @@ class LoadedModel:
         state.check_room(start, count, seq)
         io = self._io
         shape = (count, keep, self.vocab_size)
-        adapters = self.adapters
-        binding, logits = state.binding(
-            self.session, start, count, io.logits, shape, self._logits_dtype, adapters.bind if adapters else None,
-            adapters.version if adapters else 0,
-        )
-        if adapters is not None:
-            binding.bind_cpu_input(adapters.index_input, state.adapter_slots(start, count))
+        key, constants = 0, None
+        if self.adapters is not None:  # the matrices of the rows' adapters, and the rows' masks
+            key, constants = self.adapters.for_rows(state.adapter_slots(start, count))
+        binding, logits = state.binding(self.session, start, count, io.logits, shape, self._logits_dtype, constants, key)
         lengths = state.lengths[start : start + count]
         total = lengths + seq  # [batch]
         mask = (np.arange(int(total.max())) < total[:, None]).astype(np.int64)  # [batch, total]: right-padded

@@ -106,11 +106,40 @@ def test_the_manifest_lists_each_adapter_and_the_graph_takes_its_inputs(llama):
     )
     graph = onnx.load(os.path.join(llama["adapted"], manifest.graph.file), load_external_data=False).graph
     names = {i.name for i in graph.input}
-    assert manifest.lora.index in names and all(p.a in names and p.b in names for p in manifest.lora.inputs)
+    assert all(p.a in names and p.b in names and p.mask in names for p in manifest.lora.inputs)
     # a directory without adapters is as it was: no LoRA inputs, nothing loaded
     plain = runtime.LoadedModel(llama["base"])
     assert plain.manifest.lora is None and plain.adapters is None
-    assert "adapter_index" not in {i.name for i in plain.session.get_inputs()}
+    assert not [i.name for i in plain.session.get_inputs() if i.name.startswith("lora.")]
+
+
+def test_each_adapter_records_its_perplexity_with_and_without_it(llama, tmp_path):
+    """Added with an evaluation text, the adapter's entry holds that text's perplexity with the
+    adapter and with the base model, as Generator.score gives them; the adapter trained on the text
+    lowers it; lmrt info shows both. A text too short for the measure is refused before anything is
+    written."""
+    text = tmp_path / "eval.txt"
+    text.write_text((TEXT_A + " ") * 8)
+    adapted = str(tmp_path / "adapted")
+    shutil.copytree(llama["base"], adapted)
+    entry = add_adapter(adapted, llama["peft"]["a"], "a", eval_text=str(text), **quiet)
+    gen = runtime.Generator(adapted, provider="cpu")
+    ids = gen.encode(text.read_text())[:1024]
+    q = entry.quality
+    assert (q["eval_text"], q["tokens"]) == ("eval.txt", len(ids))
+    assert q["perplexity"] == pytest.approx(gen.score(ids, adapter="a").perplexity, rel=1e-3)
+    assert q["base_perplexity"] == pytest.approx(gen.score(ids).perplexity, rel=1e-3)
+    assert q["perplexity"] < q["base_perplexity"]  # the adapter was trained on this text
+    assert gen.model.manifest.lora.entry("a").quality == q
+    shown = CliRunner().invoke(main, ["info", adapted])
+    assert f"a (rank 4, 7 modules; perplexity {q['perplexity']:.2f}, base {q['base_perplexity']:.2f} on eval.txt)" in shown.output
+    short = tmp_path / "short.txt"
+    short.write_text("Paris.")
+    plain = str(tmp_path / "plain")
+    shutil.copytree(llama["base"], plain)
+    with pytest.raises(AdapterError, match="the gate needs at least 64"):
+        add_adapter(plain, llama["peft"]["a"], "a", eval_text=str(short), **quiet)
+    assert runtime.LoadedModel(plain).manifest.lora is None and not os.path.exists(os.path.join(plain, "adapters"))
 
 
 @pytest.mark.parametrize("name", ["a", "b"])
@@ -239,7 +268,7 @@ def test_the_command_line_adds_an_adapter_and_generates_with_it(llama, tmp_path)
     result = runner.invoke(main, ["bench", target, "--adapter", "nope", *sizes])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "'nope' is not an adapter of this model" in result.stderr
     result = runner.invoke(main, ["info", target])
-    assert result.exit_code == 0 and "support (rank 4, 7 modules)" in result.stdout
+    assert result.exit_code == 0 and "support (rank 4, 7 modules; perplexity " in result.stdout
     result = runner.invoke(main, ["adapter", target, llama["peft"]["a"], "--name", "support"])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "already has an adapter named 'support'" in result.stderr
 

@@ -4,8 +4,11 @@ A projection is found by the matrix the decoder builder named (``decoder.project
 the forms the graph may hold it: a float MatMul, a MatMulNBits of its int8 / int4 blocks (named
 ``{matrix}.q8`` / ``.q4`` by the quantize rewrite), or the plain-operator fallback that dequantizes
 them (``{matrix}.q8.dequantized``). The rewrite adds, after the node that gives the projection's
-output y, the term (x A[s]) B[s]: A and B stacked over adapters are graph inputs, s is each row's
-slot (``adapter_index``), so the base weights stay as they were, float or quantized.
+output y, the term ((x A) * mask) B: A holds the A matrices of the adapters a step runs side by side
+[in, width], B their B matrices one above the other [width, out], and the mask [batch, 1, width]
+keeps, for each row, the columns of its own adapter (none for a row without one).
+So each adapter's matrices are read once per step for every row that uses it, no matrix is copied
+per row, and the base weights stay as they were, float or quantized.
 """
 
 from __future__ import annotations
@@ -68,29 +71,28 @@ def find_sites(model: onnx.ModelProto, layout: Layout, arch: Architecture) -> di
     return sites
 
 
-def add_lora_inputs(model: onnx.ModelProto, sites: dict[str, Site], index: str, dtype: str) -> tuple[LoraInput, ...]:
-    """Rewrite ``model`` in place so each site's y also gets (x A[s]) B[s]; returns the inputs added."""
+def add_lora_inputs(model: onnx.ModelProto, sites: dict[str, Site], dtype: str) -> tuple[LoraInput, ...]:
+    """Rewrite ``model`` in place so each site's y also gets ((x A) * mask) B; returns the inputs added."""
     graph, elem = model.graph, ELEM[dtype]
-    graph.input.append(helper.make_tensor_value_info(index, TensorProto.INT64, ["batch"]))
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
     after: dict[int, list[onnx.NodeProto]] = {}
     inputs = []
     for name, site in sites.items():
         t = f"lora.{name}"
-        a, b, base, rank = f"{t}.a", f"{t}.b", f"{site.y}.base", f"rank.{name}"
-        graph.input.append(helper.make_tensor_value_info(a, elem, ["adapters", site.in_features, rank]))
-        graph.input.append(helper.make_tensor_value_info(b, elem, ["adapters", rank, site.out_features]))
+        a, b, mask, base, width = f"{t}.a", f"{t}.b", f"{t}.mask", f"{site.y}.base", f"width.{name}"
+        graph.input.append(helper.make_tensor_value_info(a, elem, [site.in_features, width]))
+        graph.input.append(helper.make_tensor_value_info(b, elem, [width, site.out_features]))
+        graph.input.append(helper.make_tensor_value_info(mask, elem, ["batch", 1, width]))
         at = producer[site.y]
         node = graph.node[at]
         node.output[list(node.output).index(site.y)] = base
         after[at] = [
-            helper.make_node("Gather", [a, index], [f"{t}.a_rows"], name=f"{t}.gather_a", axis=0),  # [batch, in, rank]
-            helper.make_node("Gather", [b, index], [f"{t}.b_rows"], name=f"{t}.gather_b", axis=0),  # [batch, rank, out]
-            helper.make_node("MatMul", [site.x, f"{t}.a_rows"], [f"{t}.xa"], name=f"{t}.xa"),  # [batch, seq, rank]
-            helper.make_node("MatMul", [f"{t}.xa", f"{t}.b_rows"], [f"{t}.delta"], name=f"{t}.delta"),
+            helper.make_node("MatMul", [site.x, a], [f"{t}.xa"], name=f"{t}.xa"),  # [batch, seq, width]
+            helper.make_node("Mul", [f"{t}.xa", mask], [f"{t}.xa_own"], name=f"{t}.own"),  # each row's own adapter's columns
+            helper.make_node("MatMul", [f"{t}.xa_own", b], [f"{t}.delta"], name=f"{t}.delta"),
             helper.make_node("Add", [base, f"{t}.delta"], [site.y], name=f"{t}.add"),
         ]
-        inputs.append(LoraInput(name, a, b, site.in_features, site.out_features))
+        inputs.append(LoraInput(name, a, b, mask, site.in_features, site.out_features))
     nodes = []
     for i, node in enumerate(graph.node):
         nodes.append(node)

@@ -1,11 +1,12 @@
 """``add_adapter``: a PEFT LoRA adapter added to an exported model directory.
 
-Steps: read and check the PEFT directory (``peft_dir``); find the graph's projections (``graph``)
-and place the adapter's matrices in them (``fuse``); write ``adapters/NAME/lora.npz``; the first
-time, rewrite the graph to take the LoRA inputs (written as ``model.lora.onnx`` beside the weights,
-which do not change); list the adapter in the manifest. The manifest is replaced last, at once, so
-an interrupted run leaves the directory as it was (an unlisted adapter directory is replaced by the
-next run).
+Steps: read and check the PEFT directory (``peft_dir``) and the evaluation text; find the graph's
+projections (``graph``) and place the adapter's matrices in them (``fuse``); write
+``adapters/NAME/lora.npz``; the first time, rewrite the graph to take the LoRA inputs (written as
+``model.lora.onnx`` beside the weights, which do not change); list the adapter in the manifest; then
+measure the perplexity of the evaluation text with the adapter and without it, and record both in
+its entry. The manifest is replaced at once, so an interrupted run leaves the directory as it was
+or with the adapter listed (an unlisted adapter directory is replaced by the next run).
 """
 
 from __future__ import annotations
@@ -28,13 +29,17 @@ from .graph import Site, add_lora_inputs, find_sites
 from .peft_dir import read_peft
 
 MATRICES_FILE = "lora.npz"
+EVAL_TOKENS = 1024  # of the evaluation text, for the perplexity recorded with each adapter
 
 
 def add_adapter(
-    model_dir: str | os.PathLike, peft_dir: str | os.PathLike, name: str, progress: Callable[[str], None] = to_stderr
+    model_dir: str | os.PathLike, peft_dir: str | os.PathLike, name: str, progress: Callable[[str], None] = to_stderr,
+    eval_text: str | os.PathLike | None = None, eval_tokens: int = EVAL_TOKENS,
 ) -> AdapterEntry:
     """Add the LoRA adapter in ``peft_dir`` (PEFT's ``save_pretrained``) to the exported model in
-    ``model_dir`` as adapter ``name``; returns its manifest entry. The base may be fp32, fp16, int8
+    ``model_dir`` as adapter ``name``; returns its manifest entry, with the perplexity of
+    ``eval_text`` (a file; None: the built-in reference text, as the quantization gate reads it; its
+    first ``eval_tokens`` tokens) with the adapter and without it. The base may be fp32, fp16, int8
     or int4; the adapter stays float. AdapterError, in one line, for an adapter lmrt cannot compute
     or one that does not belong to this model."""
     model_dir, peft_dir = os.fspath(model_dir), os.fspath(peft_dir)
@@ -48,6 +53,7 @@ def add_adapter(
         raise AdapterError(f"{model_dir} already has an adapter named {name!r}; choose another name")
     progress(f"… reading the adapter in {peft_dir}")
     peft = read_peft(peft_dir)
+    ids, text_name = _eval_ids(model_dir, manifest, eval_text, eval_tokens)  # a bad text fails here, before any writing
     import onnx
 
     graph_path = os.path.join(model_dir, manifest.graph.file)
@@ -62,18 +68,43 @@ def add_adapter(
     lora, graph = manifest.lora, manifest.graph
     if lora is None:
         progress("… adding the LoRA inputs to the graph")
-        lora = Lora(inputs=add_lora_inputs(model, sites, Lora.index, graph.dtype))
+        lora = Lora(inputs=add_lora_inputs(model, sites, graph.dtype))
         partial = os.path.join(model_dir, f".{LORA_GRAPH_FILE}.partial-{os.getpid()}")
         with open(partial, "wb") as f:
             f.write(model.SerializeToString())
         os.replace(partial, os.path.join(model_dir, LORA_GRAPH_FILE))
         graph = dataclasses.replace(graph, file=LORA_GRAPH_FILE)
-    lora = dataclasses.replace(lora, adapters=lora.adapters + (entry,))
-    dataclasses.replace(manifest, graph=graph, lora=lora).write(model_dir)
+    written = dataclasses.replace(manifest, graph=graph, lora=dataclasses.replace(lora, adapters=lora.adapters + (entry,)))
+    written.write(model_dir)
     if graph.file != manifest.graph.file:
         os.remove(graph_path)  # no longer named by the manifest: the graph without LoRA inputs
-    progress(f"added adapter {name} to {model_dir}: rank {peft.rank}, scale {peft.scale:g}, {', '.join(targets)}")
+    progress(f"… measuring the perplexity of {text_name} with {name} and without it")
+    entry = dataclasses.replace(entry, quality=_quality(model_dir, name, ids, text_name))
+    dataclasses.replace(written, lora=dataclasses.replace(lora, adapters=lora.adapters + (entry,))).write(model_dir)
+    q = entry.quality
+    progress(f"added adapter {name} to {model_dir}: rank {peft.rank}, scale {peft.scale:g}, {', '.join(targets)}; "
+             f"perplexity of {text_name} {q['perplexity']:.3f} with it, {q['base_perplexity']:.3f} without")  # fmt: skip
     return entry
+
+
+def _eval_ids(model_dir: str, manifest: Manifest, eval_text, eval_tokens: int) -> tuple[list[int], str]:
+    from ...quantize.errors import QuantizeError
+    from ...quantize.gate import eval_ids
+
+    try:
+        return eval_ids(model_dir, manifest, None if eval_text is None else os.fspath(eval_text), eval_tokens)
+    except QuantizeError as e:
+        raise AdapterError(str(e)) from None
+
+
+def _quality(model_dir: str, name: str, ids: list[int], text_name: str) -> dict:
+    """The perplexity of ``ids`` with adapter ``name`` and with the base model alone."""
+    from ...runtime.model import LoadedModel
+    from ...runtime.scoring import score_ids
+
+    model = LoadedModel(model_dir, provider="cpu")
+    adapted, base = score_ids(model, ids, adapter=model.adapter_slot(name)), score_ids(model, ids)
+    return {"eval_text": text_name, "tokens": len(ids), "perplexity": round(adapted.perplexity, 4), "base_perplexity": round(base.perplexity, 4)}
 
 
 def peft_matrices(model_dir: str, manifest: Manifest, peft_dir: str) -> tuple[dict[str, np.ndarray], float]:

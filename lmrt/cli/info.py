@@ -70,10 +70,17 @@ def info(model_dir: str) -> None:
             except (KeyError, TypeError, ValueError, AttributeError):  # a hand-edited record: show the rest
                 rows.append((name, "unreadable in lmrt.json"))
     if m.lora is not None:  # LoRA adapters, each a model id of its own under lmrt serve
-        rows.append(("adapters", ", ".join(f"{a.name} (rank {a.rank}, {len(a.targets)} modules)" for a in m.lora.adapters)))
+        rows.append(("adapters", ", ".join(adapter_words(a) for a in m.lora.adapters)))
     rows.append(onnxruntime_row(m))
     rows.append(("providers", ", ".join(available_providers()) or "none"))
     print_rows(rows)
+
+
+def adapter_words(a) -> str:
+    """One adapter in words: rank, modules, and the perplexity recorded when it was added."""
+    q = a.quality
+    measured = f"; perplexity {q['perplexity']:.2f}, base {q['base_perplexity']:.2f} on {q['eval_text']}" if q else ""
+    return f"{a.name} (rank {a.rank}, {len(a.targets)} modules{measured})"
 
 
 def state_row(m) -> tuple[str, str]:
