@@ -26,7 +26,10 @@ def write_section(name: str, markdown: str, path: str = DOCS) -> None:
 
 
 def machine() -> str:
-    """The CPU, the cores this process may use, memory and the OS, in one line."""
+    """The CPU and the features its kernels choose between, the cores this process may use, memory and
+    the OS, in one line."""
+    from lmrt.runtime.cpu import cpu_features
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -34,4 +37,5 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores available, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+    flags = " ".join(cpu_features()) or "none of avx2/avx512/vnni/amx/neon reported"
+    return f"{cpu} (CPU flags: {flags}), {len(os.sched_getaffinity(0))} cores available, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
