@@ -434,14 +434,20 @@ def test_snapshots_per_row_are_bounded_and_spread(word_lstm):
 # --- int8 ------------------------------------------------------------------------------------------
 
 
+def quantized_export(module, vocab, text: str, precision: str, tmp_path):
+    """``module`` exported at ``precision`` with ``text`` as its evaluation text, past its gate: (its
+    manifest, a Generator of it)."""
+    path = tmp_path / "eval.txt"
+    path.write_text(text)
+    manifest = export_model(module, str(tmp_path / precision), tokenizer=vocab, precision=precision, eval_text=str(path), progress=lambda line: None)
+    assert manifest.quality["passed"] and manifest.quality["increase"] <= manifest.quality["max_increase"]
+    return manifest, Generator(str(tmp_path / precision), provider="cpu")
+
+
 def test_int8_passes_its_gate(word_lstm, tmp_path):
     module, vocab, _ = word_lstm
-    text = tmp_path / "eval.txt"
-    text.write_text(WORDS)
-    manifest = export_model(module, str(tmp_path / "int8"), tokenizer=vocab, precision="int8", eval_text=str(text), progress=lambda line: None)
-    assert manifest.quality["passed"] and manifest.quality["increase"] <= manifest.quality["max_increase"]
+    manifest, gen = quantized_export(module, vocab, WORDS, "int8", tmp_path)
     assert manifest.quantization["quantized"]["linear"] >= 1 and manifest.quantization["quantized"]["embedding"] == 1
-    gen = Generator(str(tmp_path / "int8"), provider="cpu")
     assert gen.score(gen.encode(WORDS[:300])).perplexity == pytest.approx(manifest.quality["perplexity"], rel=0.5)
 
 

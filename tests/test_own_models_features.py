@@ -12,7 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_own_models import CHARS, LstmLM, char_gru, next_logits, one_torch_thread, torch_greedy, train, word_gpt, word_lstm  # noqa: F401 (fixtures)
+from test_own_models import (  # noqa: F401 (fixtures)
+    CHARS, LstmLM, char_gru, next_logits, one_torch_thread, quantized_export, torch_greedy, train, word_gpt, word_lstm,
+)
 from test_own_models_state import HEAD_SIZE, HEADS, fading, kv_gpt  # noqa: F401 (fixtures)
 from lmrt.cli import main
 from lmrt.export import export_model
@@ -73,12 +75,8 @@ def test_lmrt_info_says_what_a_sequence_state_takes(kind, request):
 
 def test_int4_passes_its_gate(char_gru, tmp_path):
     module, vocab, _ = char_gru
-    text = tmp_path / "eval.txt"
-    text.write_text(CHARS)
-    manifest = export_model(module, str(tmp_path / "int4"), tokenizer=vocab, precision="int4", eval_text=str(text), progress=lambda line: None)
-    assert manifest.quality["passed"] and manifest.quality["increase"] <= manifest.quality["max_increase"]
+    manifest, gen = quantized_export(module, vocab, CHARS, "int4", tmp_path)
     assert manifest.quantization["bits"] == 4 and manifest.quantization["quantized"]["linear"] >= 1
-    gen = Generator(str(tmp_path / "int4"), provider="cpu")
     ids = gen.encode(CHARS[:300])
     assert gen.score(ids).perplexity == pytest.approx(manifest.quality["perplexity"], rel=0.5)
     assert gen.generate_batch([ids[:5]], max_new_tokens=8, stop_token_ids=[], speculation="on")[0][0].token_ids == (
