@@ -9,8 +9,8 @@ once whatever number of rows use it, and a step with no adapter reads none (widt
 adapter, slot k the k-th adapter held.
 
 The set may change while serving (``add`` and ``remove``, from the engine's thread between two
-steps): each change drops the kept sets (the arrays a step has bound are never written to) and
-gives a new ``version``, at which every IO binding binds them again. A slot keeps its adapter while
+steps): each change drops the kept sets (the arrays a step has bound are never written to), so the
+next step builds and binds new ones. A slot keeps its adapter while
 it is held; a removed adapter's slot is taken again only by ``add`` once no row of the state stores
 is tagged with it (``add``'s ``tagged``), so no row's cache is reused under another adapter.
 """
@@ -58,10 +58,9 @@ class AdapterBank:
         self._held: list[tuple[str, dict[str, np.ndarray], float] | None] = [
             (entry.name, read_adapter(model_dir, entry, lora), entry.scale) for entry in lora.adapters
         ]
-        self.version = 0
         self._sets: dict[tuple[int, ...], tuple[dict, dict, int]] = {}  # slots used -> ``_side_by_side``
         self._serial = 0
-        self._masks: dict[tuple, dict] = {}  # (version, serial, rows' slots) -> the masks' OrtValues
+        self._masks: dict[tuple, tuple[dict, int]] = {}  # (set's serial, rows' slots) -> ``_row_masks``
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -106,22 +105,25 @@ class AdapterBank:
         matrices of the rows' adapters and the rows' masks to an IO binding."""
         rows = tuple(slots.tolist())
         used = tuple(sorted(set(rows) - {0}))
-        kept = self._sets.pop(used, None) or self._side_by_side(used)
-        self._sets[used] = kept  # the most recently used last
-        while len(self._sets) > self.KEPT_SETS:
-            del self._sets[next(iter(self._sets))]
-        values, layouts, serial = kept
-        key = (self.version, serial, rows)
-        masks = self._masks.pop(key, None) or self._row_masks(layouts, rows)
-        self._masks[key] = masks
-        while len(self._masks) > self.KEPT_SETS:
-            del self._masks[next(iter(self._masks))]
+        values, layouts, serial = self._kept(self._sets, used, lambda: self._side_by_side(used))
+        masks, mask_serial = self._kept(self._masks, (serial, rows), lambda: self._row_masks(layouts, rows))
 
         def bind(binding) -> None:
             for name, value in (*values.items(), *masks.items()):
                 binding.bind_ortvalue_input(name, value)
 
-        return key, bind
+        # every set of masks made (also one made again after its arrays were evicted) has a serial of
+        # its own, made after its set's: a binding that still points at evicted arrays is never used again
+        return mask_serial, bind
+
+    def _kept(self, cache: dict, key, make: Callable) -> tuple:
+        """``cache[key]``, made by ``make`` when missing, the most recently used kept last and at
+        most ``KEPT_SETS`` kept."""
+        entry = cache.pop(key, None) or make()
+        cache[key] = entry
+        while len(cache) > self.KEPT_SETS:
+            del cache[next(iter(cache))]
+        return entry
 
     def _side_by_side(self, used: tuple[int, ...]) -> tuple[dict, dict, int]:
         """The matrices of the adapters in slots ``used`` side by side per graph input (OrtValues),
@@ -147,9 +149,9 @@ class AdapterBank:
         self._serial += 1
         return values, layouts, self._serial
 
-    def _row_masks(self, layouts: dict, rows: tuple[int, ...]) -> dict:
-        """Each mask input's [batch, 1, width] for rows of adapter slots ``rows``: one OrtValue for
-        every input of the same layout."""
+    def _row_masks(self, layouts: dict, rows: tuple[int, ...]) -> tuple[dict, int]:
+        """Each mask input's [batch, 1, width] for rows of adapter slots ``rows`` (one OrtValue for
+        every input of the same layout), and a serial of their own."""
         from .session import import_onnxruntime
 
         ort = import_onnxruntime()
@@ -163,11 +165,11 @@ class AdapterBank:
                     mask[[i for i, s in enumerate(rows) if s == slot], 0, start : start + rank] = 1
                 made[layout] = ort.OrtValue.ortvalue_from_numpy(mask)
             masks[name] = made[layout]
-        return masks
+        self._serial += 1
+        return masks, self._serial
 
     def _changed(self) -> None:
         self._sets, self._masks = {}, {}
-        self.version += 1
 
 
 def no_adapter_slot(name: str | None) -> int:

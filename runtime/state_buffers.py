@@ -161,14 +161,15 @@ class StateBuffers:
             binding.bind_output(t.present, self.device, 0, dtype, shape, out)
 
     def binding(
-        self, session, start: int, count: int, batch: bool, logits_name: str, logits_shape: tuple, logits_dtype, constants=None, version=0
+        self, session, start: int, count: int, batch: bool, logits_name: str, logits_shape: tuple, logits_dtype, constants=None,
+        constants_key=0,
     ):
         """An IO binding of rows [start, start + count) with a logits output of ``logits_shape``, and that
-        buffer; ``constants(binding)`` binds what all share (adapters, at their ``version``) to a new one.
-        The decode batch's (``batch``) binding is kept while its rows and the constants' version stay, its
+        buffer; ``constants(binding)`` binds what all share (adapters) to a new one. The decode batch's
+        (``batch``) binding is kept while its rows and ``constants_key`` (what the constants are) stay, its
         buffer while the shape holds (a fresh one per step would cost page faults); other ranges get
         fresh ones."""
-        key = (self.version, count, version)
+        key = (self.version, count, constants_key)
         if batch and self._binding is not None and self._binding[0] == key:
             binding, logits = self._binding[1], self._binding[2]
         else:

@@ -276,11 +276,10 @@ class StateStore:
         self._computed[rows] = self._lengths[rows]
         self.buffers.commit(start, count)
 
-    def binding(self, session, start: int, count: int, logits_name: str, logits_shape: tuple, logits_dtype, constants=None, version=0):
-        """An IO binding of rows [start, start + count) and its logits buffer (``StateBuffers.binding``:
-        the decode batch's is kept while its rows and the constants' ``version`` stay)."""
+    def binding(self, session, start: int, count: int, logits_name: str, logits_shape: tuple, logits_dtype, constants=None, constants_key=0):
+        """An IO binding of rows [start, start + count) and its logits buffer (``StateBuffers.binding``)."""
         batch = start == 0 and count == self.active
-        return self.buffers.binding(session, start, count, batch, logits_name, logits_shape, logits_dtype, constants, version)
+        return self.buffers.binding(session, start, count, batch, logits_name, logits_shape, logits_dtype, constants, constants_key)
 
     # --- moving rows -------------------------------------------------------------------------
 

@@ -113,6 +113,22 @@ def test_the_manifest_lists_each_adapter_and_the_graph_takes_its_inputs(llama):
     assert not [i.name for i in plain.session.get_inputs() if i.name.startswith("lora.")]
 
 
+def test_a_binding_is_kept_only_while_its_adapter_arrays_are(llama):
+    """The same rows' adapters give the same key (the decode batch's binding is kept); once their
+    arrays were evicted by other sets and built again, the key is new, so no binding points at freed
+    arrays; an adapter added or removed drops every kept set."""
+    bank = runtime.LoadedModel(llama["adapted"]).adapters
+    rows = np.array([1, 0, 2])
+    key = bank.for_rows(rows)[0]
+    assert bank.for_rows(rows)[0] == key
+    for n in range(1, bank.KEPT_SETS + 2):  # rows of other slots, as many as evict the first
+        bank.for_rows(np.array([1] * n))
+    assert bank.for_rows(rows)[0] != key
+    again = bank.for_rows(rows)[0]
+    bank.remove("b")
+    assert bank.for_rows(np.array([1, 0]))[0] != again and bank.for_rows(np.array([1, 0]))[0] == bank.for_rows(np.array([1, 0]))[0]
+
+
 def test_each_adapter_records_its_perplexity_with_and_without_it(llama, tmp_path):
     """Added with an evaluation text, the adapter's entry holds that text's perplexity with the
     adapter and with the base model, as Generator.score gives them; the adapter trained on the text
