@@ -112,9 +112,7 @@ class DecodeLoop:
         row = self.store.row_of(first)
         if start == request.cached_tokens:
             self.stats.cached_prompt_tokens += start
-        began = time.perf_counter()
-        logits = self.model.forward(self.store, request.prompt[None, start:stop], keep=1, row=row)[0, -1]
-        self.costs.record(stop - start, time.perf_counter() - began)
+        logits = self._timed_forward(request.prompt[None, start:stop], 1, row)[0, -1]
         self.stats.prompt_tokens += stop - start
         request.prefilled = stop
         if stop < request.prompt.shape[0]:
@@ -141,9 +139,7 @@ class DecodeLoop:
             if draft.size:
                 return self._check_draft(batch[0], draft)
         tokens = np.fromiter((c.pending for c in batch), dtype=np.int64, count=len(batch))
-        began = time.perf_counter()
-        logits = self.model.forward(self.store, tokens[:, None], keep=1)[:, 0]
-        self.costs.record(len(batch), time.perf_counter() - began)
+        logits = self._timed_forward(tokens[:, None], 1)[:, 0]
         events = [(c, self._next_token(c, logits[row])) for row, c in enumerate(batch)]
         ended = [c for c, event in events if event.finish_reason is not None]
         for choice in ended:
@@ -156,6 +152,13 @@ class DecodeLoop:
                 draft = self._propose(choice)
                 if draft.size and check_beside_a_batch(self.costs, choice.drafter, draft.size, len(batch)):
                     self._check_draft(choice, draft)
+
+    def _timed_forward(self, ids: np.ndarray, keep: int, row: int | None = None) -> np.ndarray:
+        """``model.forward`` over the loop's store, its seconds recorded by the positions it ran."""
+        began = time.perf_counter()
+        logits = self.model.forward(self.store, ids, keep=keep, row=row)
+        self.costs.record(ids.size, time.perf_counter() - began)
+        return logits
 
     def _propose(self, choice: Choice) -> np.ndarray:
         """``choice``'s proposal, within its budget and before a LongRoPE switch."""
@@ -182,9 +185,7 @@ class DecodeLoop:
         row = self.store.row_of(choice)
         before = int(self.store.lengths[row])
         ids = np.concatenate([[choice.pending], draft])[None, :]
-        began = time.perf_counter()
-        logits = self.model.forward(self.store, ids, keep=ids.shape[1], row=row)[0]  # [1 + k, vocab]
-        self.costs.record(ids.shape[1], time.perf_counter() - began)
+        logits = self._timed_forward(ids, ids.shape[1], row)[0]  # [1 + k, vocab]
         events, taken = [], 0
         for i in range(ids.shape[1]):
             proposed = int(draft[i]) if i < draft.shape[0] else None

@@ -85,7 +85,6 @@ class PromptLookup:
             if self._misses >= self.patience:
                 self._pause, self._backoff, self._misses = self._backoff, min(self._backoff * 2, 256), 0
 
-
     def expected_accepted(self, proposed: int) -> float:
         """Tokens a proposal of ``proposed`` is expected to have accepted: each position accepted
         with the sequence's acceptance rate so far (one of two before it has any), the proposal
