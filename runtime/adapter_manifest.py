@@ -1,11 +1,14 @@
 """The manifest's ``lora`` section: the graph's LoRA inputs and the adapters the directory holds.
 
 A graph rewritten for adapters (``lmrt adapter``) adds to each linear projection y = x W of every
-layer the term ((x A) * mask) B: the projection's ``a`` input (float [in_features, width]) holds the
-A matrices of the adapters a step uses side by side, its ``b`` input (float [width, out_features])
-their B matrices one above the other, and its ``mask`` input (float [batch, 1, width]) keeps each
-row's own adapter's columns (``adapters.py`` fills them). A manifest without the section has a
-graph without these inputs.
+layer, at each position, the term x A B of its row's adapter, computed per adapter in groups: the
+projection's ``a`` input (float [groups, in_features, rank]) holds the A matrices of a step's
+adapters, its ``b`` input (float [groups, rank, out_features]) their B matrices; three inputs all
+projections share place the step's positions in the groups: ``index`` (int64 [groups, places]: the
+positions, batch and sequence flattened, of each group's rows, padded), ``valid`` (float
+[groups, places, 1]: 1 at a position, 0 at padding) and ``back`` (int64 [batch, seq, 2]: each
+position's group and place; a row without an adapter points at a padding place). ``adapters.py``
+fills them. A manifest without the section has a graph without these inputs.
 """
 
 from __future__ import annotations
@@ -24,9 +27,8 @@ ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a file name and
 @dataclass(frozen=True)
 class LoraInput:
     projection: str  # lmrt's name of the projection: "layers.{i}.qkv", ".out", ".up" or ".down"
-    a: str  # the graph input [in_features, width]: the A matrices of a step's adapters side by side
-    b: str  # the graph input [width, out_features]: their B matrices, one above the other
-    mask: str  # the graph input [batch, 1, width]: 1 in the columns of each row's own adapter
+    a: str  # the graph input [groups, in_features, rank]: the A matrices of a step's adapters
+    b: str  # the graph input [groups, rank, out_features]: their B matrices (times their scales)
     in_features: int
     out_features: int
 
@@ -53,6 +55,9 @@ class AdapterEntry:
 class Lora:
     inputs: tuple[LoraInput, ...] = ()
     adapters: tuple[AdapterEntry, ...] = ()
+    index: str = "lora.index"  # the graph inputs all projections share (the module's docstring)
+    valid: str = "lora.valid"
+    back: str = "lora.back"
 
     def entry(self, name: str) -> AdapterEntry | None:
         return next((a for a in self.adapters if a.name == name), None)
@@ -68,6 +73,8 @@ def read_lora(value: Any) -> Lora | None:
     inputs, adapters = data.pop("inputs", []), data.pop("adapters", [])
     if not isinstance(inputs, list) or not isinstance(adapters, list):
         raise ManifestError("malformed manifest: lora.inputs and lora.adapters must be lists")
+    if any(isinstance(item, dict) and "mask" in item for item in inputs):
+        raise ManifestError("the graph's adapter inputs are of an older lmrt (row masks): export the model again and add its adapters again")
     entries = []
     for i, item in enumerate(adapters):
         if isinstance(item, dict) and isinstance(item.get("targets"), list):

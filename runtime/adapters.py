@@ -1,18 +1,19 @@
 """The adapters a model holds, loaded once and shared by every row that uses them.
 
-A step's graph takes, for each adapted projection (``adapter_manifest.py``), the A matrices of the
-adapters its rows use side by side ([in, width]; B multiplied by its adapter's scale, once, and one
-above the other, [width, out]), and a row mask [batch, width] that keeps each row's own adapter's
-columns (none for a row without one). ``for_rows`` gives them for the rows' slots: the matrices of
-each set of adapters are put side by side once and kept (a few sets), so a step reads each adapter
-once whatever number of rows use it, and a step with no adapter reads none (width 0). Slot 0 is no
-adapter, slot k the k-th adapter held.
+A step's graph takes, for each adapted projection (``adapter_manifest.py``), the A and B matrices of
+its adapters one group each ([groups, in, rank] and [groups, rank, out]; B multiplied by its
+adapter's scale, once), and the places of the rows' positions in the groups. The bank keeps each
+projection's matrices of every adapter it holds in one stack, [slots, in, rank] (rank: the largest
+of the adapters held, the smaller ones padded with zeros); ``for_rows`` binds a view of the slots a
+step's rows use, from the first to the last (no matrix is copied for a step), so a step reads each
+adapter once whatever number of rows use it, and a step with no adapter reads none (rank 0). Slot 0
+is no adapter, slot k the k-th adapter held.
 
 The set may change while serving (``add`` and ``remove``, from the engine's thread between two
-steps): each change drops the kept sets (the arrays a step has bound are never written to), so the
-next step builds and binds new ones. A slot keeps its adapter while
-it is held; a removed adapter's slot is taken again only by ``add`` once no row of the state stores
-is tagged with it (``add``'s ``tagged``), so no row's cache is reused under another adapter.
+steps): each change builds new stacks (the arrays a step has bound are never written to) and drops
+the kept places, so the next step binds anew. A slot keeps its adapter while it is held; a removed
+adapter's slot is taken again only by ``add`` once no row of the state stores is tagged with it
+(``add``'s ``tagged``), so no row's cache is reused under another adapter.
 """
 
 from __future__ import annotations
@@ -50,30 +51,28 @@ class AdapterBank:
     """``AdapterBank(model_dir, lora, dtype)``: the matrices of ``lora``'s adapters in the graph's
     float type ``dtype``."""
 
-    KEPT_SETS = 8  # sets of adapters whose matrices are kept side by side
+    KEPT_PLACES = 8  # the places of this many sets of rows (slots and sequence length) are kept
 
     def __init__(self, model_dir: str, lora: Lora, dtype: str):
         self.model_dir, self.lora, self.dtype = model_dir, lora, dtype
-        # per slot from 1: (name, {"{projection}.a"/".b": matrix}, scale), None for a freed slot
-        self._held: list[tuple[str, dict[str, np.ndarray], float] | None] = [
-            (entry.name, read_adapter(model_dir, entry, lora), entry.scale) for entry in lora.adapters
-        ]
-        self._sets: dict[tuple[int, ...], tuple[dict, dict, int]] = {}  # slots used -> ``_side_by_side``
+        self._names: list[str | None] = []  # per slot from 1; None for a freed slot
+        self._ranks: dict[int, dict[str, int]] = {}  # slot held -> its rank per projection it adapts
+        self._stacks: dict[str, np.ndarray] = {}  # graph input -> [slots, in, rank] / [slots, rank, out]
+        self._places: dict[tuple, tuple[int, dict]] = {}  # (rows' slots, seq) -> (serial, OrtValues)
         self._serial = 0
-        self._masks: dict[tuple, tuple[dict, int]] = {}  # (set's serial, rows' slots) -> ``_row_masks``
+        self._restack({slot: (entry.name, read_adapter(model_dir, entry, lora), entry.scale) for slot, entry in enumerate(lora.adapters, start=1)})
 
     @property
     def names(self) -> tuple[str, ...]:
         """The adapters held, in slot order."""
-        return tuple(h[0] for h in self._held if h is not None)
+        return tuple(n for n in self._names if n is not None)
 
     def slot(self, name: str | None) -> int:
         """The slot of adapter ``name`` (None: 0, the base model); ConfigError for a name not held."""
         if name is None:
             return 0
-        for slot, held in enumerate(self._held, start=1):
-            if held is not None and held[0] == name:
-                return slot
+        if name in self.names:
+            return self._names.index(name) + 1
         raise ConfigError("adapter", f"{name!r} is not an adapter of this model; it has {', '.join(self.names) or 'none'}")
 
     def add(self, name: str, matrices: dict[str, np.ndarray], scale: float, tagged: set[int] = frozenset()) -> int:
@@ -82,94 +81,106 @@ class AdapterBank:
         if name in self.names:
             raise AdapterChangeError(f"the adapter '{name}' is already loaded", "held")
         check_fits(name, matrices, self.lora)
-        free = [s for s, held in enumerate(self._held, start=1) if held is None and s not in tagged]
-        if free:
-            self._held[free[0] - 1] = (name, matrices, scale)
-        else:
-            self._held.append((name, matrices, scale))
-        self._changed()
-        return self.slot(name)
+        free = [s for s, held in enumerate(self._names, start=1) if held is None and s not in tagged]
+        slot = free[0] if free else len(self._names) + 1
+        self._restack({slot: (name, matrices, scale)})
+        return slot
 
     def remove(self, name: str) -> int:
         """Stop holding adapter ``name``; returns the slot it had."""
         if name not in self.names:
             raise AdapterChangeError(f"the adapter '{name}' is not loaded", "unknown")
         slot = self.slot(name)
-        self._held[slot - 1] = None
-        self._changed()
+        self._restack({slot: None})
         return slot
 
-    def for_rows(self, slots: np.ndarray) -> tuple[tuple, Callable]:
-        """For rows running with adapter ``slots`` (int64 [batch]): a key that changes whenever what
-        must be bound does (an IO binding keyed by it is bound again), and a function that binds the
-        matrices of the rows' adapters and the rows' masks to an IO binding."""
-        rows = tuple(slots.tolist())
-        used = tuple(sorted(set(rows) - {0}))
-        values, layouts, serial = self._kept(self._sets, used, lambda: self._side_by_side(used))
-        masks, mask_serial = self._kept(self._masks, (serial, rows), lambda: self._row_masks(layouts, rows))
+    def for_rows(self, slots: np.ndarray, seq: int) -> tuple[int, Callable]:
+        """For rows running with adapter ``slots`` (int64 [batch]), ``seq`` positions each: a key that
+        changes whenever what must be bound does (an IO binding keyed by it is bound again), and a
+        function that binds the matrices of the rows' adapters and the places of their positions to
+        an IO binding."""
+        key = (tuple(slots.tolist()), seq)
+        serial, values = self._places.pop(key, None) or self._make_places(*key)
+        self._places[key] = (serial, values)  # the most recently used last
+        while len(self._places) > self.KEPT_PLACES:
+            del self._places[next(iter(self._places))]
 
         def bind(binding) -> None:
-            for name, value in (*values.items(), *masks.items()):
+            for name, value in values.items():
                 binding.bind_ortvalue_input(name, value)
 
-        # every set of masks made (also one made again after its arrays were evicted) has a serial of
-        # its own, made after its set's: a binding that still points at evicted arrays is never used again
-        return mask_serial, bind
+        # every set of places made (also one made again after it was dropped) has a serial of its
+        # own: a binding that points at dropped arrays is never used again
+        return serial, bind
 
-    def _kept(self, cache: dict, key, make: Callable) -> tuple:
-        """``cache[key]``, made by ``make`` when missing, the most recently used kept last and at
-        most ``KEPT_SETS`` kept."""
-        entry = cache.pop(key, None) or make()
-        cache[key] = entry
-        while len(cache) > self.KEPT_SETS:
-            del cache[next(iter(cache))]
-        return entry
-
-    def _side_by_side(self, used: tuple[int, ...]) -> tuple[dict, dict, int]:
-        """The matrices of the adapters in slots ``used`` side by side per graph input (OrtValues),
-        each mask input's layout (a tuple of (slot, first column, rank), and the width), and a
-        serial of its own (a rebuilt set is told from the one it replaces, whose arrays an older
-        binding may still point at)."""
+    def _make_places(self, rows: tuple[int, ...], seq: int) -> tuple[int, dict]:
+        """The graph's adapter inputs for rows of adapter slots ``rows``, ``seq`` positions each
+        (OrtValues by input name), and a serial of their own."""
         from .session import import_onnxruntime
 
         ort = import_onnxruntime()
-        values, layouts = {}, {}
+        used = sorted(set(rows) - {0})
+        first = used[0] if used else 0
+        groups = used[-1] - first + 1 if used else 1
+        counts = [0] * groups
+        for slot in rows:
+            if slot:
+                counts[slot - first] += seq
+        # rows without an adapter point at a padding place: in the group with the fewest positions,
+        # one more place only when every group is full (no padding: one position of a group is
+        # a vector-matrix product, which onnxruntime runs without packing the matrix)
+        places, spare = max(counts), int(np.argmin(counts))
+        places += 0 in rows and counts[spare] == places
+        index = np.zeros((groups, places), np.int64)
+        valid = np.zeros((groups, places, 1), self.dtype)
+        back = np.zeros((len(rows), seq, 2), np.int64)
+        back[:, :, 0], back[:, :, 1] = spare, places - 1
+        filled = [0] * groups
+        for i, slot in enumerate(rows):
+            if slot:
+                g, at = slot - first, filled[slot - first]
+                index[g, at : at + seq] = np.arange(i * seq, (i + 1) * seq)
+                valid[g, at : at + seq] = 1
+                back[i, :, 0], back[i, :, 1] = g, np.arange(at, at + seq)
+                filled[g] += seq
+        values = {self.lora.index: index, self.lora.valid: valid, self.lora.back: back}
+        for name, stack in self._stacks.items():  # a view of the slots used, from the first to the last
+            values[name] = stack[first - 1 : first - 1 + groups] if used else self._none[name]
+        self._serial += 1
+        return self._serial, {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in values.items()}
+
+    def _restack(self, changes: dict[int, tuple[str, dict[str, np.ndarray], float] | None]) -> None:
+        """Build the stacks anew with ``changes`` made: slot -> (name, matrices as ``read_adapter``
+        gives them, scale) held there from now, or None to free it; the other slots keep theirs."""
+        names, ranks = list(self._names), dict(self._ranks)
+        names += [None] * (max(changes, default=0) - len(names))
+        for slot, change in changes.items():
+            names[slot - 1] = None if change is None else change[0]
+            ranks.pop(slot, None)
+            if change is not None:
+                ranks[slot] = {key[: -len(".a")]: m.shape[1] for key, m in change[1].items() if key.endswith(".a")}
+        while names and names[-1] is None:
+            names.pop()
+        stacks, none = {}, {}
         for p in self.lora.inputs:
-            pa, pb = f"{p.projection}.a", f"{p.projection}.b"
-            blocks = [(slot, *self._held[slot - 1][1:]) for slot in used if pa in self._held[slot - 1][1]]
-            ranks = [m[pa].shape[1] for _, m, _ in blocks]  # a fused projection: its modules' ranks side by side
-            starts = np.concatenate([[0], np.cumsum(ranks, dtype=np.int64)]).tolist()
-            a = np.zeros((p.in_features, starts[-1]), self.dtype)
-            b = np.zeros((starts[-1], p.out_features), self.dtype)
-            for (_, m, scale), start, rank in zip(blocks, starts, ranks):
-                a[:, start : start + rank] = m[pa]
-                b[start : start + rank] = m[pb] * np.float32(scale)
-            values[p.a], values[p.b] = ort.OrtValue.ortvalue_from_numpy(a), ort.OrtValue.ortvalue_from_numpy(b)
-            layouts[p.mask] = (tuple((slot, start, rank) for (slot, _, _), start, rank in zip(blocks, starts, ranks)), starts[-1])
-        self._serial += 1
-        return values, layouts, self._serial
-
-    def _row_masks(self, layouts: dict, rows: tuple[int, ...]) -> tuple[dict, int]:
-        """Each mask input's [batch, 1, width] for rows of adapter slots ``rows`` (one OrtValue for
-        every input of the same layout), and a serial of their own."""
-        from .session import import_onnxruntime
-
-        ort = import_onnxruntime()
-        made: dict = {}
-        masks = {}
-        for name, layout in layouts.items():
-            if layout not in made:
-                blocks, width = layout
-                mask = np.zeros((len(rows), 1, width), self.dtype)
-                for slot, start, rank in blocks:
-                    mask[[i for i, s in enumerate(rows) if s == slot], 0, start : start + rank] = 1
-                made[layout] = ort.OrtValue.ortvalue_from_numpy(mask)
-            masks[name] = made[layout]
-        self._serial += 1
-        return masks, self._serial
-
-    def _changed(self) -> None:
-        self._sets, self._masks = {}, {}
+            rank = max((r.get(p.projection, 0) for r in ranks.values()), default=0)  # smaller ones padded
+            a = np.zeros((len(names), p.in_features, rank), self.dtype)
+            b = np.zeros((len(names), rank, p.out_features), self.dtype)
+            for slot, own in ranks.items():
+                r = own.get(p.projection, 0)
+                if not r:
+                    continue
+                if slot in changes:
+                    _, m, scale = changes[slot]
+                    a[slot - 1, :, :r] = m[f"{p.projection}.a"]
+                    b[slot - 1, :r] = m[f"{p.projection}.b"] * np.float32(scale)
+                else:
+                    a[slot - 1, :, :r] = self._stacks[p.a][slot - 1, :, :r]
+                    b[slot - 1, :r] = self._stacks[p.b][slot - 1, :r]
+            stacks[p.a], stacks[p.b] = a, b
+            none[p.a] = np.zeros((1, p.in_features, 0), self.dtype)  # a step without adapters: rank 0
+            none[p.b] = np.zeros((1, 0, p.out_features), self.dtype)
+        self._names, self._ranks, self._stacks, self._none, self._places = names, ranks, stacks, none, {}
 
 
 def no_adapter_slot(name: str | None) -> int:

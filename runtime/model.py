@@ -193,8 +193,8 @@ class LoadedModel:
         io = self._io
         shape = (count, keep, self.vocab_size)
         key, constants = 0, None
-        if self.adapters is not None:  # the matrices of the rows' adapters, and the rows' masks
-            key, constants = self.adapters.for_rows(state.adapter_slots(start, count))
+        if self.adapters is not None:  # the matrices of the rows' adapters, and their positions' places
+            key, constants = self.adapters.for_rows(state.adapter_slots(start, count), seq)
         binding, logits = state.binding(self.session, start, count, io.logits, shape, self._logits_dtype, constants, key)
         lengths = state.lengths[start : start + count]
         total = lengths + seq  # [batch]

@@ -155,11 +155,11 @@ def expected_io(manifest) -> tuple[dict[str, tuple[str, dict[int, int]]], dict[s
         axes = [1, *range(3, len(spec.shape) + 2)] if spec.kind == "kv" else range(1, len(spec.shape) + 1)
         sizes = dict(zip(axes, spec.shape))
         inputs[spec.past], outputs[spec.present] = (dtype, sizes), (dtype, sizes)
-    if manifest.lora is not None:  # the rows' adapter mask and the step's adapters' matrices
-        weights = _ORT_TYPES.get(manifest.graph.dtype, manifest.graph.dtype)
-        for p in manifest.lora.inputs:
-            inputs[p.a], inputs[p.b] = (weights, {0: p.in_features}), (weights, {1: p.out_features})
-            inputs[p.mask] = (weights, {1: 1})
+    if manifest.lora is not None:  # the step's adapters' matrices and the places of its positions
+        lora, weights = manifest.lora, _ORT_TYPES.get(manifest.graph.dtype, manifest.graph.dtype)
+        for p in lora.inputs:
+            inputs[p.a], inputs[p.b] = (weights, {1: p.in_features}), (weights, {2: p.out_features})
+        inputs[lora.index], inputs[lora.valid], inputs[lora.back] = (ids, {}), (weights, {2: 1}), (ids, {2: 2})
     return inputs, outputs
 
 

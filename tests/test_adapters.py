@@ -20,6 +20,7 @@ from lmrt.cli import main
 from lmrt.export import AdapterError, add_adapter, export_model
 from lmrt.export.pipeline import DEFAULT_TOLERANCE
 from lmrt.quantize import QuantizeError, quantize_directory, scheme_for
+from lmrt.runtime.adapters import read_adapter
 from lmrt.runtime.config import ConfigError
 from lmrt.runtime.model_dir import ManifestError
 from lmrt.runtime.sampling import log_softmax
@@ -106,7 +107,8 @@ def test_the_manifest_lists_each_adapter_and_the_graph_takes_its_inputs(llama):
     )
     graph = onnx.load(os.path.join(llama["adapted"], manifest.graph.file), load_external_data=False).graph
     names = {i.name for i in graph.input}
-    assert all(p.a in names and p.b in names and p.mask in names for p in manifest.lora.inputs)
+    assert all(p.a in names and p.b in names for p in manifest.lora.inputs)
+    assert {manifest.lora.index, manifest.lora.valid, manifest.lora.back} <= names
     # a directory without adapters is as it was: no LoRA inputs, nothing loaded
     plain = runtime.LoadedModel(llama["base"])
     assert plain.manifest.lora is None and plain.adapters is None
@@ -114,19 +116,63 @@ def test_the_manifest_lists_each_adapter_and_the_graph_takes_its_inputs(llama):
 
 
 def test_a_binding_is_kept_only_while_its_adapter_arrays_are(llama):
-    """The same rows' adapters give the same key (the decode batch's binding is kept); once their
-    arrays were evicted by other sets and built again, the key is new, so no binding points at freed
-    arrays; an adapter added or removed drops every kept set."""
+    """The same rows' adapters and length give the same key (the decode batch's binding is kept);
+    once their arrays were dropped for other rows' and built again, the key is new, so no binding
+    points at freed arrays; an adapter added or removed drops every kept set."""
     bank = runtime.LoadedModel(llama["adapted"]).adapters
     rows = np.array([1, 0, 2])
-    key = bank.for_rows(rows)[0]
-    assert bank.for_rows(rows)[0] == key
-    for n in range(1, bank.KEPT_SETS + 2):  # rows of other slots, as many as evict the first
-        bank.for_rows(np.array([1] * n))
-    assert bank.for_rows(rows)[0] != key
-    again = bank.for_rows(rows)[0]
+    key = bank.for_rows(rows, 1)[0]
+    assert bank.for_rows(rows, 1)[0] == key and bank.for_rows(rows, 2)[0] != key
+    for n in range(1, bank.KEPT_PLACES + 2):  # rows of other slots, as many as drop the first
+        bank.for_rows(np.array([1] * n), 1)
+    assert bank.for_rows(rows, 1)[0] != key
+    again = bank.for_rows(rows, 1)[0]
     bank.remove("b")
-    assert bank.for_rows(np.array([1, 0]))[0] != again and bank.for_rows(np.array([1, 0]))[0] == bank.for_rows(np.array([1, 0]))[0]
+    assert bank.for_rows(np.array([1, 0]), 1)[0] != again
+    assert bank.for_rows(np.array([1, 0]), 1)[0] == bank.for_rows(np.array([1, 0]), 1)[0]
+
+
+def test_the_places_send_each_position_to_its_own_adapter_and_rows_without_one_to_nothing(llama):
+    """The inputs for rows of slots [2, 0, 1, 2], 3 positions each: slot 1's and 2's matrices (a
+    view of the stack, padded to the larger rank), every position of a row gathered in its
+    adapter's group and sent back to itself, a row without one sent to a padding place (valid 0),
+    a place added for it only where no group has room."""
+    bank = runtime.LoadedModel(llama["adapted"]).adapters
+    rows, seq = [2, 0, 1, 2], 3
+    bound = bound_inputs(bank, rows, seq)
+    lora = bank.lora
+    index, valid, back = bound[lora.index], bound[lora.valid][..., 0], bound[lora.back]
+    assert index.shape == (2, 2 * seq) and back.shape == (4, seq, 2)  # slot 1's group has room for the padding
+    for i, slot in enumerate(rows):
+        for j in range(seq):
+            g, place = back[i, j]
+            if slot == 0:
+                assert valid[g, place] == 0
+            else:
+                assert g == slot - 1 and valid[g, place] == 1 and index[g, place] == i * seq + j
+    assert valid.sum() == 3 * seq  # every place that is not padding holds one position
+    qkv = next(p for p in lora.inputs if p.projection == "layers.0.qkv")
+    a = bound[qkv.a]
+    ma, mb = (read_adapter(llama["adapted"], e, lora)["layers.0.qkv.a"] for e in lora.adapters)
+    assert a.shape == (2, qkv.in_features, max(ma.shape[1], mb.shape[1]))
+    np.testing.assert_array_equal(a[0, :, : ma.shape[1]], ma)
+    np.testing.assert_array_equal(a[1, :, : mb.shape[1]], mb)
+    assert not a[1, :, mb.shape[1] :].any()  # the smaller rank padded with zeros
+    assert bound_inputs(bank, [0, 0], 1)[qkv.a].shape == (1, qkv.in_features, 0)  # no adapter: rank 0, nothing read
+    assert bound_inputs(bank, [1, 2, 0], 1)[lora.index].shape == (2, 2)  # every group full: a place more for padding
+    assert bound_inputs(bank, [1], 1)[lora.index].shape == (1, 1)  # no padding: a vector-matrix product
+
+
+def bound_inputs(bank, rows: list[int], seq: int) -> dict[str, np.ndarray]:
+    """What ``bank.for_rows`` binds for rows of adapter slots ``rows``, ``seq`` positions each."""
+    bound = {}
+
+    class Binding:
+        def bind_ortvalue_input(self, name, value):
+            bound[name] = value.numpy()
+
+    bank.for_rows(np.array(rows), seq)[1](Binding())
+    return bound
 
 
 def test_each_adapter_records_its_perplexity_with_and_without_it(llama, tmp_path):

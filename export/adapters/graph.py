@@ -4,22 +4,27 @@ A projection is found by the matrix the decoder builder named (``decoder.project
 the forms the graph may hold it: a float MatMul, a MatMulNBits of its int8 / int4 blocks (named
 ``{matrix}.q8`` / ``.q4`` by the quantize rewrite), or the plain-operator fallback that dequantizes
 them (``{matrix}.q8.dequantized``). The rewrite adds, after the node that gives the projection's
-output y, the term ((x A) * mask) B: A holds the A matrices of the adapters a step runs side by side
-[in, width], B their B matrices one above the other [width, out], and the mask [batch, 1, width]
-keeps, for each row, the columns of its own adapter (none for a row without one).
-So each adapter's matrices are read once per step for every row that uses it, no matrix is copied
-per row, and the base weights stay as they were, float or quantized.
+output y, each position's term x A B of its row's adapter, computed in groups: a step's positions
+are gathered per adapter (``lora.index`` [groups, places]: the positions x of each adapter's rows,
+padded), each group multiplied by its own adapter's A [in, rank] and B [rank, out] (the inputs
+``a`` [groups, in, rank] and ``b`` [groups, rank, out]), padding places zeroed (``lora.valid``), and
+each position's term gathered back (``lora.back`` [batch, seq, 2]: its group and place; a row
+without an adapter points at a padding place, whose term is 0). So each adapter's matrices are read
+once per step for every row that uses it, no row multiplies by another's adapter, and the base
+weights stay as they were, float or quantized.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ...runtime.adapter_manifest import LoraInput
+from ...runtime.adapter_manifest import Lora, LoraInput
 from ...runtime.manifest import Architecture
 from ..architectures.decoder import Layout, projections
 from ..errors import AdapterError
@@ -71,32 +76,44 @@ def find_sites(model: onnx.ModelProto, layout: Layout, arch: Architecture) -> di
     return sites
 
 
-def add_lora_inputs(model: onnx.ModelProto, sites: dict[str, Site], dtype: str) -> tuple[LoraInput, ...]:
-    """Rewrite ``model`` in place so each site's y also gets ((x A) * mask) B; returns the inputs added."""
+def add_lora_inputs(model: onnx.ModelProto, sites: dict[str, Site], dtype: str) -> Lora:
+    """Rewrite ``model`` in place so each site's y also gets its rows' adapters' terms (the module's
+    docstring); returns the manifest section naming the inputs added, without adapters."""
     graph, elem = model.graph, ELEM[dtype]
+    lora = Lora()
+    graph.input.extend([
+        helper.make_tensor_value_info(lora.index, TensorProto.INT64, ["lora_groups", "lora_places"]),
+        helper.make_tensor_value_info(lora.valid, elem, ["lora_groups", "lora_places", 1]),
+        helper.make_tensor_value_info(lora.back, TensorProto.INT64, ["batch", "seq", 2]),
+    ])  # fmt: skip
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
     after: dict[int, list[onnx.NodeProto]] = {}
     inputs = []
     for name, site in sites.items():
         t = f"lora.{name}"
-        a, b, mask, base, width = f"{t}.a", f"{t}.b", f"{t}.mask", f"{site.y}.base", f"width.{name}"
-        graph.input.append(helper.make_tensor_value_info(a, elem, [site.in_features, width]))
-        graph.input.append(helper.make_tensor_value_info(b, elem, [width, site.out_features]))
-        graph.input.append(helper.make_tensor_value_info(mask, elem, ["batch", 1, width]))
+        a, b, base, rank = f"{t}.a", f"{t}.b", f"{site.y}.base", f"rank.{name}"
+        graph.input.append(helper.make_tensor_value_info(a, elem, ["lora_groups", site.in_features, rank]))
+        graph.input.append(helper.make_tensor_value_info(b, elem, ["lora_groups", rank, site.out_features]))
+        flat = f"lora.positions_of.{site.in_features}"  # [-1, in]: x with one position per row
+        if flat not in {i.name for i in graph.initializer}:
+            graph.initializer.append(numpy_helper.from_array(np.array([-1, site.in_features], np.int64), flat))
         at = producer[site.y]
         node = graph.node[at]
         node.output[list(node.output).index(site.y)] = base
         after[at] = [
-            helper.make_node("MatMul", [site.x, a], [f"{t}.xa"], name=f"{t}.xa"),  # [batch, seq, width]
-            helper.make_node("Mul", [f"{t}.xa", mask], [f"{t}.xa_own"], name=f"{t}.own"),  # each row's own adapter's columns
-            helper.make_node("MatMul", [f"{t}.xa_own", b], [f"{t}.delta"], name=f"{t}.delta"),
+            helper.make_node("Reshape", [site.x, flat], [f"{t}.x"], name=f"{t}.x"),  # [batch * seq, in]
+            helper.make_node("Gather", [f"{t}.x", lora.index], [f"{t}.grouped"], name=f"{t}.grouped", axis=0),  # [groups, places, in]
+            helper.make_node("MatMul", [f"{t}.grouped", a], [f"{t}.xa"], name=f"{t}.xa"),  # [groups, places, rank]
+            helper.make_node("Mul", [f"{t}.xa", lora.valid], [f"{t}.xa_valid"], name=f"{t}.valid"),  # padding places: 0
+            helper.make_node("MatMul", [f"{t}.xa_valid", b], [f"{t}.xab"], name=f"{t}.xab"),  # [groups, places, out]
+            helper.make_node("GatherND", [f"{t}.xab", lora.back], [f"{t}.delta"], name=f"{t}.delta"),  # [batch, seq, out]
             helper.make_node("Add", [base, f"{t}.delta"], [site.y], name=f"{t}.add"),
         ]
-        inputs.append(LoraInput(name, a, b, mask, site.in_features, site.out_features))
+        inputs.append(LoraInput(name, a, b, site.in_features, site.out_features))
     nodes = []
     for i, node in enumerate(graph.node):
         nodes.append(node)
         nodes.extend(after.get(i, []))
     del graph.node[:]
     graph.node.extend(nodes)
-    return tuple(inputs)
+    return dataclasses.replace(lora, inputs=tuple(inputs))

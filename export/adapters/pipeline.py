@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ...progress import to_stderr
-from ...runtime.adapter_manifest import ADAPTER_NAME, AdapterEntry, Lora
+from ...runtime.adapter_manifest import ADAPTER_NAME, AdapterEntry
 from ...runtime.adapters import file_sha256
 from ...runtime.manifest import Manifest, load_manifest
 from ...runtime.model_dir import ADAPTERS_DIR, LORA_GRAPH_FILE
@@ -68,7 +68,7 @@ def add_adapter(
     lora, graph = manifest.lora, manifest.graph
     if lora is None:
         progress("… adding the LoRA inputs to the graph")
-        lora = Lora(inputs=add_lora_inputs(model, sites, graph.dtype))
+        lora = add_lora_inputs(model, sites, graph.dtype)
         partial = os.path.join(model_dir, f".{LORA_GRAPH_FILE}.partial-{os.getpid()}")
         with open(partial, "wb") as f:
             f.write(model.SerializeToString())
