@@ -452,3 +452,62 @@ def test_the_server_serves_each_adapter_as_a_model_of_its_own(llama):
         assert status == 404 and body["error"]["message"] == f"the model 'c' does not exist; this server serves '{base}', 'a', 'b'"
     finally:
         server.stop()
+
+
+SMOL_TEXT = (
+    "Captain Orla Vennick kept the lighthouse on Gull Rock for forty winters, and every night she wrote "
+    "the same line in her log: the lamp is lit, the sea is loud, and the gulls are asleep."
+)
+
+
+@pytest.fixture(scope="module")
+def smol_lora(smollm2, tmp_path_factory):
+    """SmolLM2 exported in fp32 and quantized to int8, a LoRA of rank 8 on every projection trained
+    with PEFT on ``SMOL_TEXT`` (a few steps at a high learning rate), and each directory with it added."""
+    root = tmp_path_factory.mktemp("smol-lora")
+    encode = runtime.LoadedModel(smollm2[0]).encode
+    peft_dir = str(root / "peft")
+    adapted_torch = train_lora(smollm2[1], encode(SMOL_TEXT), peft_dir, steps=12, lr=3e-3, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+    fp32, int8 = str(root / "fp32"), str(root / "int8")
+    shutil.copytree(smollm2[0], fp32)
+    quantize_directory(smollm2[0], int8, scheme_for("int8"), gguf=None, eval_tokens=256, **quiet)
+    eval_text = root / "eval.txt"
+    eval_text.write_text((SMOL_TEXT + " ") * 4)
+    for directory in (fp32, int8):
+        add_adapter(directory, peft_dir, "log", eval_text=str(eval_text), **quiet)
+    return {"fp32": fp32, "int8": int8, "torch": adapted_torch, "base": smollm2[1], "encode": encode}
+
+
+@pytest.mark.real_model
+def test_smollm2_with_a_trained_adapter_equals_peft(smol_lora):
+    """SmolLM2 fp32 with the adapter: logits within the export tolerance of PEFT's model, the same
+    greedy tokens, which recite the text it was trained on (the base model's do not)."""
+    ids = smol_lora["encode"](SMOL_TEXT)
+    loaded = runtime.LoadedModel(smol_lora["fp32"])
+    ref = torch_logits(smol_lora["torch"], ids)
+    assert relative_difference(loaded.sequence_logits(ids, adapter="log"), ref) < DEFAULT_TOLERANCE
+    assert relative_difference(ref, torch_logits(smol_lora["base"], ids)) > 100 * DEFAULT_TOLERANCE
+    gen, prompt = runtime.Generator(loaded), ids[:12]
+    expected = torch_greedy(smol_lora["torch"], prompt, 16)
+    assert greedy(gen, prompt, "log", 16) == expected == ids[12:28]  # the trained text, recited
+    assert greedy(gen, prompt, None, 16) == torch_greedy(smol_lora["base"], prompt, 16) != expected
+
+
+@pytest.mark.real_model
+def test_smollm2_int8_keeps_a_trained_adapters_effect(smol_lora):
+    """On the int8 base the adapter still recites its text, also in a batch beside a row without it,
+    and the perplexity recorded when it was added is far below the base model's there
+    and close to the fp32 base's with the adapter."""
+    ids = smol_lora["encode"](SMOL_TEXT)
+    q, fp32 = runtime.Generator(smol_lora["int8"]), runtime.Generator(smol_lora["fp32"])
+    prompt = ids[:12]
+    assert greedy(q, prompt, "log", 16) == ids[12:28]
+    # int8 compute rounds a batch's products otherwise than one row's, so a near tie may go either
+    # way (the base model's too): in a mixed batch, the rows with the adapter still recite
+    batch = q.generate_batch([prompt, prompt, ids[:20]], adapter=["log", None, "log"], max_new_tokens=12, stop_token_ids=())
+    rows = [c[0].token_ids for c in batch]
+    assert rows[0] == ids[12:24] != rows[1] and rows[2] == ids[20:32]
+    quality = {d: runtime.LoadedModel(d).manifest.lora.entry("log").quality for d in (smol_lora["int8"], smol_lora["fp32"])}
+    q8, f32 = quality[smol_lora["int8"]], quality[smol_lora["fp32"]]
+    assert q8["perplexity"] < q8["base_perplexity"] / 2  # the text's later copies are easy for the base too
+    assert q8["perplexity"] == pytest.approx(f32["perplexity"], rel=0.1)
