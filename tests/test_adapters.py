@@ -378,7 +378,15 @@ def test_adapters_lmrt_cannot_compute_or_that_belong_elsewhere_are_refused(llama
         return save_untrained(model, str(tmp_path / path), peft.LoraConfig(task_type="CAUSAL_LM", **options))
 
     refused(lora("dora", target_modules=["q_proj"], use_dora=True), "DoRA")
-    refused(lora("pattern", target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}), "rank per module")
+    pattern = lora("pattern", target_modules=["q_proj", "v_proj"])
+    with open(os.path.join(pattern, "adapter_config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(pattern, "adapter_config.json"), "w") as f:
+        json.dump({**config, "rank_pattern": {"q_proj(": 2}}, f)
+    refused(pattern, r"rank_pattern key 'q_proj\(' is not a regular expression")
+    with open(os.path.join(pattern, "adapter_config.json"), "w") as f:
+        json.dump({**config, "alpha_pattern": {"q_proj": -1}}, f)
+    refused(pattern, "alpha_pattern must map module names to positive numbers")
     refused(lora("bias", target_modules=["q_proj"], bias="lora_only"), "trained biases")
     refused(lora("embed", target_modules=["embed_tokens"]), "embedding")
     refused(lora("head", target_modules=["lm_head"]), "adapts lm_head and holds its weights whole")
@@ -392,6 +400,25 @@ def test_adapters_lmrt_cannot_compute_or_that_belong_elsewhere_are_refused(llama
     refused(save_untrained(small, str(tmp_path / "small"), peft.LoraConfig(target_modules=["q_proj"])), "trained on another base model")
     refused(str(tmp_path / "missing"), "not found")
     refused(llama["peft"]["a"], "an adapter name is", name="../x")
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_rank_and_alpha_per_module_equal_peft(llama, tmp_path, rslora):
+    """PEFT's rank_pattern and alpha_pattern: modules of their own rank and alpha (matched as PEFT
+    matches them, by the end of the module's name) give PEFT's logits and greedy tokens."""
+    options = dict(r=4, lora_alpha=8, use_rslora=rslora, target_modules=LLAMA_TARGETS,
+                   rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6}, alpha_pattern={"v_proj": 32, "gate_proj": 2})  # fmt: skip
+    adapted = train_lora(llama["model"], llama["encode"](TEXT_B), str(tmp_path / "peft"), **options)
+    assert adapted.base_model.model.model.layers[1].mlp.down_proj.r["default"] == 6  # the pattern took effect in PEFT
+    target = str(tmp_path / "model")
+    shutil.copytree(llama["base"], target)
+    add_adapter(target, str(tmp_path / "peft"), "p", **quiet)
+    ids = llama["encode"](TEXT_A + " " + TEXT_B)
+    ref = torch_logits(adapted, ids)
+    assert relative_difference(runtime.LoadedModel(target).sequence_logits(ids, adapter="p"), ref) < DEFAULT_TOLERANCE
+    assert relative_difference(ref, torch_logits(llama["model"], ids)) > 100 * DEFAULT_TOLERANCE
+    prompt = llama["encode"](TEXT_B)[:6]
+    assert greedy(runtime.Generator(target), prompt, "p") == torch_greedy(adapted, prompt, 12)
 
 
 @pytest.mark.parametrize("family, targets", [

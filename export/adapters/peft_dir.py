@@ -1,18 +1,21 @@
 """A PEFT LoRA directory read and checked: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
 What lmrt computes is plain LoRA on linear projections: y = x W + (x A^T) B^T * scale, scale being
-lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)). Every other PEFT method and option that changes that
-computation (DoRA, a rank or alpha per module, trained biases, fully trained modules, embedding
-targets, replicated layers) is refused in one line rather than computed differently.
+lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)), r and lora_alpha of each module as PEFT's
+``rank_pattern`` and ``alpha_pattern`` give them. Every other PEFT method and option that changes
+that computation (DoRA, trained biases, fully trained modules, embedding targets, replicated layers)
+is refused in one line rather than computed differently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -25,8 +28,6 @@ LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<kind>[AB])\.
 # options whose any value but their default changes what LoRA computes: (key, default, what it is)
 REFUSED = (
     ("use_dora", False, "DoRA (weight-decomposed LoRA)"),
-    ("rank_pattern", {}, "a rank per module (rank_pattern)"),
-    ("alpha_pattern", {}, "an alpha per module (alpha_pattern)"),
     ("bias", "none", "trained biases (bias)"),
     ("lora_bias", False, "trained biases of lora_B (lora_bias)"),
     ("modules_to_save", None, "fully trained modules (modules_to_save)"),
@@ -65,9 +66,35 @@ def read_peft(peft_dir: str) -> PeftLora:
     rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
     if not is_int(rank) or rank < 1 or not is_number(alpha):
         raise AdapterError(f"{peft_dir}/{CONFIG_FILE} needs a positive integer r and a number lora_alpha, got {rank!r}, {alpha!r}")
-    matrices = _matrices(peft_dir, rank)
-    base = config.get("base_model_name_or_path") or ""
-    return PeftLora(int(rank), float(alpha), bool(config.get("use_rslora")), str(base), matrices)
+    rslora = bool(config.get("use_rslora"))
+    ranks, alphas = (_pattern(peft_dir, config, key, number) for key, number in (("rank_pattern", is_int), ("alpha_pattern", is_number)))
+    lora = PeftLora(int(rank), float(alpha), rslora, str(config.get("base_model_name_or_path") or ""), {})
+    matrices = {}
+    for module, (a, b) in _matrices(peft_dir, lambda module: _matched(ranks, module, rank)).items():
+        # a module of its own rank or alpha: its B carries its scale's ratio to the adapter's
+        own = _matched(alphas, module, alpha) / (math.sqrt(a.shape[0]) if rslora else a.shape[0])
+        matrices[module] = (a, b if own == lora.scale else b * np.float32(own / lora.scale))
+    return dataclasses.replace(lora, matrices=matrices)
+
+
+def _pattern(peft_dir: str, config: dict, key: str, valid) -> dict[str, float]:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern``: {module pattern: value}, each pattern a regular
+    expression and each value positive, or AdapterError."""
+    pattern = config.get(key) or {}
+    if not isinstance(pattern, dict) or not all(isinstance(k, str) and valid(v) and v > 0 for k, v in pattern.items()):
+        raise AdapterError(f"{peft_dir}/{CONFIG_FILE}: {key} must map module names to positive numbers, got {pattern!r}")
+    for k in pattern:
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise AdapterError(f"{peft_dir}/{CONFIG_FILE}: {key} key {k!r} is not a regular expression ({e})") from None
+    return pattern
+
+
+def _matched(pattern: dict[str, float], module: str, default):
+    """The value of the first key of ``pattern`` that ends ``module`` (PEFT's own matching of its
+    rank and alpha patterns: ``(.*\\.)?(KEY)$``), or ``default``."""
+    return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", module)), default)
 
 
 def _config(peft_dir: str) -> dict:
@@ -86,8 +113,9 @@ def _config(peft_dir: str) -> dict:
     return config
 
 
-def _matrices(peft_dir: str, rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{module: (A [r, in], B [out, r])} from the safetensors file, every name and shape checked."""
+def _matrices(peft_dir: str, rank_of: Callable[[str], int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{module: (A [r, in], B [out, r])} from the safetensors file, every name and shape checked
+    (r: ``rank_of(module)``)."""
     path = os.path.join(peft_dir, WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise AdapterError(f"{peft_dir} has no {WEIGHTS_FILE} (lmrt reads safetensors, never pickled .bin files)")
@@ -120,6 +148,7 @@ def _matrices(peft_dir: str, rank: int) -> dict[str, tuple[np.ndarray, np.ndarra
         a, b = pair.get("A"), pair.get("B")
         if a is None or b is None:
             raise AdapterError(f"{path} holds only one of lora_A and lora_B for {module}")
+        rank = rank_of(module)
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise AdapterError(f"{path}: {module}'s lora_A {list(a.shape)} and lora_B {list(b.shape)} are not of rank r = {rank}")
         out[module] = (a, b)
