@@ -21,6 +21,7 @@ import numpy as np
 
 from ..runtime.cpu import exact_8bit_int8_products
 from ..runtime.encoder import Encoder, label_scores
+from ..runtime.int8_codes import stored_code_bits
 from ..runtime.manifest import Manifest
 from .errors import QuantizeError
 from .gate import read_eval_text
@@ -59,7 +60,8 @@ class EncoderGate:
 
     def measure(self, candidate_dir: str, candidate: Manifest) -> dict:
         ref = Encoder(self.source_dir, provider="cpu").run(self.texts)
-        paths = ["7", "8"] if exact_8bit_int8_products() else ["7"]
+        # each path this CPU can run: 8-bit codes only where stored and exact here
+        paths = ["7", "8"] if exact_8bit_int8_products() and stored_code_bits(candidate) == 8 else ["7"]
         measured = [self._compare(ref, Encoder(candidate_dir, provider="cpu", int8_codes=p).run(self.texts)) for p in paths]
         key = "label_agreement" if self.task == "classify" else "mean_cosine"
         quality = min(measured, key=lambda q: q[key])
