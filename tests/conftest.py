@@ -364,3 +364,26 @@ def smollm2(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("smollm2") / "model")
     export_model(source, out, progress=lambda _: None)
     return out, source.model, source.tokenizer
+
+
+def random_peft(out_dir: str, arch, targets: dict[str, int], rank: int, seed: int) -> str:
+    """A PEFT LoRA directory written by hand for a Llama-layout model of ``arch``: random A and B
+    of rank ``rank`` for each attention module of ``targets`` (name: output features)."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(arch.num_layers):
+        for module, out in targets.items():
+            key = f"base_model.model.model.layers.{i}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, arch.hidden_size)) * 0.1).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((out, rank)) * 0.1).astype(np.float32)
+    os.makedirs(out_dir)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets)}
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    return out_dir

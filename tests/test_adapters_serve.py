@@ -11,8 +11,8 @@ import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
+from conftest import random_peft
 from serving import Server, wait_for
 import test_adapters
 from test_adapters import TEXT_A, TEXT_B, quiet, save_untrained
@@ -175,26 +175,6 @@ def test_a_directory_with_more_adapters_than_max_adapters_is_refused_at_start(ll
                           (["--ray", "--allow-adapter-loading"], "--allow-adapter-loading is not served on Ray")]:  # fmt: skip
         result = CliRunner().invoke(main, ["serve", llama["adapted"], *args])
         assert result.exit_code == 1 and result.stderr.count("\n") == 1 and message in result.stderr, result.output
-
-
-def random_peft(out_dir: str, arch, targets: dict[str, int], rank: int, seed: int) -> str:
-    """A PEFT LoRA directory written by hand for a Llama-layout model of ``arch``: random A and B
-    of rank ``rank`` for each attention module of ``targets`` (name: output features)."""
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for i in range(arch.num_layers):
-        for module, out in targets.items():
-            key = f"base_model.model.model.layers.{i}.self_attn.{module}"
-            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, arch.hidden_size)) * 0.1).astype(np.float32)
-            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((out, rank)) * 0.1).astype(np.float32)
-    os.makedirs(out_dir)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets)}
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(config, f)
-    return out_dir
 
 
 @pytest.mark.real_model

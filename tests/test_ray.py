@@ -24,7 +24,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("ray")
 
-from conftest import wait_for_serve_url, wait_until  # noqa: E402
+from conftest import random_peft, wait_for_serve_url, wait_until  # noqa: E402
 from lmrt import runtime  # noqa: E402
 
 MODEL = "chat-llama"
@@ -159,16 +159,33 @@ class RayServer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+ADAPTER = "qv"
+
+
 @pytest.fixture(scope="module")
-def cluster(chat_model):
-    server = RayServer(chat_model, replicas=2)
+def served_model(chat_model, tmp_path_factory):
+    """The tiny chat Llama with one LoRA adapter added (random, on q and v), under its own name."""
+    from lmrt.export import add_adapter
+
+    root = tmp_path_factory.mktemp("ray-model")
+    path = str(root / MODEL)
+    shutil.copytree(chat_model, path)
+    arch = runtime.LoadedModel(path).manifest.architecture
+    sizes = {"q_proj": arch.num_heads * arch.head_size, "v_proj": arch.num_kv_heads * arch.head_size}
+    add_adapter(path, random_peft(str(root / "peft"), arch, sizes, 4, 0), ADAPTER, progress=lambda _: None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(served_model):
+    server = RayServer(served_model, replicas=2)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def llama(chat_model):
-    return runtime.Generator(chat_model, provider="cpu")
+def llama(served_model):
+    return runtime.Generator(served_model, provider="cpu")
 
 
 def complete(client, max_tokens: int, stream: bool) -> tuple[str, str, str]:
@@ -228,6 +245,25 @@ def test_requests_spread_over_both_replicas(cluster, llama):
         answers = list(pool.map(lambda i: complete(client, 40, i % 2 == 1), range(16)))
     assert all(text == expected for text, _, _ in answers)
     assert len({replica for _, _, replica in answers}) == 2
+
+
+def test_every_replica_serves_the_directorys_adapters(cluster, llama):
+    """The adapter of the model directory is a model of its own on every replica: listed with the
+    base as its parent, and its answers, from either replica, are the Generator's with it."""
+    client = cluster.client()
+    listed = {m.id: m for m in client.models.list().data}
+    assert set(listed) == {MODEL, ADAPTER} and listed[ADAPTER].model_extra.get("parent") == MODEL
+    expected = llama.generate(PROMPT, adapter=ADAPTER, max_new_tokens=20)
+    assert expected != llama.generate(PROMPT, max_new_tokens=20)
+
+    def ask(_):
+        raw = client.completions.with_raw_response.create(model=ADAPTER, prompt=PROMPT, max_tokens=20)
+        return raw.parse().choices[0].text, raw.headers["x-lmrt-replica"]
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert all(text == expected for text, _ in answers)
+    assert len({replica for _, replica in answers}) == 2
 
 
 def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(cluster, llama):
