@@ -83,6 +83,8 @@ class AdapterBank:
         check_fits(name, matrices, self.lora)
         free = [s for s, held in enumerate(self._names, start=1) if held is None and s not in tagged]
         slot = free[0] if free else len(self._names) + 1
+        while slot in tagged:  # a freed last slot (not kept in the stacks) that rows are still tagged with
+            slot += 1
         self._restack({slot: (name, matrices, scale)})
         return slot
 

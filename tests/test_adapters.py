@@ -129,6 +129,11 @@ def test_a_binding_is_kept_only_while_its_adapter_arrays_are(llama):
     again = bank.for_rows(rows, 1)[0]
     bank.remove("b")
     assert bank.for_rows(np.array([1, 0]), 1)[0] != again
+    matrices = read_adapter(llama["adapted"], bank.lora.entry("b"), bank.lora)
+    assert bank.add("c", matrices, 1.0, tagged={2}) == 3  # the freed last slot, which rows are still tagged with, is not taken
+    bank.remove("c")
+    assert bank.add("c", matrices, 1.0) == 2
+    bank.remove("c")
     assert bank.for_rows(np.array([1, 0]), 1)[0] == bank.for_rows(np.array([1, 0]), 1)[0]
 
 
