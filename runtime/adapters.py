@@ -60,6 +60,9 @@ class AdapterBank:
         self._stacks: dict[str, np.ndarray] = {}  # graph input -> [slots, in, rank] / [slots, rank, out]
         self._places: dict[tuple, tuple[int, dict]] = {}  # (rows' slots, seq) -> (serial, OrtValues)
         self._serial = 0
+        self._none = {}  # a step without adapters: rank 0
+        for p in lora.inputs:
+            self._none[p.a], self._none[p.b] = np.zeros((1, p.in_features, 0), dtype), np.zeros((1, 0, p.out_features), dtype)
         self._restack({slot: (entry.name, read_adapter(model_dir, entry, lora), entry.scale) for slot, entry in enumerate(lora.adapters, start=1)})
 
     @property
@@ -163,7 +166,7 @@ class AdapterBank:
                 ranks[slot] = {key[: -len(".a")]: m.shape[1] for key, m in change[1].items() if key.endswith(".a")}
         while names and names[-1] is None:
             names.pop()
-        stacks, none = {}, {}
+        stacks = {}
         for p in self.lora.inputs:
             rank = max((r.get(p.projection, 0) for r in ranks.values()), default=0)  # smaller ones padded
             a = np.zeros((len(names), p.in_features, rank), self.dtype)
@@ -180,9 +183,7 @@ class AdapterBank:
                     a[slot - 1, :, :r] = self._stacks[p.a][slot - 1, :, :r]
                     b[slot - 1, :r] = self._stacks[p.b][slot - 1, :r]
             stacks[p.a], stacks[p.b] = a, b
-            none[p.a] = np.zeros((1, p.in_features, 0), self.dtype)  # a step without adapters: rank 0
-            none[p.b] = np.zeros((1, 0, p.out_features), self.dtype)
-        self._names, self._ranks, self._stacks, self._none, self._places = names, ranks, stacks, none, {}
+        self._names, self._ranks, self._stacks, self._places = names, ranks, stacks, {}
 
 
 def no_adapter_slot(name: str | None) -> int:
