@@ -89,7 +89,7 @@ def llama(tmp_path_factory):
     shutil.copytree(base, adapted)
     add_adapter(adapted, peft_a, "a", **quiet)
     add_adapter(adapted, peft_b, "b", **quiet)
-    return {"root": root, "model": model, "base": base, "adapted": adapted, "peft": {"a": peft_a, "b": peft_b},
+    return {"root": root, "hf_dir": hf_dir, "model": model, "base": base, "adapted": adapted, "peft": {"a": peft_a, "b": peft_b},
             "torch": {"a": model_a, "b": model_b, None: model}, "encode": encode}  # fmt: skip
 
 
@@ -293,6 +293,28 @@ def test_an_int8_base_keeps_the_adapters_effect(llama, tmp_path):
     adapted, reference, plain = q.score(ids, adapter="a").perplexity, fp32.score(ids, adapter="a").perplexity, q.score(ids).perplexity
     assert adapted < plain / 4  # the adapter's text is far likelier with it than without it
     assert adapted == pytest.approx(reference, rel=0.1)
+
+
+def test_an_fp16_graph_runs_its_adapters_in_fp16(llama, tmp_path):
+    """An fp16 export takes its adapters' matrices in fp16 (B times its scale, then rounded): the
+    logits with each adapter stay within the fp16 export tolerance of PEFT's, and a mixed batch
+    gives each row its own adapter's tokens."""
+    from lmrt.export.pipeline import FP16_TOLERANCE
+
+    fp16 = str(tmp_path / "fp16")
+    export_model(llama["hf_dir"], fp16, precision="fp16", **quiet)
+    add_adapter(fp16, llama["peft"]["a"], "a", **quiet)
+    add_adapter(fp16, llama["peft"]["b"], "b", **quiet)
+    loaded = runtime.LoadedModel(fp16)
+    assert loaded.manifest.graph.dtype == "float16"
+    assert {m.dtype for m in loaded.adapters._stacks.values()} == {np.dtype(np.float16)}
+    ids = llama["encode"](TEXT_A + " " + TEXT_B)
+    for name in ("a", "b"):
+        assert relative_difference(loaded.sequence_logits(ids, adapter=name), torch_logits(llama["torch"][name], ids)) < FP16_TOLERANCE
+    gen = runtime.Generator(loaded)
+    prompts = [llama["encode"](TEXT_A)[:6], llama["encode"](TEXT_B)[:5]]
+    batch = gen.generate_batch(prompts, adapter=["a", "b"], max_new_tokens=8, stop_token_ids=())
+    assert [c[0].token_ids for c in batch] == [greedy(gen, p, a, 8) for p, a in zip(prompts, ["a", "b"])]
 
 
 def test_an_int4_base_keeps_the_adapters_effect(llama, tmp_path):
