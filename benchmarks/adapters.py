@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from datetime import date
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -44,7 +45,7 @@ from report import machine, write_section  # noqa: E402
 from smollm2_path import smollm2_gguf  # noqa: E402
 from timing import steady_decode_speed  # noqa: E402
 
-from serve_load import Running, free_port, stream  # noqa: E402
+from serve_load import start, stream  # noqa: E402
 
 from lmrt.runtime import Generator  # noqa: E402
 
@@ -161,16 +162,9 @@ def served(model_dir: str, adapters: list[str], llama: str | None, loras: list[s
              f"{BATCH} clients, one adapter": [0] * BATCH, f"{BATCH} clients, {BATCH} different adapters": list(range(BATCH))}  # fmt: skip
     out: dict = {}
     for system in ["lmrt"] + (["llama-server"] if llama else []):
-        port = free_port()
-        if system == "lmrt":
-            argv = [sys.executable, "-m", "lmrt", "serve", model_dir, "--port", str(port), "--slots", str(BATCH), "--threads", str(threads)]
-        else:
-            binary, _, gguf = llama.partition(":")
-            argv = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(BATCH), "-c", str(1024 * BATCH),
-                    "-t", str(threads), "-tb", str(threads), "--cont-batching", "--no-webui", "--lora-init-without-apply"]  # fmt: skip
-            for path in loras:
-                argv += ["--lora", path]
-        server = Running(argv, port)
+        extra = [] if system == "lmrt" else ["--lora-init-without-apply", *(arg for path in loras for arg in ("--lora", path))]
+        server = start(system, model_dir if system == "lmrt" else llama, BATCH, SimpleNamespace(threads=threads), 1024, extra)
+        port = server.port
         try:
             stream(port, {**body, **choices[system](0), "max_tokens": 8})  # warm-up
             for name, rows in cases.items():

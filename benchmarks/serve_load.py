@@ -101,16 +101,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(system: str, spec: str, slots: int, args, ctx: int) -> Running:
+def start(system: str, spec: str, slots: int, args, ctx: int, extra: list[str] = ()) -> Running:
+    """``system`` serving ``spec`` (a model directory, or BINARY:GGUF) with ``slots`` slots of ``ctx``
+    tokens on ``args.threads`` threads; ``extra``: more of its command line."""
     port = free_port()
     if system == "lmrt":
         argv = [sys.executable, "-m", "lmrt", "serve", spec, "--port", str(port), "--slots", str(slots),
-                "--ctx-size", str(ctx), "--threads", str(args.threads), "--max-queue", "1000"]  # fmt: skip
+                "--ctx-size", str(ctx), "--threads", str(args.threads), "--max-queue", "1000", *extra]  # fmt: skip
         return Running(argv, port)
     binary, _, gguf = spec.partition(":")
     if system == "llama-server":
         argv = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-c", str(ctx * slots),
-                "-t", str(args.threads), "-tb", str(args.threads), "--cont-batching", "--no-webui"]  # fmt: skip
+                "-t", str(args.threads), "-tb", str(args.threads), "--cont-batching", "--no-webui", *extra]  # fmt: skip
         return Running(argv, port)
     argv = [binary, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
             "--n_ctx", str(ctx), "--n_threads", str(args.threads)]  # fmt: skip
