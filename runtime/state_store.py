@@ -34,6 +34,7 @@ class StateStore:
 
     def __init__(self, arch: Architecture, io: GraphIO, device: str = "cpu", state: Sequence[StateSpec] | None = None):
         self.buffers = StateBuffers(arch, io, device, state)
+        self._switch = arch.rotary_switch_after  # LongRoPE: a row past it holds keys rotated with the long table
         self._tick = 0  # release order of free rows: the least recently used is reused first
         self.reset(1, 1, active=0)
 
@@ -157,8 +158,11 @@ class StateStore:
     def reusable_prefix(self, row: int, ids: np.ndarray) -> int:
         """Leading tokens of ``ids`` a sequence claiming row ``row`` need not run again: the shared
         prefix, but for the last token; a fixed state's: the longest of it the row's state or one of
-        its snapshots holds (no pending tokens to run again)."""
+        its snapshots holds (no pending tokens to run again). None past a LongRoPE switch the new
+        sequence would still have to reach: the row's keys there were rotated with the long table."""
         n = max(0, min(self.shared_prefix(row, ids), len(ids) - 1))
+        if 0 < n <= self._switch < self._computed[row]:  # long-rotated keys for a row that starts short
+            return 0
         if self.buffers.fixed and n < self._computed[row]:
             return self.buffers.snapshots.restorable(row, n)
         return min(n, int(self._computed[row]))

@@ -191,6 +191,13 @@ def test_longrope_generation_across_the_original_context_equals_transformers(fam
     assert_greedy_equals_transformers(model, exported, across, 12, gen)  # the chunked prefill crosses
     expected = gen.generate_batch([inside], max_new_tokens=24, speculation="off")[0][0].token_ids
     assert gen.generate_batch([inside], max_new_tokens=24)[0][0].token_ids == expected
+    # a row that crossed holds keys rotated with the long table: a prompt staying inside reuses none of them
+    gen = runtime.Generator(exported, provider="cpu")
+    prompt = "The capital of France is Paris. The capital of Italy is Rome. The capital of France is Paris. The capital of"
+    assert len(gen.encode(prompt)) + 8 < LONGROPE_ORIGINAL
+    fresh = gen.generate_batch([prompt], max_new_tokens=8, stop_token_ids=[])[0][0].token_ids
+    gen.generate_batch([prompt], max_new_tokens=40, stop_token_ids=[])
+    assert gen.generate_batch([prompt], max_new_tokens=8, stop_token_ids=[])[0][0].token_ids == fresh
 
 
 def test_graph_uses_the_attention_node_options(family_models):
