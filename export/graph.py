@@ -15,6 +15,7 @@ from ..runtime.manifest import Architecture, GraphIO
 from .errors import ExportError
 
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
+INT64_MAX = np.iinfo(np.int64).max
 _ELEM = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
 
@@ -100,6 +101,7 @@ ONNXRUNTIME_SINCE: dict[str, str] = {
     "GroupQueryAttention.partial_rotary": "1.19",  # cos/sin narrower than head_size / 2
     "GroupQueryAttention.softcap": "1.20",  # 1.19 rejects the attribute
     "GroupQueryAttention.local_window_size": "1.24",  # before, a window of W saw W + 1 positions
+    "GroupQueryAttention.scratch_row": "1.20",  # 1.19 mis-reads several new positions over a cache
     "If": "1.18",  # rotary tables switched by length (LongRoPE)
 }
 
@@ -127,6 +129,16 @@ class DecoderGraph:
     mask, writes the new keys and values into the cache buffer at that row's own offset, applies
     rotary positions itself, and needs no mask tensor, so rows of different lengths share a batch.
     Each layer picks its own rotary table (or none), sliding window, score softcap and scale.
+
+    With ``io.scratch_positions`` (1), every attention node of a pass over a batch of one row runs
+    one query row more than the pass has new positions: a copy of the last one, at the position
+    after it, whose output is dropped and whose key and value land in the cache's spare position
+    past the row's length. onnxruntime's CPU attention multiplies probabilities by values with a
+    one-row kernel when a pass has one query row and with the packed kernel otherwise, and the two
+    round differently; with the scratch row every pass of one row takes the packed kernel, whose
+    rows do not depend on each other, so a pass checking k positions gives exactly the logits of k
+    one-position steps (int8 compute included). A batch of several rows runs without it: there
+    onnxruntime takes a single new position per row over a cache.
     """
 
     def __init__(self, b: GraphBuilder, arch: Architecture, io: GraphIO):
@@ -148,9 +160,15 @@ class DecoderGraph:
             b.output(io.present_value.format(layer=i), b.elem, cache_shape)
         # Shared by every layer's attention:
         lengths = b.op("ReduceSum", self.attention_mask, b.const([1]), keepdims=0)  # [batch]: cached + new
-        self.seqlens_k = b.op("Cast", b.op("Sub", lengths, b.const(1)), to=TensorProto.INT32)  # [batch]
         self.total = b.op("Gather", b.op("Shape", self.attention_mask), b.const(1), axis=0)  # [] int64: longest row
-        self.total_length = b.op("Cast", self.total, to=TensorProto.INT32)  # [] int32
+        self.scratch = None  # [1] int64: query rows after the new ones at every attention (1 for a batch of one row)
+        if io.scratch_positions:
+            self.scratch = b.op("Cast", b.op("Equal", b.op("Shape", self.input_ids, start=0, end=1), b.const([1])), to=TensorProto.INT64)
+            lengths, total = b.op("Add", lengths, self.scratch), b.op("Add", self.total, b.op("Squeeze", self.scratch))
+            self.new_positions = b.op("Shape", self.input_ids, start=1, end=2)  # [1]
+            self.with_scratch = b.op("Add", self.new_positions, self.scratch)  # [1]
+        self.seqlens_k = b.op("Cast", b.op("Sub", lengths, b.const(1)), to=TensorProto.INT32)  # [batch]
+        self.total_length = b.op("Cast", total if self.scratch else self.total, to=TensorProto.INT32)  # [] int32
         self.rotary_tables: dict[str, tuple[str, str, int]] = {}  # key -> cos, sin, rotary_dim / 2
 
     @property
@@ -185,6 +203,9 @@ class DecoderGraph:
 
     def add_rotary(self, key: str, table: "RotaryTable") -> None:
         """Register rotary table ``key``; a switched table is chosen by length at every step."""
+        if self.scratch:  # the scratch row's position may be the context length itself: repeat the table's last row
+            grow = lambda pair: tuple(np.concatenate([t, t[-1:]]) for t in pair)  # noqa: E731
+            table = RotaryTable(grow(table.short), table.long and grow(table.long), table.longer_than)
         if table.long is None:
             cos, sin = (self.b.weight(f"rotary.{key}.{n}", t) for n, t in zip(("cos", "sin"), table.short))
         else:
@@ -230,6 +251,9 @@ class DecoderGraph:
         (present shares past's memory)."""
         b, a, io = self.b, self.arch, self.io
         past_k, past_v = self.past[layer]
+        if self.scratch:
+            q, k, v = (x and self._with_scratch_row(x) for x in (q, k, v))
+            self.features.add("GroupQueryAttention.scratch_row")
         inputs = [q, k or "", v or "", past_k, past_v, self.seqlens_k, self.total_length]
         attrs = {}
         self.features.add("GroupQueryAttention")
@@ -246,15 +270,24 @@ class DecoderGraph:
             attrs["softcap"] = float(softcap)  # left out when unused: older releases reject the attribute
             self.features.add("GroupQueryAttention.softcap")
         out = b.unique("attention")
+        rows = b.unique("attention.rows") if self.scratch else out
         b.ms(
             "GroupQueryAttention", *inputs,
-            out=[out, io.present_key.format(layer=layer), io.present_value.format(layer=layer)],
+            out=[rows, io.present_key.format(layer=layer), io.present_value.format(layer=layer)],
             num_heads=a.num_heads, kv_num_heads=a.num_kv_heads,
             scale=float(scale if scale is not None else 1.0 / np.sqrt(a.head_size)),
             do_rotary=int(rotary is not None), rotary_interleaved=0,
             local_window_size=-1 if window is None else int(window), **attrs,
         )  # fmt: skip
+        if self.scratch:  # the scratch row's output is dropped
+            b.op("Slice", rows, b.const([0]), self.new_positions, b.const([1]), out=out)
         return out
+
+    def _with_scratch_row(self, x: str) -> str:
+        """x [batch, seq, width] followed by a copy of its last position when the batch has one row."""
+        b = self.b
+        last = b.op("Slice", x, b.const([-1]), b.const([INT64_MAX]), b.const([1]))
+        return b.op("Slice", b.op("Concat", x, last, axis=1), b.const([0]), self.with_scratch, b.const([1]))
 
     def logits(self, hidden: str, lm_head: np.ndarray | str, divisor: float = 1.0, softcap: float = 0.0) -> None:
         """hidden [batch, seq, hidden] -> logits [batch, kept, vocab] for the last ``logits_to_keep``
@@ -265,7 +298,7 @@ class DecoderGraph:
         b = self.b
         w = lm_head if isinstance(lm_head, str) else b.weight("lm_head.weight", lm_head)
         start = b.op("Neg", b.op("Unsqueeze", self.logits_to_keep, b.const([0])))  # [1]
-        last = b.op("Slice", hidden, start, b.const([np.iinfo(np.int64).max]), b.const([1]))  # [batch, kept, hidden]
+        last = b.op("Slice", hidden, start, b.const([INT64_MAX]), b.const([1]))  # [batch, kept, hidden]
         flat = b.op("Reshape", last, b.const([-1, self.arch.hidden_size]))
         logits = b.op("Gemm", flat, w, transB=1)  # [batch * kept, vocab]
         if divisor != 1.0:

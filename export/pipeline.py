@@ -12,13 +12,13 @@ import numpy as np
 from .. import __version__
 from ..progress import to_stderr
 from ..quantize.graph_file import save_graph
-from ..runtime.compat import Profile, resolve_target
+from ..runtime.compat import Profile, allows, resolve_target
 from ..runtime.manifest import Graph, GraphIO, Manifest, TokenizerInfo
 from ..runtime.model_dir import DATA_FILE, GRAPH_FILE, TOKENIZER_FILE, check_target, remove_leftovers
 from .architectures import Weights, spec_for
 from .encoders.task import detect_task
 from .errors import ExportError
-from .graph import OPSET, DecoderGraph, GraphBuilder
+from .graph import ONNXRUNTIME_SINCE, OPSET, DecoderGraph, GraphBuilder
 from .source import Source, load_source, locate
 from .stages import Steps, provenance, record_validation, write_model
 from .validate import probe_ids, validate
@@ -149,13 +149,14 @@ def _write_directory(src: Source, out_dir: str, tolerance: float, step: Steps, d
     except ValueError as e:
         raise ExportError(str(e)) from None
     name = np.dtype(dtype).name  # "float32" / "float16"
-    io = GraphIO(kv_dtype=name, logits_dtype=name)
+    profile = profile or resolve_target(None)
+    # a scratch query row makes speculative checks exact; onnxruntime 1.19 mis-reads such a pass
+    io = GraphIO(kv_dtype=name, logits_dtype=name, scratch_positions=int(allows(profile, ONNXRUNTIME_SINCE["GroupQueryAttention.scratch_row"])))
 
     step(f"building the {arch.family} graph ({arch.num_layers} layers)")
     builder = GraphBuilder(dtype)
     graph = DecoderGraph(builder, arch, io)
     spec.build(graph, config, Weights(src.model), src.model)
-    profile = profile or resolve_target(None)
     requires = graph.requirement(profile)  # ExportError when the target lacks a form this model needs
     if not graph.uses_position_ids:
         io = dataclasses.replace(io, position_ids="")

@@ -141,7 +141,7 @@ def _target_forms(target: Profile | str | None, manifest: Manifest, source_dir: 
     if missing:
         raise QuantizeError(
             f"{source_dir} uses {', '.join(missing)}, which target {profile.name} ({profile.onnxruntime}) lacks; "
-            f"choose a newer --target"
+            f"choose a newer --target, or export the model with --target {profile.name} first"
         )
     return _Allow(profile), base
 

@@ -92,8 +92,9 @@ class GenerationConfig:
     speculation: str = option(
         "auto",
         "Prompt-lookup speculation: propose tokens that repeat earlier text and check several in one step. "
-        "auto: for greedy decoding with float compute, alone or beside a batch where it pays; on: in every batch, also for sampling and "
-        "for --compute int8 models (where it may change near-tied greedy choices); off.",
+        "auto: for greedy decoding, alone or beside a batch where it pays (--compute int8 models: only alone, and not "
+        "those exported without a scratch attention row, where a check may change near-tied greedy choices); "
+        "on: in every batch, also for sampling; off.",
         choices=("auto", "on", "off"),
     )
     stop: tuple[str, ...] = option((), "A string that ends generation; the text stops just before it (repeatable).", multiple=True)

@@ -3,7 +3,8 @@
 A thin driver over a loaded model (``model.LoadedModel``), one state store and the decode loop
 (``decode_loop.DecodeLoop``), run from the caller's thread: each stream runs a loop step whenever it
 needs a token, so several streams (interleaved, or from several threads) share the loop and its rows,
-each getting exactly the output it would get alone. A lock makes the steps one at a time. Beam search
+each getting the output it would get alone (on a --compute int8 graph, up to near ties: a batch of
+several rows runs attention's one-row kernel, docs/runtime.md). A lock makes the steps one at a time. Beam search
 (``beam.py``) and scoring (``scoring.py``) borrow rows of the same store, under the same lock.
 
   stream(prompt, **options)           a TextStream: text pieces as they become final

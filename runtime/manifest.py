@@ -69,6 +69,9 @@ class GraphIO:
     The cache is updated in place: bind each present output to its past input's buffer, and the step
     writes the new keys and values of row b at positions [length_b, length_b + seq).
     Per-layer names are templates with ``{layer}``.
+    ``scratch_positions`` (0 or 1): positions past [length_b, length_b + seq) that a step also writes
+    (a scratch query row after the new ones), so the buffers hold that many more than the rows may
+    fill. With 1, a pass over k new positions gives bit for bit the logits of k one-position steps.
     """
 
     input_ids: str = "input_ids"
@@ -82,6 +85,7 @@ class GraphIO:
     present_value: str = "present.{layer}.value"
     kv_dtype: str = "float32"
     logits_dtype: str = "float32"
+    scratch_positions: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,8 @@ class Manifest:
             raise ManifestError(f"unknown task {task!r} in the manifest; this lmrt knows {', '.join(TASKS)}")
         graph = dict(section(d, "graph"))
         io = typed(GraphIO if task == "generate" else EncoderIO, graph.pop("io", {}), "graph.io")
+        if getattr(io, "scratch_positions", 0) not in (0, 1):
+            raise ManifestError(f"malformed manifest: graph.io.scratch_positions must be 0 or 1, got {io.scratch_positions!r}")
         state = read_state(graph.pop("state", []))
         if graph.get("decoding", "step") not in DECODINGS:
             raise ManifestError(f"malformed manifest: graph.decoding must be one of {', '.join(DECODINGS)}, got {graph.get('decoding')!r}")

@@ -84,9 +84,9 @@ class Request:
     """A prompt to complete ``n`` times (``config.num_return_sequences``), at most ``budget`` new
     tokens each. ``stop_callback()`` makes a fresh stop callback per choice; ``on_event`` receives the
     output (from the loop's thread), or without one it collects in ``events``. ``logprobs``: None, or
-    how many alternatives to report with each token's log-probability. ``speculate``: its choices
-    propose tokens to check while they run alone (not with a ``constraint``: a maker of each choice's
-    ``structured.Constraint``). ``adapter``: the slot of its LoRA adapter (0: the base model).
+    how many alternatives to report with each token's log-probability. ``drafter``: a maker of each
+    choice's proposer of tokens to check (None: no speculation; never with a ``constraint``: a maker
+    of each choice's ``structured.Constraint``). ``adapter``: the slot of its LoRA adapter (0: the base model).
     ``cancel()`` may be called from any thread."""
 
     def __init__(
@@ -98,7 +98,7 @@ class Request:
         stop_callback: Callable[[], StopCallback],
         on_event: Callable[[Event], None] | None = None,
         logprobs: int | None = None,
-        speculate: bool = False,
+        drafter: Callable[[], PromptLookup] | None = None,
         constraint: "Callable[[], Constraint] | None" = None,
         adapter: int = 0,
     ):
@@ -120,7 +120,7 @@ class Request:
         seeds = np.random.SeedSequence(config.seed).spawn(config.num_return_sequences)
         self.choices = [
             Choice(self, i, Sampler(config, np.random.default_rng(s)), processors, stop_callback(),
-                   PromptLookup(insist=config.speculation == "on") if speculate and constraint is None else None,
+                   drafter() if drafter is not None and constraint is None else None,
                    constraint() if constraint is not None else None)
             for i, s in enumerate(seeds)
         ]  # fmt: skip
@@ -176,7 +176,7 @@ class RequestBuilder:
         decode = self.model.decode
         return Request(
             prompt_ids, config, budget, stop_ids, lambda: StopCriteria(decode, stop_ids, config.stop),
-            on_event, logprobs, self.speculates(config), constraint, adapter,
+            on_event, logprobs, self.drafter(config), constraint, adapter,
         )  # fmt: skip
 
     def _constraint(self, config: GenerationConfig, stop_ids: frozenset[int]):
@@ -189,17 +189,22 @@ class RequestBuilder:
             self._grammars = Grammars(self.model.tokenizer.to_str(), self.model.vocab_size)
         return self._grammars.compile(config, stop_ids)
 
-    def speculates(self, config: GenerationConfig) -> bool:
-        """Whether a request with ``config`` uses prompt-lookup speculation. "auto" means for greedy
-        decoding with a graph that computes in float: there a pass that checks several positions gives
-        the logits that steps of one position give, to float rounding. A graph that rounds its
-        activations to int8 (--compute int8) turns that rounding into visible differences (it starts
-        in onnxruntime's attention, which rounds a pass of one position differently from a pass of
-        several), so a near-tied greedy choice could go either way depending on how
-        positions are grouped: there it runs only when asked for ("on"); docs/benchmarks.md records
-        how often the tokens change. A fixed (recurrent) state speculates only when asked for: going
-        back over rejected tokens restores a snapshot and runs the accepted ones again, in a pass of
-        their own."""
-        if config.speculation != "auto" or self.model.fixed_state:
-            return config.speculation == "on"
-        return not config.samples and self.model.manifest.quantization.get("compute") != "int8"
+    def drafter(self, config: GenerationConfig) -> Callable[[], PromptLookup] | None:
+        """The maker of a prompt-lookup proposer for each choice of a request with ``config``, or None
+        when it does not speculate. "on" speculates in every batch. "auto" speculates for greedy
+        decoding where a pass checking several positions gives the logits of one-position steps: on a
+        graph with a scratch query row (``GraphIO.scratch_positions``) a row running alone gets them
+        bit for bit; float compute gets them to float rounding, also beside a batch. Rounding
+        activations to int8 (--compute int8) turns a last-bit difference into visible ones (rows of
+        a batch run attention with onnxruntime's one-row kernel, a check pass with its packed one), so
+        there "auto" checks only while the row runs alone, and not at all on a graph without the
+        scratch row. A fixed (recurrent) state speculates only when asked for: going back over
+        rejected tokens restores a snapshot and runs the accepted ones again, in a pass of their own."""
+        if config.speculation == "on":
+            return lambda: PromptLookup(insist=True)
+        if config.speculation == "off" or self.model.fixed_state or config.samples:
+            return None
+        rounds = self.model.manifest.quantization.get("compute") == "int8"
+        if rounds and not self.model.manifest.graph.io.scratch_positions:
+            return None
+        return lambda: PromptLookup(alone_only=rounds)

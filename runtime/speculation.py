@@ -36,9 +36,12 @@ from .sampling import Sampler
 
 
 class PromptLookup:
-    def __init__(self, max_k: int = 8, max_ngram: int = 3, min_ngram: int = 2, patience: int = 3, insist: bool = False):
+    def __init__(
+        self, max_k: int = 8, max_ngram: int = 3, min_ngram: int = 2, patience: int = 3, insist: bool = False, alone_only: bool = False
+    ):
         self.max_k, self.max_ngram, self.min_ngram, self.patience = max_k, max_ngram, min_ngram, patience
         self.insist = insist  # checked in every batch, not only where it pays ("on")
+        self.alone_only = alone_only  # checked only while its row runs alone (there the check is exact)
         self.k = 4
         self._misses = 0  # proposals in a row with nothing accepted
         self._pause = 0  # steps left before proposing again
@@ -119,8 +122,8 @@ def check_beside_a_batch(costs: StepCosts, drafter: PromptLookup, proposed: int,
     """Whether a row of a batch of ``rows`` checks a proposal of ``proposed`` tokens in a pass of
     its own: its drafter insists, or the tokens that pass is expected to give per second (the newest
     token's and the accepted ones) beat those of the batch's plain step."""
-    if drafter.insist:
-        return True
+    if drafter.insist or drafter.alone_only:
+        return drafter.insist
     plain, checking = costs.seconds(rows), costs.seconds(1 + proposed)
     if plain is None or checking is None:
         return False

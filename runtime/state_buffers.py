@@ -51,6 +51,7 @@ class StateBuffers:
         if self.fixed and device != "cpu":
             raise ValueError("fixed (recurrent) state is kept on the CPU")
         self.device = device  # "cpu" or "cuda"
+        self.spare = io.scratch_positions  # kv positions past ``capacity`` that steps write scratch into
         self.version = 0  # bumped whenever the buffers are replaced, so bindings know to follow
         self._binding = None  # (key, binding, logits) of the decode batch
         self.rows = self.capacity = 0
@@ -58,7 +59,7 @@ class StateBuffers:
         self.reset(1, 1)
 
     def _shape(self, t: StateSpec, rows: int, capacity: int) -> tuple[int, ...]:
-        return (rows, t.shape[0], capacity, *t.shape[1:]) if t.kind == "kv" else (rows, *t.shape)
+        return (rows, t.shape[0], capacity + self.spare, *t.shape[1:]) if t.kind == "kv" else (rows, *t.shape)
 
     def empty(self, rows: int, capacity: int) -> list[np.ndarray]:
         """Zeros (every tensor's initial value) for ``rows`` rows of ``capacity`` positions."""

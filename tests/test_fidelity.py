@@ -142,19 +142,22 @@ def test_graph_is_fused(tiny_models):
     for family, (_, _, exported) in tiny_models.items():
         graph = onnx.load(os.path.join(exported, "model.onnx"), load_external_data=False).graph
         ops = collections.Counter(n.op_type for n in graph.node)
-        layers = load_manifest(exported).architecture.num_layers
+        manifest = load_manifest(exported)
+        layers = manifest.architecture.num_layers
         assert ops["GroupQueryAttention"] == layers, family
         skip = "SkipLayerNormalization" if family == "gpt2" else "SkipSimplifiedLayerNormalization"
         assert ops[skip] == 2 * layers, family  # every norm but the first folds in its residual add
         assert ops["MatMul"] == 4 * layers, family  # qkv, out, (gate_up | fc), down
-        assert ops["Concat"] == 1 and ops["Gemm"] == 1, family  # the logits shape; the vocabulary projection
+        scratch = manifest.graph.io.scratch_positions  # each layer appends the scratch query row to its packed qkv
+        assert ops["Concat"] == 1 + scratch * layers and ops["Gemm"] == 1, family  # + the logits shape; the vocabulary projection
         cache_inputs = {i.name for i in graph.input if i.name.startswith("past_key_values")}
         assert not any(set(n.input) & cache_inputs for n in graph.node if n.op_type != "GroupQueryAttention")
 
 
 def test_decode_step_writes_the_cache_in_place(tiny):
     """A step writes one new position per row into the preallocated buffers and copies nothing:
-    the buffers keep their addresses, earlier positions keep their bytes, later ones stay zero."""
+    the buffers keep their addresses, earlier positions keep their bytes, later ones stay zero
+    (but for the scratch row's spare position right after the new one, when the graph has it)."""
     _, _, exported = tiny
     model = onnx_model(exported)
     prompt = np.arange(5, 12)
@@ -163,10 +166,11 @@ def test_decode_step_writes_the_cache_in_place(tiny):
     addresses = model.cache.buffers.data_pointers()
     model.step(np.array([7]))
     assert model.cache.buffers.data_pointers() == addresses
-    n = len(prompt)
-    for old, new in zip(before, model.cache.buffers.host_arrays()):  # [1, kv_heads, 16, head_size]
+    n, spare = len(prompt), load_manifest(exported).graph.io.scratch_positions
+    for old, new in zip(before, model.cache.buffers.host_arrays()):  # [1, kv_heads, 16 + spare, head_size]
+        assert new.shape[2] == 16 + spare
         np.testing.assert_array_equal(new[:, :, :n], old[:, :, :n])
-        assert np.abs(new[:, :, n]).sum() > 0 and not new[:, :, n + 1 :].any()
+        assert np.abs(new[:, :, n : n + 1 + spare]).sum(axis=(0, 1, 3)).all() and not new[:, :, n + 1 + spare :].any()
     assert model.cache.lengths.tolist() == [n + 1]
     model.reset(1, 4)
     model.forward(np.arange(4)[None])

@@ -98,7 +98,26 @@ def test_int8_within_one_percent_of_fp32(smollm2, tmp_path_factory):
     m, out = _quantize(smollm2, tmp_path_factory, "int8", gguf=None)
     assert m.quality["passed"] and m.quality["increase"] <= 0.01 and m.quality["top1_agreement"] >= 0.9
     assert m.quantization["gguf_blocks_kept"] == {}
-    assert "Paris" in runtime.Generator(out).generate("The capital of France is", max_new_tokens=12)
+    gen = runtime.Generator(out)
+    assert "Paris" in gen.generate("The capital of France is", max_new_tokens=12)
+    assert_auto_speculation_keeps_greedy_output(gen)
+
+
+def assert_auto_speculation_keeps_greedy_output(gen):
+    """On int8 compute "auto" speculates (the scratch attention row makes a check pass exact), takes
+    many proposed tokens on grounded prompts, and the tokens are those without speculation."""
+    passage = ("lmrt turns a trained language model into a self-describing ONNX model directory with a fused "
+               "graph and an in-place KV cache, checks it against PyTorch while exporting, and runs it with a "
+               "small runtime that needs only numpy, onnxruntime and tokenizers.")
+    code = "def area(w, h):\n    return w * h\n\n\ndef perimeter(w, h):\n    return 2 * (w + h)\n"
+    asks = [f"Repeat this text exactly:\n\n{passage}", f"Rename the parameter w to width in this code:\n\n{code}",
+            "Write a short poem about the sea."]  # fmt: skip
+    before = gen.stats.accepted_tokens
+    for ask in asks:
+        prompt = gen.chat_prompt([{"role": "user", "content": ask}])
+        auto = gen.generate_batch([prompt], max_new_tokens=60)[0][0]
+        assert auto.token_ids == gen.generate_batch([prompt], max_new_tokens=60, speculation="off")[0][0].token_ids, ask
+    assert gen.stats.accepted_tokens - before > 40
 
 
 def test_int4_requantized_within_fifteen_percent(smollm2, tmp_path_factory):
@@ -112,8 +131,9 @@ def test_int4_keeps_the_gguf_blocks_and_matches_fp32(smollm2, tmp_path_factory):
     m, out = _quantize(smollm2, tmp_path_factory, "int4", gguf="auto", compute="float")
     assert m.quantization["gguf_blocks_kept"] == {"linear (Q4_1)": 120, "lm_head (Q8_0)": 1}
     assert abs(m.quality["increase"]) <= 0.005 and m.quality["top1_agreement"] >= 0.99
-    m, _ = _quantize(smollm2, tmp_path_factory, "int4", gguf="auto")
+    m, out = _quantize(smollm2, tmp_path_factory, "int4", gguf="auto")
     assert m.quantization["gguf_blocks_kept"]["linear (Q4_1)"] == 120 and m.quality["increase"] <= 0.01
+    assert_auto_speculation_keeps_greedy_output(runtime.Generator(out))
 
 
 def test_gate_refuses_plain_rounding_to_four_bits(smollm2, tmp_path_factory):
