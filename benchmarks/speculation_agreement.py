@@ -2,9 +2,11 @@
 prompts, greedy, speculation on vs off; writes the "speculation-agreement" section of
 docs/benchmarks.md.
 
-A model quantized with --compute int8 rounds its activations to int8 per block, so a pass that checks
-several positions at once can give logits a little different from single steps, and a near tie can
-flip. This script measures how often that shows in the tokens. The prompts are built here: grounded
+A model quantized with --compute int8 rounds its activations to int8 per block. Exported without the
+scratch attention row (an older lmrt, or --target ort-1.19), a pass that checks several positions at
+once gives logits a little different from single steps there, and a near tie can flip; with it the
+two are equal bit for bit (benchmarks/verify_exactness.py). This script measures what shows in the
+tokens. The prompts are built here: grounded
 tasks (rewrite, correct, annotate, convert or quote a passage of this repository's docs and code)
 and open-ended prose. Each prompt runs through the chat template, greedy, --new-tokens tokens, once
 with speculation "on" and once "off", each from an empty cache (a fresh state store on one loaded
