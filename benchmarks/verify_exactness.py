@@ -2,7 +2,7 @@
 without the scratch query row; writes the "verify-exactness" section of docs/benchmarks.md.
 
 Prompt-lookup speculation checks k proposed tokens in one pass. The exporter gives every attention
-node of a pass over one row a scratch query row after the new ones (export/graph.py says why), so
+node of a pass over one row a scratch query row after the new ones (export/scratch_row.py says why), so
 that the pass gives bit for bit the logits of k one-token steps, and "auto" speculates on
 --compute int8 models too. This script measures that on the directories it is given:
 

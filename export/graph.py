@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..runtime.compat import IR_VERSION, OPSET, Profile, allows, requirement_record
 from ..runtime.manifest import Architecture, GraphIO
 from .errors import ExportError
+from .scratch_row import ScratchRow
 
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
 INT64_MAX = np.iinfo(np.int64).max
@@ -130,15 +131,9 @@ class DecoderGraph:
     rotary positions itself, and needs no mask tensor, so rows of different lengths share a batch.
     Each layer picks its own rotary table (or none), sliding window, score softcap and scale.
 
-    With ``io.scratch_positions`` (1), every attention node of a pass over a batch of one row runs
-    one query row more than the pass has new positions: a copy of the last one, at the position
-    after it, whose output is dropped and whose key and value land in the cache's spare position
-    past the row's length. onnxruntime's CPU attention multiplies probabilities by values with a
-    one-row kernel when a pass has one query row and with the packed kernel otherwise, and the two
-    round differently; with the scratch row every pass of one row takes the packed kernel, whose
-    rows do not depend on each other, so a pass checking k positions gives exactly the logits of k
-    one-position steps (int8 compute included). A batch of several rows runs without it: there
-    onnxruntime takes a single new position per row over a cache.
+    With ``io.scratch_positions`` (1), a pass over a batch of one row gives every attention node a
+    scratch query row (``scratch_row.ScratchRow``), so a pass checking k positions gives exactly the
+    logits of k one-position steps.
     """
 
     def __init__(self, b: GraphBuilder, arch: Architecture, io: GraphIO):
@@ -161,14 +156,12 @@ class DecoderGraph:
         # Shared by every layer's attention:
         lengths = b.op("ReduceSum", self.attention_mask, b.const([1]), keepdims=0)  # [batch]: cached + new
         self.total = b.op("Gather", b.op("Shape", self.attention_mask), b.const(1), axis=0)  # [] int64: longest row
-        self.scratch = None  # [1] int64: query rows after the new ones at every attention (1 for a batch of one row)
-        if io.scratch_positions:
-            self.scratch = b.op("Cast", b.op("Equal", b.op("Shape", self.input_ids, start=0, end=1), b.const([1])), to=TensorProto.INT64)
-            lengths, total = b.op("Add", lengths, self.scratch), b.op("Add", self.total, b.op("Squeeze", self.scratch))
-            self.new_positions = b.op("Shape", self.input_ids, start=1, end=2)  # [1]
-            self.with_scratch = b.op("Add", self.new_positions, self.scratch)  # [1]
+        self.scratch = ScratchRow(b, self.input_ids) if io.scratch_positions else None
+        total = self.total
+        if self.scratch:
+            lengths, total = self.scratch.lengths(lengths, total)
         self.seqlens_k = b.op("Cast", b.op("Sub", lengths, b.const(1)), to=TensorProto.INT32)  # [batch]
-        self.total_length = b.op("Cast", total if self.scratch else self.total, to=TensorProto.INT32)  # [] int32
+        self.total_length = b.op("Cast", total, to=TensorProto.INT32)  # [] int32
         self.rotary_tables: dict[str, tuple[str, str, int]] = {}  # key -> cos, sin, rotary_dim / 2
 
     @property
@@ -203,9 +196,8 @@ class DecoderGraph:
 
     def add_rotary(self, key: str, table: "RotaryTable") -> None:
         """Register rotary table ``key``; a switched table is chosen by length at every step."""
-        if self.scratch:  # the scratch row's position may be the context length itself: repeat the table's last row
-            grow = lambda pair: tuple(np.concatenate([t, t[-1:]]) for t in pair)  # noqa: E731
-            table = RotaryTable(grow(table.short), table.long and grow(table.long), table.longer_than)
+        if self.scratch:
+            table = self.scratch.grown(table)
         if table.long is None:
             cos, sin = (self.b.weight(f"rotary.{key}.{n}", t) for n, t in zip(("cos", "sin"), table.short))
         else:
@@ -252,7 +244,7 @@ class DecoderGraph:
         b, a, io = self.b, self.arch, self.io
         past_k, past_v = self.past[layer]
         if self.scratch:
-            q, k, v = (x and self._with_scratch_row(x) for x in (q, k, v))
+            q, k, v = (x and self.scratch.added(x) for x in (q, k, v))
             self.features.add("GroupQueryAttention.scratch_row")
         inputs = [q, k or "", v or "", past_k, past_v, self.seqlens_k, self.total_length]
         attrs = {}
@@ -279,15 +271,9 @@ class DecoderGraph:
             do_rotary=int(rotary is not None), rotary_interleaved=0,
             local_window_size=-1 if window is None else int(window), **attrs,
         )  # fmt: skip
-        if self.scratch:  # the scratch row's output is dropped
-            b.op("Slice", rows, b.const([0]), self.new_positions, b.const([1]), out=out)
+        if self.scratch:
+            self.scratch.dropped(rows, out)
         return out
-
-    def _with_scratch_row(self, x: str) -> str:
-        """x [batch, seq, width] followed by a copy of its last position when the batch has one row."""
-        b = self.b
-        last = b.op("Slice", x, b.const([-1]), b.const([INT64_MAX]), b.const([1]))
-        return b.op("Slice", b.op("Concat", x, last, axis=1), b.const([0]), self.with_scratch, b.const([1]))
 
     def logits(self, hidden: str, lm_head: np.ndarray | str, divisor: float = 1.0, softcap: float = 0.0) -> None:
         """hidden [batch, seq, hidden] -> logits [batch, kept, vocab] for the last ``logits_to_keep``
