@@ -22,9 +22,6 @@ from onnx import TensorProto
 if TYPE_CHECKING:
     from .graph import GraphBuilder, RotaryTable
 
-INT64_MAX = np.iinfo(np.int64).max
-
-
 class ScratchRow:
     """The shared tensors of the scratch row, and the nodes that add it to an attention node's
     inputs and drop it from its output."""
@@ -35,6 +32,9 @@ class ScratchRow:
         self.rows = b.op("Cast", b.op("Equal", b.op("Shape", input_ids, start=0, end=1), b.const([1])), to=TensorProto.INT64)
         self.new_positions = b.op("Shape", input_ids, start=1, end=2)  # [1]
         self.with_scratch = b.op("Add", self.new_positions, self.rows)  # [1]
+        # [seq + rows]: 0 .. seq - 1, then seq - 1 again for the scratch row (one Gather per input, not a Concat and slices)
+        last = b.op("Squeeze", b.op("Sub", self.new_positions, b.const([1])))
+        self.order = b.op("Min", b.op("Range", b.const(0), b.op("Squeeze", self.with_scratch), b.const(1)), last)
 
     def lengths(self, lengths: str, total: str) -> tuple[str, str]:
         """Each row's cached + new positions [batch] and the longest row's [], counting the scratch row."""
@@ -49,9 +49,7 @@ class ScratchRow:
 
     def added(self, x: str) -> str:
         """x [batch, seq, width] followed by a copy of its last position when the batch has one row."""
-        b = self.b
-        last = b.op("Slice", x, b.const([-1]), b.const([INT64_MAX]), b.const([1]))
-        return b.op("Slice", b.op("Concat", x, last, axis=1), b.const([0]), self.with_scratch, b.const([1]))
+        return self.b.op("Gather", x, self.order, axis=1)
 
     def dropped(self, rows: str, out: str) -> None:
         """``out``: the attention output ``rows`` without the scratch row's output."""

@@ -148,8 +148,9 @@ def test_graph_is_fused(tiny_models):
         skip = "SkipLayerNormalization" if family == "gpt2" else "SkipSimplifiedLayerNormalization"
         assert ops[skip] == 2 * layers, family  # every norm but the first folds in its residual add
         assert ops["MatMul"] == 4 * layers, family  # qkv, out, (gate_up | fc), down
-        scratch = manifest.graph.io.scratch_positions  # each layer appends the scratch query row to its packed qkv
-        assert ops["Concat"] == 1 + scratch * layers and ops["Gemm"] == 1, family  # + the logits shape; the vocabulary projection
+        scratch = manifest.graph.io.scratch_positions  # each layer gathers its packed qkv with the scratch query row
+        assert ops["Gather"] == scratch * layers + (family == "gpt2") + 2, family  # + position table, token table, longest row
+        assert ops["Concat"] == 1 and ops["Gemm"] == 1, family  # the logits shape; the vocabulary projection
         cache_inputs = {i.name for i in graph.input if i.name.startswith("past_key_values")}
         assert not any(set(n.input) & cache_inputs for n in graph.node if n.op_type != "GroupQueryAttention")
 
