@@ -58,6 +58,9 @@ def parse_args():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--history-tokens", type=int, default=1000, help="chat history for the prefix-reuse measurement")
     p.add_argument("--long-prompt", type=int, default=2000, help="prompt that arrives while streams run")
+    p.add_argument("--speculation", choices=("auto", "on", "off"), default="off",
+                   help="lmrt's speculation for every request (default off: the prompt is repeated prose, which "
+                   "prompt lookup predicts; benchmarks/speculation.py measures that)")
     p.add_argument("--output", default=None, help="markdown file to write the section into (default docs/benchmarks.md)")
     return p.parse_args()
 
@@ -150,8 +153,10 @@ def stream(port: int, body: dict) -> dict:
     return {"began": began, "times": times}
 
 
-def body_for(model: str, prompt: str, new_tokens: int) -> dict:
-    return {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+def body_for(model: str, prompt: str, new_tokens: int, args) -> dict:
+    """A greedy completion of exactly ``new_tokens``; lmrt reads ``speculation``, llama.cpp ignores it."""
+    return {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+            "speculation": args.speculation}
 
 
 def load_run(port: int, model: str, prompt: str, clients: int, args) -> dict:
@@ -161,7 +166,7 @@ def load_run(port: int, model: str, prompt: str, clients: int, args) -> dict:
     def client():
         for _ in range(args.requests):
             try:
-                results.append(stream(port, body_for(model, prompt, args.new_tokens)))
+                results.append(stream(port, body_for(model, prompt, args.new_tokens, args)))
             except Exception as e:  # noqa: BLE001 - reported in the table
                 errors.append(str(e))
 
@@ -200,24 +205,27 @@ def text_of(model_dir: str, n: int) -> str:
 
 
 def one_stream_vs_bench(model_dir: str, args) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-m", "lmrt", "bench", model_dir, "--prompt-tokens", str(args.prompt_tokens),
-         "--new-tokens", str(args.new_tokens), "--runs", "3", "--threads", str(args.threads), "--json"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    bench = json.loads(done.stdout)
+    """One client's decode speed against ``lmrt bench``'s, interleaved (the server idles while
+    bench runs), medians of 3."""
     server = start("lmrt", model_dir, 1, args, args.ctx_size)
     try:
         prompt = text_of(model_dir, args.prompt_tokens)
         name = os.path.basename(os.path.abspath(model_dir))
-        stream(server.port, body_for(name, prompt, 16))
-        rates = []
+        stream(server.port, body_for(name, prompt, 16, args))
+        rates, benches = [], []
         for _ in range(3):
-            r = stream(server.port, body_for(name, prompt, args.new_tokens))
+            done = subprocess.run(
+                [sys.executable, "-m", "lmrt", "bench", model_dir, "--prompt-tokens", str(args.prompt_tokens),
+                 "--new-tokens", str(args.new_tokens), "--runs", "1", "--threads", str(args.threads),
+                 "--speculation", args.speculation, "--json"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            benches.append(json.loads(done.stdout)["decode_tokens_per_s"])
+            r = stream(server.port, body_for(name, prompt, args.new_tokens, args))
             rates.append((len(r["times"]) - 1) / (r["times"][-1] - r["times"][0]))
     finally:
         server.stop()
-    return {"bench": bench["decode_tokens_per_s"], "server": statistics.median(rates)}
+    return {"bench": statistics.median(benches), "server": statistics.median(rates)}
 
 
 def chat_reuse(model_dir: str, args) -> dict:
@@ -268,12 +276,12 @@ def long_prompt_arrives(model_dir: str, args, chunk: int) -> dict:
         short = text_of(model_dir, 64)
         long = text_of(model_dir, args.long_prompt)
         streams: list[dict] = []
-        threads = [threading.Thread(target=lambda: streams.append(stream(port, body_for(name, short, 200)))) for _ in range(4)]
+        threads = [threading.Thread(target=lambda: streams.append(stream(port, body_for(name, short, 200, args)))) for _ in range(4)]
         for t in threads:
             t.start()
         time.sleep(1.0)
         arrived = time.perf_counter()
-        big = stream(port, body_for(name, long, 1))
+        big = stream(port, body_for(name, long, 1, args))
         read_until = big["times"][0] if big["times"] else time.perf_counter()
         for t in threads:
             t.join()
@@ -304,7 +312,7 @@ def main() -> None:
             server = start(system, spec, clients, args, args.ctx_size)
             try:
                 model = os.path.basename(os.path.abspath(spec)) if system == "lmrt" else "model"
-                stream(server.port, body_for(model, prompt, 8))  # warm-up
+                stream(server.port, body_for(model, prompt, 8, args))  # warm-up
                 table[(system, precision, clients)] = load_run(server.port, model, prompt, clients, args)
             finally:
                 server.stop()
@@ -327,7 +335,7 @@ def report(table: dict, extras: dict, systems, args) -> str:
         "",
         f"Each client streams {args.requests} completions one after another: a {args.prompt_tokens}-token prompt and "
         f"exactly {args.new_tokens} new tokens (greedy, end-of-sequence ignored). Each server has as many slots as "
-        f"clients, {args.ctx_size} tokens each, {args.threads} threads. Aggregate tokens/s counts every streamed "
+        f"clients, {args.ctx_size} tokens each, {args.threads} threads; lmrt's speculation {args.speculation}. Aggregate tokens/s counts every streamed "
         "token over the whole run; the gaps are between consecutive streamed tokens of one request. Written by "
         "`benchmarks/serve_load.py`.",
         "",
@@ -355,7 +363,8 @@ def report(table: dict, extras: dict, systems, args) -> str:
             "",
             f"lmrt {precision}:",
             "",
-            f"- one client streams at {one['server']:.1f} tokens/s; `lmrt bench` decodes at {one['bench']:.1f} "
+            f"- one client streams at {one['server']:.1f} tokens/s; `lmrt bench` decodes at {one['bench']:.1f}, "
+            "interleaved, medians of 3 "
             f"({one['server'] / one['bench']:.1%}).",
             f"- second chat turn after a {args.history_tokens}-token history: first token after "
             f"{reuse['with'] * 1e3:.0f} ms with the first turn's cache, {reuse['without'] * 1e3:.0f} ms without "

@@ -8,7 +8,8 @@ that the pass gives bit for bit the logits of k one-token steps, and "auto" spec
 
 - a directory exported with the scratch row is measured as it is;
 - one exported without it (an older lmrt, or --target ort-1.19) is measured as it is and with the
-  scratch row added to its graph here, the way the exporter writes it, side by side.
+  scratch row added to its graph here, side by side (a Slice and a Concat per input, for one row;
+  the exporter gathers the same rows with one Gather).
 
 For each prompt (windows of the quality gate's evaluation text) it reads the first P tokens, then
 feeds the next K tokens once as one pass and once as K one-token steps, from the same cache, and
@@ -42,7 +43,7 @@ from report import machine, write_section
 def scratch_row_graph(src: str, dst: str) -> int:
     """Write ``src`` (a graph exported without the scratch row) with one query row appended after the
     new ones at every attention node to ``dst``: a copy of the last new row, its output dropped, as
-    the exporter now writes it for a batch of one row; returns the number of attention nodes."""
+    the exporter's graph has it for a batch of one row; returns the number of attention nodes."""
     import onnx
     from onnx import TensorProto, helper
 
