@@ -13,7 +13,6 @@ runs without it: there onnxruntime takes a single new position per row over a ca
 from __future__ import annotations
 
 import dataclasses
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +20,7 @@ from onnx import TensorProto
 
 if TYPE_CHECKING:
     from .graph import GraphBuilder, RotaryTable
+
 
 class ScratchRow:
     """The shared tensors of the scratch row, and the nodes that add it to an attention node's
@@ -31,10 +31,10 @@ class ScratchRow:
         # [1] int64: query rows after the new ones at every attention (1 for a batch of one row, else 0)
         self.rows = b.op("Cast", b.op("Equal", b.op("Shape", input_ids, start=0, end=1), b.const([1])), to=TensorProto.INT64)
         self.new_positions = b.op("Shape", input_ids, start=1, end=2)  # [1]
-        self.with_scratch = b.op("Add", self.new_positions, self.rows)  # [1]
         # [seq + rows]: 0 .. seq - 1, then seq - 1 again for the scratch row (one Gather per input, not a Concat and slices)
+        query_rows = b.op("Squeeze", b.op("Add", self.new_positions, self.rows))
         last = b.op("Squeeze", b.op("Sub", self.new_positions, b.const([1])))
-        self.order = b.op("Min", b.op("Range", b.const(0), b.op("Squeeze", self.with_scratch), b.const(1)), last)
+        self.order = b.op("Min", b.op("Range", b.const(0), query_rows, b.const(1)), last)
 
     def lengths(self, lengths: str, total: str) -> tuple[str, str]:
         """Each row's cached + new positions [batch] and the longest row's [], counting the scratch row."""
