@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from datetime import date
+from typing import Callable
 
 from report import machine, write_section
 
@@ -159,19 +160,21 @@ def body_for(model: str, prompt: str, new_tokens: int, args) -> dict:
             "speculation": args.speculation}
 
 
-def load_run(port: int, model: str, prompt: str, clients: int, args) -> dict:
+def load_run(port: int, body: Callable[[int, int], dict], clients: int, requests: int) -> dict:
+    """``clients`` clients at once, each streaming ``requests`` completions one after another, the
+    r-th of client i asking ``body(i, r)``."""
     results: list[dict] = []
     errors: list[str] = []
 
-    def client():
-        for _ in range(args.requests):
+    def client(i: int):
+        for r in range(requests):
             try:
-                results.append(stream(port, body_for(model, prompt, args.new_tokens, args)))
+                results.append(stream(port, body(i, r)))
             except Exception as e:  # noqa: BLE001 - reported in the table
                 errors.append(str(e))
 
     began = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -313,7 +316,8 @@ def main() -> None:
             try:
                 model = os.path.basename(os.path.abspath(spec)) if system == "lmrt" else "model"
                 stream(server.port, body_for(model, prompt, 8, args))  # warm-up
-                table[(system, precision, clients)] = load_run(server.port, model, prompt, clients, args)
+                body = lambda i, r: body_for(model, prompt, args.new_tokens, args)  # noqa: E731
+                table[(system, precision, clients)] = load_run(server.port, body, clients, args.requests)
             finally:
                 server.stop()
     extras = {}

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
-import time
 from datetime import date
 from types import SimpleNamespace
 
 from report import machine, write_section
-from serve_load import pct, start, stream
+from serve_load import load_run, start, stream
 from speculation import OPEN_ENDED, grounded_prompts
 
 SETTINGS = ("off", "auto", "on")
@@ -37,27 +35,6 @@ def parse_args():
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--output", default=None)
     return p.parse_args()
-
-
-def load(port: int, name: str, prompts: list[list[int]], clients: int, args, speculation: str) -> dict:
-    results: list[dict] = []
-
-    def client(i: int):
-        for r in range(args.requests):
-            ids = prompts[(i + r * clients) % len(prompts)]
-            body = {"model": name, "prompt": ids, "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True,
-                    "speculation": speculation}  # fmt: skip
-            results.append(stream(port, body))
-
-    began = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
-    gaps = sorted(b - a for r in results for a, b in zip(r["times"], r["times"][1:]))
-    return {"tokens_per_s": sum(len(r["times"]) for r in results) / wall, "gap_p95": pct(gaps, 95)}
 
 
 def main() -> None:
@@ -78,7 +55,13 @@ def main() -> None:
             try:
                 stream(server.port, {"model": name, "prompt": kinds["open-ended"][0], "max_tokens": 8, "temperature": 0})
                 for kind, prompts in kinds.items():
-                    table[(kind, clients, setting)] = load(server.port, name, prompts, clients, args, setting)
+                    body = lambda i, r, prompts=prompts, setting=setting: {  # noqa: E731 - client i's r-th prompt of the kind, in turn
+                        "model": name, "prompt": prompts[(i + r * clients) % len(prompts)], "max_tokens": args.new_tokens,
+                        "temperature": 0, "ignore_eos": True, "speculation": setting,
+                    }  # fmt: skip
+                    result = table[(kind, clients, setting)] = load_run(server.port, body, clients, args.requests)
+                    if result["errors"]:
+                        raise SystemExit(f"{result['errors']} requests failed ({kind}, {clients} clients, speculation {setting})")
             finally:
                 server.stop()
     markdown = report(table, args)
@@ -105,7 +88,7 @@ def report(table: dict, args) -> str:
         for clients in args.clients:
             r = {s: table[(kind, clients, s)] for s in SETTINGS}
             rate = {s: r[s]["tokens_per_s"] for s in SETTINGS}
-            gaps = " / ".join(f"{r[s]['gap_p95'] * 1e3:.0f}" for s in SETTINGS)
+            gaps = " / ".join(f"{r[s]['itl_p95'] * 1e3:.0f}" for s in SETTINGS)
             lines.append(
                 f"| {kind} | {clients} | {rate['off']:.1f} | {rate['auto']:.1f} | {rate['on']:.1f} | "
                 f"{rate['auto'] / rate['off']:.2f}× | {rate['on'] / rate['off']:.2f}× | {gaps} |"
